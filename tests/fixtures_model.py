@@ -1,0 +1,1 @@
+"""Model fixtures (tiny model built from a config, the pip-installed MiniLM)."""
