@@ -1,0 +1,70 @@
+"""Small readers shared by the loaders: JSON / JSONL with errors that name file and line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rayhybrid.datamodel import DataError
+
+__all__ = ["read_json", "read_jsonl", "require"]
+
+
+def read_json(path: Path) -> Any:
+    """Parse one JSON file.
+
+    Raises:
+        DataError: the file is missing, not UTF-8 or not valid JSON (names file:line:column).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file (``.gz`` too).
+
+    Raises:
+        DataError: the file is missing, a line is not valid JSON, or a line is not a JSON object.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column "
+                                f"{exc.colno}); expected one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got "
+                                f"{type(obj).__name__}")
+            yield lineno, obj
+
+
+def require(obj: dict, key: str, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    """Return ``obj[key]`` if present and of type ``kind``.
+
+    Raises:
+        DataError: the field is missing, null or of another type; the message says ``where``
+            and what was expected (``what``).
+    """
+    if key not in obj or obj[key] is None:
+        raise DataError(f"{where}: missing field {key!r} (expected {what})")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(f"{where}: field {key!r} is {type(value).__name__}, expected {what}")
+    return value
