@@ -186,6 +186,14 @@ class TuneConfig:
     gpus_per_trial: float = _f(0.0, "GPUs per trial.")
     storage_path: str = _f("./runs/tune", "Where Tune keeps its experiment state (for restore).")
     name: str = _f("alpha_sweep", "Tune experiment name.")
+    resume: bool = _f(False, "Continue an interrupted sweep of this name (Tuner.restore); finished "
+                      "trials are not rerun.")
+    search: Literal["grid", "random", "optuna"] = _f(
+        "grid", "grid: every combination of alphas x lrs x taus x extra_grid; random / optuna: "
+        "num_samples draws from [min, max] of each list (optuna needs `pip install optuna`).")
+    num_samples: int = _f(8, "random / optuna: number of trials.")
+    extra_grid: tuple[str, ...] = _f((), "More grid axes as 'key=[v1, v2]' over any config key, "
+                                     "e.g. 'batch.batch_size=[16, 32]'.")
 
 
 @dataclass(frozen=True)
