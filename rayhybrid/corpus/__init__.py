@@ -8,7 +8,9 @@
 - Config-driven: :func:`load_training_data`, :func:`load_eval_task`.
 """
 
+from rayhybrid.corpus.beir import load_beir_pairs, load_beir_task, read_beir_folder
 from rayhybrid.corpus.data import TrainingData, load_eval_task, load_training_data, task_from_items
+from rayhybrid.corpus.formats import load_hf, load_pairs_file, parse_rows
 from rayhybrid.corpus.lareqa import (
                                      LareqaFolder,
                                      lareqa_article_keys,
@@ -19,15 +21,21 @@ from rayhybrid.corpus.lareqa import (
 from rayhybrid.corpus.splits import PARTS, split_units
 
 __all__ = [
-    "PARTS",
-    "LareqaFolder",
-    "TrainingData",
-    "lareqa_article_keys",
-    "load_eval_task",
-    "load_lareqa_items",
-    "load_lareqa_task",
-    "load_training_data",
-    "read_lareqa_folder",
-    "split_units",
-    "task_from_items",
+                                     "PARTS",
+                                     "LareqaFolder",
+                                     "TrainingData",
+                                     "lareqa_article_keys",
+                                     "load_beir_pairs",
+                                     "load_beir_task",
+                                     "load_eval_task",
+                                     "load_hf",
+                                     "load_lareqa_items",
+                                     "load_lareqa_task",
+                                     "load_pairs_file",
+                                     "load_training_data",
+                                     "parse_rows",
+                                     "read_beir_folder",
+                                     "read_lareqa_folder",
+                                     "split_units",
+                                     "task_from_items",
 ]
