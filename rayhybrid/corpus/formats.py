@@ -112,6 +112,8 @@ def parse_rows(rows: Iterable[tuple[str, dict]], source: str,
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        # Arrow sources hold every column in every row: null means "not in this row".
+        row = {k: v for k, v in row.items() if v is not None}
         if "queries" in row or "positives" in row:
             extra = set(row) - _ITEM_KEYS
             item = _item(row, where, report)
