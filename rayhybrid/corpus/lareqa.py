@@ -28,12 +28,11 @@ language, also in MLQA-R where titles are translated.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from rayhybrid.corpus._io import read_json, require
+from rayhybrid.corpus._lareqa_file import LangFile, parse_file
 from rayhybrid.datamodel import (
     Candidate,
     DataError,
@@ -49,183 +48,13 @@ __all__ = ["LareqaFolder", "lareqa_article_keys", "load_lareqa_items", "load_lar
 
 
 @dataclass
-class _Paragraph:
-    article: int
-    index: int
-    context: str
-    sentences: list[str]
-    breaks: list[tuple[int, int]]
-
-
-@dataclass
-class _Question:
-    qid: str
-    text: str
-    article: int
-    paragraph: int
-    sentence: int
-
-
-@dataclass
-class _LangFile:
-    lang: str
-    path: Path
-    report: LoadReport
-    titles: list[str] = field(default_factory=list)
-    paragraphs: list[list[_Paragraph]] = field(default_factory=list)  # [article][paragraph]
-    questions: dict[str, _Question] = field(default_factory=dict)
-
-
-@dataclass
 class LareqaFolder:
     """A parsed LAReQA folder: per-language files and the cross-language article keys."""
 
     path: Path
-    files: dict[str, _LangFile]  # language -> parsed file, in language priority order
+    files: dict[str, LangFile]  # language -> parsed file, in language priority order
     article_keys: dict[tuple[str, int], str]  # (language, article index) -> article key
     key_order: list[str]  # article keys in file order (the order of a seed=None split)
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _check_paragraph(para: _Paragraph, where: str, report: LoadReport) -> None:
-    """Count the quirks of one paragraph's sentence spans."""
-    ctx, spans = para.context, para.breaks
-    for i, ((b, e), sent) in enumerate(zip(spans, para.sentences)):
-        if ctx[b:e] != sent:
-            report.note("sentence_offsets_drift", f"{where} sentence {i}: context[{b}:{e}] ends "
-                        f"{ctx[b:e][-25:]!r}, sentence ends {sent[-25:]!r}")
-    for i in range(len(spans) - 1):
-        if spans[i][1] > spans[i + 1][0]:
-            report.note("overlapping_sentence_breaks", f"{where} spans {spans[i]} {spans[i + 1]}")
-        elif ctx[spans[i][1]:spans[i + 1][0]].strip():
-            report.note("text_between_sentences",
-                        f"{where} after sentence {i}: {ctx[spans[i][1]:spans[i + 1][0]]!r}")
-    if spans and ctx[:spans[0][0]].strip():
-        report.note("text_before_first_break", f"{where}: {ctx[:spans[0][0]][:40]!r}")
-    if spans and ctx[spans[-1][1]:].strip():
-        report.note("text_after_last_break", f"{where}: {ctx[spans[-1][1]:][:40]!r}")
-    seen: set[str] = set()
-    for i, sent in enumerate(para.sentences):
-        if sent in seen:
-            report.note("duplicate_sentence_in_paragraph", f"{where} sentence {i}: {sent[:40]!r}")
-        seen.add(sent)
-
-
-def _realign(para: _Paragraph, where: str, report: LoadReport, window: int = 64) -> None:
-    """Move drifted spans onto their sentence text when it is found near the given offset.
-
-    Answer starts are offsets into ``context``, so the place of the sentence *in the
-    context* decides which sentence holds an answer. A span is moved only when its exact
-    sentence text occurs within ``window`` characters and the spans stay in order.
-    """
-    ctx, spans = para.context, para.breaks
-    for i, ((b, e), sent) in enumerate(zip(list(spans), para.sentences)):
-        if ctx[b:e] == sent or not sent:
-            continue
-        pos = ctx.find(sent, max(0, b - window), min(len(ctx), e + window))
-        lo = spans[i - 1][1] if i else 0
-        hi = spans[i + 1][0] if i + 1 < len(spans) else len(ctx)
-        if pos >= 0 and abs(pos - b) <= window and lo <= pos and pos + len(sent) <= max(hi, e):
-            spans[i] = (pos, pos + len(sent))
-            report.note("sentence_span_realigned", f"{where} sentence {i}: [{b}, {e}) -> "
-                        f"[{pos}, {pos + len(sent)})")
-
-
-def _parse_spans(obj: dict, ctx: str, where: str) -> tuple[list[str], list[tuple[int, int]]]:
-    sentences = require(obj, "sentences", list, where, "a list of sentence strings")
-    raw = require(obj, "sentence_breaks", list, where, "a list of [begin, end] spans")
-    if len(sentences) != len(raw) or not sentences:
-        raise DataError(f"{where}: {len(sentences)} sentences but {len(raw)} sentence_breaks; "
-                        "expected one [begin, end] span per sentence and at least one sentence")
-    spans: list[tuple[int, int]] = []
-    for i, (sent, span) in enumerate(zip(sentences, raw)):
-        ok = (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
-              and 0 <= span[0] <= span[1] <= len(ctx))
-        if not ok or not isinstance(sent, str):
-            raise DataError(f"{where}: sentence {i}: span {span!r} / sentence {sent!r}: expected a "
-                            f"string and a [begin, end] span with 0 <= begin <= end <= {len(ctx)}")
-        if spans and span[0] < spans[-1][0]:
-            raise DataError(f"{where}: sentence_breaks not in order at sentence {i} ({span} after "
-                            f"{list(spans[-1])}); expected increasing spans")
-        spans.append((span[0], span[1]))
-    return sentences, spans
-
-
-def _answer_sentence(para: _Paragraph, qa: dict, qid: str, where: str, report: LoadReport) -> int:
-    """Index of the sentence whose span contains the (first) answer start."""
-    answers = require(qa, "answers", list, where, "a list of {answer_start, text}")
-    if not answers or not isinstance(answers[0], dict):
-        raise DataError(f"{where}: no answer; expected at least one {{answer_start, text}}")
-    if len(answers) > 1:
-        report.note("multiple_answers", f"{where}: {len(answers)} answers, first used")
-    start = require(answers[0], "answer_start", int, f"{where} answers[0]", "an integer offset")
-    text = require(answers[0], "text", str, f"{where} answers[0]", "the answer string")
-    ctx, spans = para.context, para.breaks
-    if para.context[start:start + len(text)] != text:
-        report.note("answer_text_mismatch", f"{where}: context at {start} is "
-                    f"{ctx[start:start + len(text)][:30]!r}, answer {text[:30]!r}")
-    i = bisect_right([b for b, _ in spans], start) - 1
-    if i >= 0 and start < spans[i][1]:
-        if start + len(text) > spans[i][1]:
-            report.note("answer_crosses_sentence_break", f"{where}: {text[:40]!r}")
-        return i
-    if 0 <= start < len(ctx) and i + 1 < len(spans):
-        report.note("answer_in_gap", f"{where}: start {start} before span {list(spans[i + 1])}")
-        return i + 1
-    raise DataError(f"{where}: answer_start {start} lies outside every sentence span (first "
-                    f"{list(spans[0])}, last {list(spans[-1])}, context length {len(ctx)}); "
-                    "expected a start inside a [begin, end) span of sentence_breaks")
-
-
-def _parse_paragraph(lf: _LangFile, ai: int, pi: int, obj: object, where: str) -> _Paragraph:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a paragraph object, got {type(obj).__name__}")
-    ctx = require(obj, "context", str, where, "the paragraph text")
-    if not ctx.strip():
-        raise DataError(f"{where}: empty 'context'; expected the paragraph text")
-    sentences, spans = _parse_spans(obj, ctx, where)
-    para = _Paragraph(ai, pi, ctx, sentences, spans)
-    _check_paragraph(para, where, lf.report)
-    _realign(para, where, lf.report)
-    for qi, qa in enumerate(require(obj, "qas", list, where, "a list of questions")):
-        qwhere = f"{where} qas[{qi}]"
-        if not isinstance(qa, dict):
-            raise DataError(f"{qwhere}: expected a question object, got {type(qa).__name__}")
-        qid = require(qa, "id", str, qwhere, "the question id string")
-        qwhere = f"{where} question id {qid!r}"
-        text = require(qa, "question", str, qwhere, "the question text")
-        if not text.strip():
-            raise DataError(f"{qwhere}: empty 'question'; expected the question text")
-        if qid in lf.questions:
-            raise DataError(f"{qwhere}: question id appears twice in {lf.path.name}; expected "
-                            "unique ids per language file")
-        sent = _answer_sentence(para, qa, qid, qwhere, lf.report)
-        lf.questions[qid] = _Question(qid, text.strip(), ai, pi, sent)
-    return para
-
-
-def _parse_file(path: Path, lang: str) -> _LangFile:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a SQuAD-style object with a 'data' list, "
-                        f"got {type(data).__name__}")
-    articles = require(data, "data", list, str(path), "the list of articles")
-    lf = _LangFile(lang, path, LoadReport(str(path)))
-    for ai, art in enumerate(articles):
-        where = f"{path}: data[{ai}]"
-        if not isinstance(art, dict):
-            raise DataError(f"{where}: expected an article object, got {type(art).__name__}")
-        title = art.get("title")
-        if not isinstance(title, str) or not title:
-            lf.report.note("missing_title", where)
-            title = f"article-{ai}"
-        paragraphs = require(art, "paragraphs", list, where, "a list of paragraphs")
-        lf.titles.append(title)
-        lf.paragraphs.append([_parse_paragraph(lf, ai, pi, p, f"{where} ({title}) paragraphs[{pi}]")
-                              for pi, p in enumerate(paragraphs)])
-    return lf
 
 
 # --------------------------------------------------------------------------- folder
@@ -243,7 +72,7 @@ def _language_files(folder: Path) -> dict[str, Path]:
     return dict(sorted(files.items(), key=lambda kv: (kv[0] != "en", kv[0])))
 
 
-def _article_keys(files: dict[str, _LangFile]) -> tuple[dict[tuple[str, int], str], list[str]]:
+def _article_keys(files: dict[str, LangFile]) -> tuple[dict[tuple[str, int], str], list[str]]:
     """Group (language, article) nodes that share a question id; name groups by first title."""
     parent: dict[tuple[str, int], tuple[str, int]] = {}
 
@@ -295,7 +124,7 @@ def read_lareqa_folder(folder: str | Path) -> LareqaFolder:
     """
     folder = Path(folder)
     paths = _language_files(folder)
-    files = {lang: _parse_file(p, lang) for lang, p in paths.items()}
+    files = {lang: parse_file(p, lang) for lang, p in paths.items()}
     keys, order = _article_keys(files)
     return LareqaFolder(folder, files, keys, order)
 
@@ -307,7 +136,7 @@ def lareqa_article_keys(folder: str | Path | LareqaFolder) -> list[str]:
 
 
 def _select(parsed: LareqaFolder, languages: Sequence[str], require_parallel: bool,
-            ) -> tuple[dict[str, _LangFile], LoadReport]:
+            ) -> tuple[dict[str, LangFile], LoadReport]:
     for lang in languages:
         check_language(lang, f"{parsed.path}: requested languages")
         if lang not in parsed.files:
@@ -334,7 +163,7 @@ def _select(parsed: LareqaFolder, languages: Sequence[str], require_parallel: bo
     return files, report
 
 
-def _question_order(files: dict[str, _LangFile]) -> list[str]:
+def _question_order(files: dict[str, LangFile]) -> list[str]:
     """Question ids in file order: the first language's, then ids only found in later files."""
     seen: dict[str, None] = {}
     for lf in files.values():
