@@ -280,3 +280,16 @@ def test_folder_errors(tmp_path: Path, small) -> None:
         load_lareqa_task(folder, ("de",))
     with pytest.raises(DataError, match="unknown article keys"):
         load_lareqa_task(folder, articles=["Nope"])
+
+
+def test_split_by_question_keeps_train_questions_out_of_test(xquad_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RAYHYBRID_DATA", str(xquad_dir.parent))
+    data_cfg = DataConfig(split_by="group", split_seed=0, languages=("en", "de"))
+    train = load_training_data(data_cfg, "train")
+    test = load_eval_task(TaskConfig(part="test", languages=("en", "zh")), data_cfg)
+    train_qids = {it.id for it in train.items}
+    test_qids = {q.id.split(":", 2)[2] for q in test.queries}
+    assert len(train_qids) == 893 and len(test_qids) == 297  # 0.75 * 1190 rounded half-up
+    assert not train_qids & test_qids
+    # The candidate pool stays whole (every sentence of every article).
+    assert len(test.candidates) == 1180 + 1196 and set(test.qrels) == {q.id for q in test.queries}

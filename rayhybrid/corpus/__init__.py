@@ -14,6 +14,7 @@ from rayhybrid.corpus.formats import load_hf, load_pairs_file, parse_rows
 from rayhybrid.corpus.lareqa import (
                                      LareqaFolder,
                                      lareqa_article_keys,
+    lareqa_split_units,
                                      load_lareqa_items,
                                      load_lareqa_task,
                                      read_lareqa_folder,
@@ -25,6 +26,7 @@ __all__ = [
                                      "LareqaFolder",
                                      "TrainingData",
                                      "lareqa_article_keys",
+    "lareqa_split_units",
                                      "load_beir_pairs",
                                      "load_beir_task",
                                      "load_eval_task",

@@ -11,7 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from rayhybrid.config import DataConfig, TaskConfig, resolve_path
-from rayhybrid.corpus.lareqa import load_lareqa_items, load_lareqa_task, read_lareqa_folder
+from rayhybrid.corpus.lareqa import (
+    lareqa_split_units,
+    load_lareqa_items,
+    load_lareqa_task,
+    read_lareqa_folder,
+)
 from rayhybrid.corpus.splits import split_units
 from rayhybrid.datamodel import (
     Candidate,
@@ -61,14 +66,14 @@ def _restrict_item(item: ParallelItem, langs: set[str]) -> ParallelItem | None:
 
 def _load_source(data_cfg: DataConfig) -> tuple[list[ParallelItem], list[Pair], LoadReport,
                                                  list[str] | None]:
-    """Read the configured source; the last element is the LAReQA article order (or None)."""
+    """Read the configured source; the last element is the LAReQA split units (or None)."""
     path = resolve_path(data_cfg.path)
     fmt = data_cfg.format
     if fmt == "lareqa":
         parsed = read_lareqa_folder(path)
         items, report = load_lareqa_items(path, data_cfg.languages, data_cfg.with_context,
                                           parsed=parsed)
-        return items, [], report, parsed.key_order
+        return items, [], report, lareqa_split_units(parsed, data_cfg.split_by)
     if fmt in ("jsonl", "parquet"):
         from rayhybrid.corpus.formats import load_pairs_file
 
@@ -110,8 +115,8 @@ def load_training_data(data_cfg: DataConfig, part: str = "train") -> TrainingDat
     """
     for lang in data_cfg.languages:
         check_language(lang, "data.languages")
-    items, pairs, report, article_order = _load_source(data_cfg)
-    units = article_order if article_order is not None and data_cfg.split_by == "article" else (
+    items, pairs, report, lareqa_units = _load_source(data_cfg)
+    units = lareqa_units if lareqa_units is not None else (
         [_unit(i.article, i.id, data_cfg.split_by) for i in items]
         + [_unit(p.article, p.group, data_cfg.split_by) for p in pairs])
     keep = _part_units(units, part, data_cfg.train_fraction, data_cfg.dev_fraction,
@@ -171,11 +176,17 @@ def task_from_items(name: str, items: Iterable[ParallelItem], pairs: Iterable[Pa
                     report=report or LoadReport(name))
 
 
+def _keep_queries(task: EvalTask, keep: set[str]) -> None:
+    """Keep the queries whose source id (after ``q:{lang}:``) is in ``keep``."""
+    task.queries = [q for q in task.queries if q.id.split(":", 2)[2] in keep]
+    task.qrels = {q.id: task.qrels[q.id] for q in task.queries}
+
+
 def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
     """Load one configured evaluation task, restricted to ``task_cfg.part``.
 
-    The part is taken with the training split settings of ``data_cfg`` (articles for
-    LAReQA, query ids for BEIR, ``data.split_by`` units for Hugging Face rows), so a task on
+    The part is taken with the training split settings of ``data_cfg`` (``data.split_by``
+    units: articles or question ids for LAReQA, query ids for BEIR), so a task on
     the training corpus evaluates only what training never saw. ``part: all`` uses
     everything (e.g. zero-shot on a corpus not used for training).
 
@@ -186,17 +197,19 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
     split = (data_cfg.train_fraction, data_cfg.dev_fraction, data_cfg.split_seed)
     if task_cfg.format == "lareqa":
         parsed = read_lareqa_folder(path)
-        keep = _part_units(parsed.key_order, task_cfg.part, *split)
-        task = load_lareqa_task(path, task_cfg.languages, task_cfg.name, articles=keep,
-                                parsed=parsed)
+        keep = _part_units(lareqa_split_units(parsed, data_cfg.split_by), task_cfg.part, *split)
+        by_article = data_cfg.split_by == "article"
+        task = load_lareqa_task(path, task_cfg.languages, task_cfg.name, parsed=parsed,
+                                articles=keep if by_article else None)
+        if keep is not None and not by_article:  # split by question: drop the other queries
+            _keep_queries(task, keep)
     elif task_cfg.format == "beir":
         from rayhybrid.corpus.beir import load_beir_task
 
         task = load_beir_task(path, task_cfg.language, task_cfg.qrels_split, task_cfg.name)
         keep = _part_units([q.id.split(":", 2)[2] for q in task.queries], task_cfg.part, *split)
         if keep is not None:
-            task.queries = [q for q in task.queries if q.id.split(":", 2)[2] in keep]
-            task.qrels = {q.id: task.qrels[q.id] for q in task.queries}
+            _keep_queries(task, keep)
     elif task_cfg.format in ("hf", "hf_disk"):
         from rayhybrid.corpus.formats import load_hf
 

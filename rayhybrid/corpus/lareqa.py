@@ -43,8 +43,8 @@ from rayhybrid.datamodel import (
     check_language,
 )
 
-__all__ = ["LareqaFolder", "lareqa_article_keys", "load_lareqa_items", "load_lareqa_task",
-           "read_lareqa_folder"]
+__all__ = ["LareqaFolder", "lareqa_article_keys", "lareqa_split_units", "load_lareqa_items",
+           "load_lareqa_task", "read_lareqa_folder"]
 
 
 @dataclass
@@ -127,6 +127,15 @@ def read_lareqa_folder(folder: str | Path) -> LareqaFolder:
     files = {lang: parse_file(p, lang) for lang, p in paths.items()}
     keys, order = _article_keys(files)
     return LareqaFolder(folder, files, keys, order)
+
+
+def lareqa_split_units(parsed: LareqaFolder, split_by: str) -> list[str]:
+    """Units of a LAReQA split in file order: article keys, or question ids (``group``).
+
+    Both come from every file of the folder, so training and evaluation split alike
+    whatever languages each selects.
+    """
+    return list(parsed.key_order) if split_by == "article" else _question_order(parsed.files)
 
 
 def lareqa_article_keys(folder: str | Path | LareqaFolder) -> list[str]:
