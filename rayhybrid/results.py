@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = ["ResultsTable"]
 
@@ -96,7 +97,7 @@ class ResultsTable:
         return path
 
     @classmethod
-    def from_csv(cls, path: str | Path, title: str = "") -> "ResultsTable":
+    def from_csv(cls, path: str | Path, title: str = "") -> ResultsTable:
         """Read a table written by :meth:`to_csv` (numbers come back as int / float).
 
         Raises:
@@ -115,7 +116,7 @@ class ResultsTable:
         md.write_text(self.to_markdown() + "\n")
         return {"markdown": md, "csv": self.to_csv(out / f"{stem}.csv")}
 
-    def select(self, columns: Sequence[str]) -> "ResultsTable":
+    def select(self, columns: Sequence[str]) -> ResultsTable:
         """A table with only ``columns`` (in that order), same rows."""
         return ResultsTable(columns=list(columns), rows=[dict(r) for r in self.rows], title=self.title)
 
@@ -126,3 +127,160 @@ class ResultsTable:
         for row in rows:
             cols.extend(k for k in row if k not in cols)
         return cols
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: str | None,
+                  path: str | Path, *, group_by: Sequence[str] = (), title: str = "") -> Path:
+    """Two panels against ``x``: quality metrics (left) and rank distance (right).
+
+    Args:
+        table: rows holding ``x``, the quality columns and ``bias``.
+        x: the column on the x axis (alpha).
+        quality: legend label -> column, e.g. ``{"mono/map@20": "dev mono/map@20"}``.
+        bias: the rank distance column (None: one panel).
+        path: PNG to write.
+        group_by: further axis columns (lr, tau); one line per combination.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in table.rows:
+        groups.setdefault(tuple(row.get(g) for g in group_by), []).append(row)
+    ncols = 2 if bias else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    markers = "osd^v<>"
+    for gi, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        rows = sorted(rows, key=lambda r: r[x])
+        xs = [r[x] for r in rows]
+        suffix = "" if not group_by else " (" + ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) + ")"
+        for qi, (label, col) in enumerate(quality.items()):
+            ys = [r.get(col) if r.get(col) is not None else float("nan") for r in rows]
+            axes[0][0].plot(xs, ys, marker=markers[qi % len(markers)],
+                            linestyle=["-", "--", ":", "-."][gi % 4], color=f"C{qi}",
+                            label=label + suffix)
+        if bias:
+            ys = [r.get(bias) if r.get(bias) is not None else float("nan") for r in rows]
+            axes[0][1].plot(xs, ys, marker="o", linestyle=["-", "--", ":", "-."][gi % 4],
+                            color="C3", label="rank distance" + suffix)
+    axes[0][0].set_xlabel(x)
+    axes[0][0].set_ylabel("mAP@20")
+    axes[0][0].set_title("retrieval quality (higher is better)")
+    axes[0][0].legend(fontsize=7)
+    axes[0][0].grid(alpha=0.3)
+    if bias:
+        axes[0][1].set_xlabel(x)
+        axes[0][1].set_ylabel("rank distance")
+        axes[0][1].set_title("language bias (lower is better)")
+        axes[0][1].legend(fontsize=7)
+        axes[0][1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
+                 col_labels: Sequence[str], path: str | Path, *, title: str = "",
+                 lower_is_better: Sequence[bool] = ()) -> Path:
+    """A heatmap with the values written in each cell.
+
+    Colours are scaled per column (so mAP and rank distance share one figure); columns
+    flagged in ``lower_is_better`` use the reversed scale, so greener is always better.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix])
+    shade = np.full_like(values, 0.5)
+    for j in range(values.shape[1]):
+        col = values[:, j]
+        lo, hi = np.nanmin(col) if np.isfinite(col).any() else 0, np.nanmax(col) if np.isfinite(col).any() else 1
+        scaled = (col - lo) / (hi - lo) if hi > lo else np.full_like(col, 0.5)
+        flip = j < len(lower_is_better) and lower_is_better[j]
+        shade[:, j] = 1 - scaled if flip else scaled
+    fig, ax = plt.subplots(figsize=(1.4 + 1.25 * len(col_labels), 0.9 + 0.5 * len(row_labels)))
+    ax.imshow(shade, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            ax.text(j, i, "" if np.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"),
+                    ha="center", va="center", fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- MLflow parent runs
+
+
+def start_parent_run(cfg: Any, run_name: str, tags: dict[str, str],
+                     params: dict[str, str] | None = None) -> str | None:
+    """Create the parent MLflow run that a job's training runs nest under; returns its id.
+
+    The full config is logged as params. None when tracking is disabled.
+
+    Raises:
+        TrackingError: the tracking server is down and ``tracking.on_unavailable`` is fail.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.config import config_to_dict
+    from rayhybrid.tracking import log_params_flat, resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    flat = log_params_flat(config_to_dict(cfg))
+    flat.update(params or {})
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+def finish_parent_run(cfg: Any, run_id: str | None, paths: dict[str, Path], *, failed: int,
+                      total: int, metrics: dict[str, float] | None = None,
+                      status: str | None = None) -> None:
+    """Log a job's output files and counts to its parent run and close it.
+
+    Status: FINISHED, FAILED when every child failed, or ``status`` when given.
+    """
+    if run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
+    for path in paths.values():
+        client.log_artifact(run_id, str(path))
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value))
+    client.log_metric(run_id, "runs/failed", failed)
+    client.log_metric(run_id, "runs/total", total)
+    client.set_terminated(run_id, status or ("FAILED" if total and failed == total else "FINISHED"))

@@ -1,0 +1,190 @@
+"""What ``rayhybrid tune`` leaves behind: the MLflow parent run, the results table, the plot, the best config.
+
+The table has one row per trial, failed and early-stopped ones included, with the dev
+metrics of the trial's last validation point (what ASHA judged it on), its best objective,
+its MLflow run and, for a failed trial, the error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayhybrid.config import Config, config_to_dict, resolve_path
+from rayhybrid.results import ResultsTable, finish_parent_run, plot_tradeoff, start_parent_run
+from rayhybrid.tuning_space import (
+    AXIS_NAMES,
+    DEV_PREFIX,
+    OBJECTIVE_KEY,
+    STEP_KEY,
+    apply_overrides,
+    parse_objective,
+)
+
+__all__ = ["collect_table", "finish_parent", "start_parent", "write_outputs"]
+
+PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
+DEV_COLUMNS = ("mono/map@20", "cross/map@20", "multi/map@20", "bias/rank_distance")
+
+
+def _axis_name(key: str) -> str:
+    return AXIS_NAMES.get(key, key)
+
+
+def _error_line(error: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) exception."""
+    text = str(error)
+    hits = re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    if hits:
+        name, msg = hits[-1]
+        return f"{name}: {msg.strip()}"
+    return f"{type(error).__name__}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+
+
+def _trial_statuses(grid: Any) -> dict[str, str]:
+    # ResultGrid keeps Tune's Trial objects (with their status) on its analysis.
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+
+
+def _num(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def collect_table(grid: Any, cfg: Config, axes: dict[str, list[Any]]) -> ResultsTable:
+    """One row per trial of a Tune ``ResultGrid``, sorted by the axis values."""
+    objective = parse_objective(cfg.tune.objective, cfg.eval.settings)
+    statuses = _trial_statuses(grid)
+    rows = []
+    for result in grid:
+        trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)
+        row: dict[str, Any] = {"trial": trial_id}
+        row.update({_axis_name(k): result.config.get(k) for k in axes})
+        df = result.metrics_dataframe
+        dev = None
+        if df is not None and OBJECTIVE_KEY in df.columns:
+            dev_rows = df[df[OBJECTIVE_KEY].notna()]
+            if len(dev_rows):
+                dev = dev_rows.iloc[-1]
+                best = dev_rows[OBJECTIVE_KEY].max() if objective.mode == "max" \
+                    else dev_rows[OBJECTIVE_KEY].min()
+                row["best_objective"] = float(best)
+        if dev is not None:
+            row["step"] = int(dev[STEP_KEY])
+            for key in DEV_COLUMNS:
+                row[f"dev {key}"] = _num(dev.get(DEV_PREFIX + key))
+            row["objective"] = float(dev[OBJECTIVE_KEY])
+        row["status"] = _status(result, statuses.get(trial_id), row.get("step"), cfg)
+        row["error"] = _error_line(result.error) if result.error is not None else ""
+        row["mlflow_run_id"] = result.metrics.get("mlflow_run_id") or ""
+        rows.append(row)
+    axis_cols = [_axis_name(k) for k in axes]
+    rows.sort(key=lambda r: tuple((r.get(c) is None, r.get(c) if isinstance(r.get(c), (int, float))
+                                   else str(r.get(c))) for c in axis_cols))
+    columns = (["trial"] + axis_cols + ["status", "step"] + [f"dev {k}" for k in DEV_COLUMNS]
+               + ["objective", "best_objective", "mlflow_run_id", "error"])
+    title = f"tune {cfg.tune.name}: objective {objective.name} ({objective.mode}) on the dev split"
+    return ResultsTable(columns=columns, rows=rows, title=title)
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    m = re.search(r"_([0-9a-f]{5}_\d{5})", Path(path or "").name)
+    return m.group(1) if m else Path(path or "?").name
+
+
+def _status(result: Any, tune_status: str | None, step: int | None, cfg: Config) -> str:
+    if result.error is not None:
+        return "error"
+    if tune_status not in (None, "TERMINATED"):
+        return f"unfinished ({tune_status.lower()})"
+    if step is None:
+        return "no dev report"
+    if step < cfg.train.max_steps:
+        return f"stopped at step {step}"
+    return "finished"
+
+
+def best_row(table: ResultsTable, cfg: Config) -> dict[str, Any] | None:
+    """The trial with the best final objective among those with one (None if none)."""
+    objective = parse_objective(cfg.tune.objective, cfg.eval.settings)
+    scored = [r for r in table.rows if r.get("objective") is not None and not r.get("error")]
+    if not scored:
+        return None
+    pick = max if objective.mode == "max" else min
+    return pick(scored, key=lambda r: r["objective"])
+
+
+def write_outputs(table: ResultsTable, cfg: Config, axes: dict[str, list[Any]]) -> dict[str, Path]:
+    """Write table (md + csv), the alpha trade-off plot and the best config YAML.
+
+    Files go to ``<eval.output_dir>/tune_<tune.name>/``; returns their paths by kind.
+    """
+    out = Path(resolve_path(cfg.eval.output_dir)).expanduser() / f"tune_{cfg.tune.name}"
+    paths = dict(table.write(out, "results"))
+    plotted = [r for r in table.rows if r.get("objective") is not None]
+    if plotted:
+        quality = {k: f"dev {k}" for k in ("mono/map@20", "cross/map@20", "multi/map@20")}
+        group = [_axis_name(k) for k in axes if k != "batch.alpha"]
+        paths["plot"] = plot_tradeoff(ResultsTable(table.columns, plotted), "alpha", quality,
+                                      "dev bias/rank_distance", out / "alpha_tradeoff.png",
+                                      group_by=group, title=table.title)
+    best = best_row(table, cfg)
+    if best is not None:
+        params = {k: best[_axis_name(k)] for k in axes}
+        best_cfg = apply_overrides(cfg, {"batch.strategy": "hybrid", "tune.resume": False, **params})
+        path = out / "best_config.yaml"
+        header = (f"# Best trial {best['trial']} of tune {cfg.tune.name}: {cfg.tune.objective} = "
+                  f"{best['objective']:.4f} on the dev split\n")
+        path.write_text(header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
+        paths["best_config"] = path
+    return paths
+
+
+# --------------------------------------------------------------------------- MLflow parent
+
+
+def start_parent(cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restoring: bool) -> str | None:
+    """Create (or, on restore, reopen) the sweep's parent MLflow run; returns its id.
+
+    The id is kept in the experiment folder so that a restored sweep nests its remaining
+    trials under the same parent.
+
+    Raises:
+        TrackingError: the tracking server is down and ``tracking.on_unavailable`` is fail.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    marker = exp_dir / PARENT_RUN_FILE
+    if restoring and marker.is_file():
+        from mlflow.tracking import MlflowClient
+
+        from rayhybrid.tracking import resolve_tracking_uri
+
+        run_id = marker.read_text().strip()
+        MlflowClient(resolve_tracking_uri(cfg.tracking)).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = start_parent_run(cfg, f"tune_{cfg.tune.name}",
+                              {"rayhybrid.job": "tune", "rayhybrid.tune.name": cfg.tune.name},
+                              {f"sweep.{_axis_name(k)}": str(v) for k, v in axes.items()})
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(run_id))
+    return run_id
+
+
+def finish_parent(cfg: Config, run_id: str | None, table: ResultsTable,
+                  paths: dict[str, Path]) -> None:
+    """Log the table, plot and best config to the parent run and close it."""
+    best = best_row(table, cfg)
+    failed = sum(1 for r in table.rows if r.get("status") == "error")
+    unfinished = any(str(r.get("status", "")).startswith("unfinished") for r in table.rows)
+    finish_parent_run(cfg, run_id, paths, failed=failed, total=len(table),
+                      metrics={"best/objective": best["objective"]} if best else None,
+                      status="KILLED" if unfinished else None)

@@ -1,0 +1,223 @@
+"""Ray Tune over the mixing ratio alpha (optionally learning rate and tau), scored on the dev split.
+
+Ray Train V2 layout (DESIGN.md, "Ray versions"): every Tune trial runs a small driver
+function that calls :func:`rayhybrid.training.train`, which builds the ``TorchTrainer``;
+Ray Tune's ``TuneReportCallback`` forwards what rank 0 reports to Tune. At every
+validation point rank 0 also retrieves on the dev split (the articles after the training
+ones, never the test split) and adds ``dev/...`` metrics and the objective to its report,
+so ASHA can stop weak trials early.
+
+Each trial is a nested MLflow run under one parent run. The job ends with a results table
+(markdown + CSV), a plot of alpha against mono / cross / multilingual quality and rank
+distance, and the best trial's config as YAML, all logged to the parent run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rayhybrid.config import Config, config_from_dict, config_to_dict
+from rayhybrid.tuning_space import (
+    DEV_PREFIX,
+    OBJECTIVE_KEY,
+    STEP_KEY,
+    TuneError,
+    apply_overrides,
+    parse_objective,
+    search_axes,
+)
+
+__all__ = ["TuneError", "dev_report_fn", "dev_task", "run_tune", "search_axes", "trial_config"]
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def trial_config(base: Config, params: dict[str, Any], trial_name: str, exp_dir: str) -> Config:
+    """The training config of one trial: the sweep's values on top of ``base``.
+
+    Batches are ``hybrid`` (alpha 0 is all cross-lingual, 1 all monolingual); the trial's
+    Train run lives under the experiment folder so a restore finds it; the end-of-training
+    test evaluation is off (tuning looks at the dev split only). Train workers get the
+    trial's CPUs / GPUs.
+    """
+    t = base.tune
+    workers = base.train.num_workers
+    overrides: dict[str, Any] = {
+        "batch.strategy": "hybrid",
+        "train.run_name": trial_name,
+        "train.storage_path": str(Path(exp_dir) / "train_runs"),
+        "train.overwrite": True,
+        "train.resume": False,
+        "train.cpus_per_worker": t.cpus_per_trial / workers,
+        "train.use_gpu": t.gpus_per_trial > 0,
+        "eval.at_end_of_training": False,
+    }
+    overrides.update(params)
+    return apply_overrides(base, overrides)
+
+
+def dev_task(cfg: Config) -> Any:
+    """The dev split of the training corpus as an evaluation task (never the test split).
+
+    A LAReQA source loads through the task loader (every sentence of a paragraph is a
+    candidate); other sources become a task of their dev items / pairs.
+
+    Raises:
+        DataError: the dev split is empty or the source is malformed.
+    """
+    from rayhybrid.config import TaskConfig
+    from rayhybrid.corpus import load_eval_task, load_training_data, task_from_items
+
+    fmt = cfg.data.format
+    if fmt == "lareqa":
+        task_cfg = TaskConfig(name="dev", format=fmt, path=cfg.data.path,
+                              languages=cfg.data.languages, part="dev")
+        return load_eval_task(task_cfg, cfg.data)
+    data = load_training_data(cfg.data, part="dev")
+    return task_from_items("dev", data.items, data.pairs, cfg.data.languages)
+
+
+def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
+    """The hook rank 0 calls at every validation point (``train(extra_report_fn=...)``).
+
+    It retrieves on the dev split with the model being trained and returns ``dev/...``
+    metrics, the objective and the step, which go into that ``ray.train.report`` and
+    from there to Tune (and to the trial's MLflow run).
+    """
+    cfg_dict = config_to_dict(cfg)
+    state: dict[str, Any] = {}
+
+    def report(model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+        from rayhybrid.evaluation.inprocess import evaluate_in_process
+
+        c = config_from_dict(cfg_dict)
+        if "task" not in state:  # loaded once per worker, on the first validation point
+            state["task"] = dev_task(c)
+        dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings,
+                                  min(c.eval.top_k, 20))
+        objective = parse_objective(c.tune.objective, c.eval.settings)
+        out = {DEV_PREFIX + k: float(v) for k, v in dev.items()}
+        out[OBJECTIVE_KEY] = objective.value(dev)
+        out[STEP_KEY] = float(step)
+        return out
+
+    return report
+
+
+# --------------------------------------------------------------------------- the job
+
+
+# The trial driver only waits on its TorchTrainer, whose workers reserve the trial's CPUs;
+# Tune needs a non-empty bundle, so the driver asks for a token amount of memory, no CPU.
+_DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
+
+
+def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | None,
+                  exp_dir: str) -> dict[str, Any]:
+    """One Tune trial: train with the trial's values, reporting dev metrics to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayhybrid.training import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = config_from_dict(base)
+    tcfg = trial_config(cfg, params, f"{cfg.tune.name}_{trial_id}", exp_dir)
+    result = train(tcfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
+                   extra_report_fn=dev_report_fn(tcfg))
+    # Returned dicts reach Tune as the trial's last result.
+    return {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir)}
+
+
+def _exp_dir(cfg: Config) -> Path:
+    from rayhybrid.config import resolve_path
+
+    return Path(resolve_path(cfg.tune.storage_path)).expanduser().resolve() / cfg.tune.name
+
+
+def _check_restore(cfg: Config, exp_dir: Path) -> bool:
+    """True when the sweep continues an earlier one.
+
+    Raises:
+        TuneError: ``tune.resume`` without a restorable sweep, or a new sweep over an old one.
+    """
+    from ray import tune
+
+    exists = exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir))
+    if cfg.tune.resume and not exists:
+        raise TuneError(f"tune.resume = true but {exp_dir} holds no sweep to restore; drop "
+                        "tune.resume to start one")
+    if not cfg.tune.resume and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise TuneError(f"{exp_dir} already holds a sweep named {cfg.tune.name!r}: continue it "
+                        "with tune.resume=true, or choose another tune.name / tune.storage_path")
+    return cfg.tune.resume
+
+
+def _scheduler(cfg: Config) -> Any:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "none":
+        return FIFOScheduler()
+    objective = parse_objective(cfg.tune.objective, cfg.eval.settings)
+    max_t = cfg.train.max_steps
+    # Time is the training step of the dev report; the first cut comes after two validations.
+    grace = min(max_t, 2 * cfg.train.eval_every)
+    return AsyncHyperBandScheduler(time_attr=STEP_KEY, metric=OBJECTIVE_KEY, mode=objective.mode,
+                                   max_t=max_t, grace_period=grace, reduction_factor=2)
+
+
+def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
+    """Run (or continue) the sweep; return the results table.
+
+    Args:
+        cfg: the config; ``cfg.tune`` holds the space, objective, scheduler and resources.
+        callbacks: extra Ray Tune callbacks (progress, notifications).
+
+    Returns:
+        :class:`rayhybrid.results.ResultsTable` with one row per trial (failed ones too).
+
+    Raises:
+        TuneError: invalid space or setup (before anything starts).
+        ConfigError: an extra grid value has the wrong type.
+    """
+    import os
+
+    import ray
+    from ray import tune
+
+    from rayhybrid.tune_report import collect_table, finish_parent, start_parent, write_outputs
+    from rayhybrid.tuning_space import param_space
+
+    axes = search_axes(cfg)
+    space, search_alg, num_samples = param_space(cfg, axes)
+    exp_dir = _exp_dir(cfg)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    restoring = _check_restore(cfg, exp_dir)
+    parent_run_id = start_parent(cfg, exp_dir, axes, restoring)
+    # Reports between validation points carry no dev metric; Tune must not reject them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, base=config_to_dict(cfg), parent_run_id=parent_run_id,
+                             exp_dir=str(exp_dir)),
+        _DRIVER_RESOURCES)
+    if restoring:
+        print(f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(scheduler=_scheduler(cfg), search_alg=search_alg,
+                                        num_samples=num_samples,
+                                        max_concurrent_trials=cfg.tune.max_concurrent),
+            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent),
+                                      callbacks=list(callbacks)))
+    grid = tuner.fit()
+    table = collect_table(grid, cfg, axes)
+    paths = write_outputs(table, cfg, axes)
+    finish_parent(cfg, parent_run_id, table, paths)
+    return table
