@@ -83,6 +83,8 @@ def dev_task(cfg: Config) -> Any:
 def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
     """The hook rank 0 calls at every validation point (``train(extra_report_fn=...)``).
 
+    Called as ``fn(model, tokenizer, cfg, step)`` by the training loop.
+
     It retrieves on the dev split with the model being trained and returns ``dev/...``
     metrics, the objective and the step, which go into that ``ray.train.report`` and
     from there to Tune (and to the trial's MLflow run).
@@ -90,16 +92,20 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
     cfg_dict = config_to_dict(cfg)
     state: dict[str, Any] = {}
 
-    def report(model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+    def report(model: Any, tokenizer: Any, _cfg: Any, step: int) -> dict[str, float]:
         from rayhybrid.evaluation.inprocess import evaluate_in_process
 
         c = config_from_dict(cfg_dict)
         if "task" not in state:  # loaded once per worker, on the first validation point
             state["task"] = dev_task(c)
-        dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings,
-                                  min(c.eval.top_k, 20))
+        was_training = model.training
+        try:
+            dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings, 20)
+        finally:
+            model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)
-        out = {DEV_PREFIX + k: float(v) for k, v in dev.items()}
+        out = {DEV_PREFIX + k: float(v) for k, v in dev.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out[OBJECTIVE_KEY] = objective.value(dev)
         out[STEP_KEY] = float(step)
         return out
