@@ -89,6 +89,11 @@ class BatchConfig:
     temperature: float = _f(1.0, "T for temperature sampling (1 = proportional to data size).")
     seed: int = _f(0, "Seed of the batch plan; the plan is a pure function of (seed, epoch, step).")
     steps_per_epoch: Optional[int] = _f(None, "Steps per epoch; None = number of units // batch_size.")
+    materialize: Optional[bool] = _f(
+        None, "Ray Data stream: true tokenizes every planned batch before training starts (needs no "
+        "CPU beside the training workers); false streams during training (needs a spare CPU per "
+        "worker for its tokenizer actor); null: materialize when the stream has at most 500k pairs "
+        "or the cluster has no spare CPU.")
 
 
 @dataclass(frozen=True)
