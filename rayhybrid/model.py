@@ -73,10 +73,11 @@ class BiEncoder(torch.nn.Module):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ModelError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
-        # BERT-style poolers are unused by mean/cls pooling; parameters without gradients
-        # make DDP fail ("did not receive grad"), so drop them.
+        # BERT-style poolers are unused by mean/cls pooling; trainable parameters without
+        # gradients make DDP fail ("did not receive grad"), so freeze them (kept, so that an
+        # exported model loads without "newly initialized" weights).
         if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
-            encoder.pooler = None
+            encoder.pooler.requires_grad_(False)
         self.encoder = encoder
         self.pooling = pooling
         self.normalize = normalize
@@ -189,7 +190,7 @@ def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Pa
     # Seeded init on a private generator state: building the model must not move the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = BertModel(config, add_pooling_layer=False)
+        encoder = BertModel(config)  # pooler kept (frozen by BiEncoder) so loads are clean
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(out)

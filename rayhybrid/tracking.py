@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rayhybrid.config import TrackingConfig
 
-__all__ = ["TrackingError", "default_tracking_uri", "log_params_flat", "resolve_tracking_uri"]
+__all__ = ["TrackingError", "default_tracking_uri", "get_experiment_id", "log_params_flat",
+           "resolve_tracking_uri"]
 
 
 class TrackingError(RuntimeError):
@@ -67,3 +68,29 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
+
+
+def get_experiment_id(tracking_uri: str, name: str) -> str:
+    """Id of MLflow experiment ``name`` at ``tracking_uri``, created if missing.
+
+    For a local SQLite store the artifacts of a new experiment go to ``mlartifacts/``
+    beside the database file, not to ``./mlruns`` of whatever the working directory is
+    (Ray workers and drivers may run elsewhere); ``mlflow ui`` finds them there.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        location = (db.parent / "mlartifacts" / name).absolute().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another process (a parallel trial) created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

@@ -1,0 +1,296 @@
+"""Training driver: check the config, prepare the run, launch Ray Train, log to MLflow.
+
+:func:`train` is what ``rayhybrid train``, ``jobs/train.py``, the quickstart and Tune's
+driver function call. Everything that can be checked before Ray Train starts (config
+values, model name, run folder, batch plan against the data) is checked here, so a bad
+setting gives one clear :class:`TrainingError` / ``ConfigError`` / ``ModelError``
+instead of a worker stack trace. The per-worker loop is :mod:`rayhybrid.train_loop`;
+run folder and checkpoint layout are in :mod:`rayhybrid.checkpointing`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from rayhybrid.checkpointing import (RunPaths, TrainingError, latest_checkpoint_step, prepare_run_dir,
+                                     read_run_file, write_run_file)
+from rayhybrid.config import Config, config_to_dict
+from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
+
+__all__ = ["TrainResult", "TrainingError", "build_val_batches", "check_train_config", "train"]
+
+MAX_VAL_BATCHES = 16  # validation cost stays bounded on large dev splits
+MAX_TOKENIZER_TEXTS = 200_000  # texts used to train the tiny model's tokenizer
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    run_dir: Path
+    model_dir: Path
+    mlflow_run_id: Optional[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+
+    def summary(self) -> str:
+        m = self.metrics
+        lines = [f"run folder:  {self.run_dir}",
+                 f"model:       {self.model_dir}  (transformers / sentence-transformers format)",
+                 f"steps:       {m.get('step')}" + ("  (stopped early)" if m.get("stopped_early") else "")
+                 + ("  (resumed)" if self.resumed else "")]
+        if m.get("best_step", -1) >= 0:
+            lines.append(f"best val loss: {m['best_val_loss']:.4f} at step {m['best_step']}")
+        if m.get("step_time_median_s") and not math.isnan(m["step_time_median_s"]):
+            lines.append(f"median step:  {m['step_time_median_s']:.3f} s")
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run:  {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+def check_train_config(cfg: Config) -> None:
+    """Reject training settings that cannot work, naming the key.
+
+    Raises:
+        TrainingError: a value is out of range or settings contradict each other.
+    """
+    t, b = cfg.train, cfg.batch
+    problems = []
+    if not t.tau > 0:
+        problems.append(f"train.tau must be > 0 (InfoNCE temperature), got {t.tau}")
+    if t.max_steps < 1:
+        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if not t.lr > 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.grad_clip < 0 or t.weight_decay < 0:
+        problems.append("train.grad_clip and train.weight_decay must be >= 0")
+    if t.num_workers < 1 or t.cpus_per_worker <= 0:
+        problems.append(f"train.num_workers must be >= 1 and train.cpus_per_worker > 0, got "
+                        f"{t.num_workers} and {t.cpus_per_worker}")
+    elif b.batch_size < 2 * t.num_workers:
+        problems.append(f"batch.batch_size={b.batch_size} is too small for train.num_workers="
+                        f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)")
+    if min(t.eval_every, t.checkpoint_every, t.early_stopping_patience) < 0 or t.log_every < 1:
+        problems.append("train.eval_every, checkpoint_every, early_stopping_patience must be >= 0 "
+                        "and train.log_every >= 1")
+    if t.early_stopping_patience and not t.eval_every:
+        problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
+    if t.eval_every and cfg.data.dev_fraction <= 0:
+        problems.append("train.eval_every > 0 needs a dev split: set data.dev_fraction > 0")
+    if problems:
+        raise TrainingError("; ".join(problems))
+
+
+def build_val_batches(cfg: Config, dev: Any, num_workers: int) -> list[tuple[list[str], list[str]]]:
+    """Fixed validation batches from the dev split: (queries, passages), prefixes applied.
+
+    One pair per group (a parallel item's other languages would be false negatives), its
+    query and passage languages drawn with ``batch.seed``; global batches of
+    ``batch.batch_size`` (fewer pairs: one batch of a multiple of ``num_workers``).
+
+    Raises:
+        TrainingError: the dev split has fewer than 2 pairs per worker.
+    """
+    rng = random.Random(cfg.batch.seed)
+    pairs: list[tuple[str, str]] = []
+    for item in dev.items:
+        langs = item.languages
+        if langs:
+            ql, pl = rng.choice(langs), rng.choice(langs)
+            pairs.append((item.queries[ql], item.positives[pl][0]))
+    seen = set()
+    for p in dev.pairs:
+        if p.group not in seen:
+            seen.add(p.group)
+            pairs.append((p.query, p.passage))
+    rng.shuffle(pairs)
+    size = min(cfg.batch.batch_size, len(pairs) // num_workers * num_workers)
+    if size < 2 * num_workers:
+        raise TrainingError(f"the dev split has {len(pairs)} usable pairs: too few for validation "
+                            f"with {num_workers} workers; raise data.dev_fraction or set train.eval_every=0")
+    qp, pp = cfg.model.query_prefix, cfg.model.passage_prefix
+    return [([qp + q for q, _ in chunk], [pp + p for _, p in chunk])
+            for chunk in (pairs[i:i + size] for i in range(0, len(pairs) - size + 1, size))
+            ][:MAX_VAL_BATCHES]
+
+
+def _training_texts(data: Any) -> list[str]:
+    texts: list[str] = []
+    for item in data.items:
+        texts.extend(item.queries.values())
+        texts.extend(v[0] for v in item.positives.values() if v)
+    for p in data.pairs:
+        texts.extend((p.query, p.passage))
+    return texts[:MAX_TOKENIZER_TEXTS]
+
+
+def _model_source(cfg: Config, paths: RunPaths, data: Any) -> str:
+    """Folder or name the workers load: the run's tiny model, or the configured model (checked).
+
+    Raises:
+        ModelError: the model name is neither a local folder nor available from the hub.
+    """
+    if cfg.model.name == TINY:
+        if not (paths.init_model / "config.json").is_file():  # a resumed run keeps its own
+            build_tiny_model(cfg.model, _training_texts(data), paths.init_model, seed=cfg.batch.seed)
+        return str(paths.init_model)
+    target = resolve_model_path(cfg.model.name)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(target)
+        AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name={cfg.model.name!r} is neither a local folder nor available "
+                         f"from the Hugging Face hub (offline, or no such model): "
+                         f"{str(exc).splitlines()[0]}") from None
+    return target
+
+
+def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resumed: bool) -> dict | None:
+    """Create (or reattach to) the run's MLflow run; log params and the resolved config."""
+    if not cfg.tracking.enabled:
+        return None
+    import yaml
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tracking import get_experiment_id, log_params_flat, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking)
+    client = MlflowClient(uri)
+    run_id = read_run_file(paths).get("mlflow_run_id") if resumed else None
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if run_id:  # params are immutable in MLflow: a resumed run keeps its first config's params
+        client.update_run(run_id, status="RUNNING")
+        client.log_text(run_id, config_yaml, f"config_resumed_{os.getpid()}.yaml")
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run = client.create_run(get_experiment_id(uri, cfg.tracking.experiment),
+                                run_name=cfg.train.run_name, tags=tags)
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in log_params_flat(config_to_dict(cfg)).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, config_yaml, "config.yaml")
+        write_run_file(paths, mlflow_run_id=run_id, tracking_uri=uri)
+    return {"tracking_uri": uri, "run_id": run_id}
+
+
+def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: str) -> None:
+    if spec is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec["tracking_uri"])
+    if status == "FINISHED" and paths.final_model.is_dir():
+        client.log_artifacts(spec["run_id"], str(paths.final_model), "model")
+        for key in ("best_val_loss", "step_time_median_s"):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                client.log_metric(spec["run_id"], f"final/{key}", float(value))
+    client.set_terminated(spec["run_id"], status)
+
+
+def _debug_hooks(paths: RunPaths) -> dict:
+    """Test-only hooks from the environment (never set in normal use)."""
+    hooks = {}
+    if os.environ.get("RAYHYBRID_FAULT"):
+        hooks["fault"] = os.environ["RAYHYBRID_FAULT"]
+    if os.environ.get("RAYHYBRID_BATCH_LOG"):
+        Path(os.environ["RAYHYBRID_BATCH_LOG"]).mkdir(parents=True, exist_ok=True)
+        hooks["batch_log"] = os.environ["RAYHYBRID_BATCH_LOG"]
+    return hooks
+
+
+def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | None = None,
+          extra_report_fn: Callable[..., dict] | None = None) -> TrainResult:
+    """Fine-tune the configured bi-encoder with Ray Train on the hybrid batch stream.
+
+    Args:
+        cfg: the whole config (data, batch, model, train, tracking sections are used).
+        callbacks: Ray Train ``UserCallback`` objects for ``RunConfig(callbacks=...)``.
+        parent_run_id: make the MLflow run a child of this run (Tune trials).
+        extra_report_fn: ``fn(model, tokenizer, cfg, step) -> dict`` of extra metrics run on
+            rank 0 at every validation (or at the end without validation); the values go to
+            ``ray.train.report`` and MLflow. Must be picklable.
+
+    Returns:
+        :class:`TrainResult` with the run folder, the exported model and the final metrics.
+
+    Raises:
+        TrainingError: bad training settings, unusable run folder, or the run failed.
+        ModelError: the model cannot be found.
+        ConfigError / DataError: bad data or batch settings (checked before Ray Train starts).
+    """
+    check_train_config(cfg)
+    from rayhybrid.corpus import load_training_data
+
+    data = load_training_data(cfg.data, part="train")
+    nw = cfg.train.num_workers
+    val_batches = (build_val_batches(cfg, load_training_data(cfg.data, part="dev"), nw)
+                   if cfg.train.eval_every else [])
+    # A bad model name fails before the run folder is touched; the tiny model lives in it.
+    model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
+    paths, resumed = prepare_run_dir(cfg.train)
+    model_path = model_path or _model_source(cfg, paths, data)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayhybrid.stream import build_train_datasets, train_data_config
+    from rayhybrid.train_loop import FINAL_METRICS, train_loop_per_worker
+
+    if not ray.is_initialized():
+        ray.init()
+    start = latest_checkpoint_step(paths) if resumed else 0
+    datasets = build_train_datasets(cfg, data, model_path, nw, start_step=start)
+    mlflow_spec = _start_mlflow(cfg, paths, parent_run_id, resumed)
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(cfg), "paths": {"run_dir": paths.run_dir},
+                           "model_path": model_path, "val_batches": val_batches,
+                           "mlflow": mlflow_spec, "debug": _debug_hooks(paths),
+                           "extra_report_fn": extra_report_fn},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=nw, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name, storage_path=str(paths.root.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+            # Our own step lines say what happens; Ray Train's per-report INFO lines double them.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets, dataset_config=train_data_config())
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        _finish_mlflow(mlflow_spec, paths, {}, "FAILED")
+        raise TrainingError(f"training run {paths.root} failed: {_first_line(exc)} (checkpoints "
+                            "kept; continue with train.resume=true)") from exc
+    metrics = dict(result.metrics or {})
+    final = paths.root / FINAL_METRICS
+    if final.is_file():
+        metrics.update(json.loads(final.read_text()))
+    _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED")
+    return TrainResult(run_dir=paths.root, model_dir=paths.final_model,
+                       mlflow_run_id=mlflow_spec["run_id"] if mlflow_spec else None,
+                       metrics=metrics, resumed=resumed)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln and not ln.startswith(" ")]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:500]
