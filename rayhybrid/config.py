@@ -163,6 +163,9 @@ class EvalConfig:
     batch_size: int = _f(128, "Encoding batch size.")
     encode_workers: int = _f(1, "Encoder actors (map_batches actor pool size).")
     output_dir: str = _f("./outputs", "Where summaries, TREC files and plots go.")
+    full_depth_runs: bool = _f(False, "Write TREC runs over the whole pool (every candidate) so that "
+                               "trec_eval / pytrec_eval recompute the full-depth metrics; "
+                               "queries x pool lines, for small tasks only.")
     at_end_of_training: bool = _f(True, "Evaluate the final model at the end of `train`.")
 
 

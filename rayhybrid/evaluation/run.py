@@ -1,0 +1,289 @@
+"""The evaluation job: encode with Ray Data, search language shards on Ray actors, score, log.
+
+``evaluate(cfg, model_path)`` runs every task of ``cfg.eval.tasks`` (or the given tasks) in
+every setting of ``cfg.eval.settings`` and returns flat metrics named
+``<task>/<setting>/<cell>/<metric>`` (DESIGN.md, "Tracking"). With ``run_id`` it logs into an
+existing MLflow run (the end of training); otherwise it opens its own. A failure anywhere
+stops the shard actors and marks the MLflow run FAILED with the error in the tags
+``rayhybrid.eval_status`` / ``rayhybrid.eval_error``, so a half-written run says so.
+
+MLflow metric names cannot contain ``@``: ``map@20`` is logged as ``map_at_20``
+(:func:`mlflow_key`); the returned dict, the JSON summary and Tune use the ``@`` names.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from rayhybrid.datamodel import EvalTask
+from rayhybrid.evaluation import EvaluationError
+from rayhybrid.evaluation.metrics import BEIR_METRICS, LAREQA_METRICS, summarize
+from rayhybrid.evaluation.retrieval import CandidateIndex, Retrieval, check_settings, run_settings
+
+if TYPE_CHECKING:
+    from rayhybrid.config import Config, TaskConfig
+
+__all__ = ["candidate_texts", "evaluate", "evaluate_cli", "evaluate_task", "mlflow_key"]
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow-safe metric name: ``xquad_r/multi/map@20`` -> ``xquad_r/multi/map_at_20``."""
+    return name.replace("@", "_at_")
+
+
+def candidate_texts(task: EvalTask, with_context: bool = False) -> list[str]:
+    """Text encoded for each candidate: title (BEIR) + text (+ its paragraph if asked)."""
+    out = []
+    for c in task.candidates:
+        text = f"{c.title} {c.text}" if c.title else c.text
+        if with_context and c.context:
+            text = f"{text} {c.context}"
+        out.append(text)
+    return out
+
+
+class _Tracker:
+    """MLflow side of one evaluation (no-op when tracking is disabled)."""
+
+    def __init__(self, cfg: "Config", run_id: str | None, model: str) -> None:
+        self.client, self.run_id, self.own = None, run_id, run_id is None
+        if not cfg.tracking.enabled:
+            return
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        from rayhybrid.config import config_to_dict
+        from rayhybrid.tracking import log_params_flat, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking)
+        self.client = MlflowClient(uri)
+        if run_id is None:
+            run = self.client.create_run(_experiment_id(self.client, uri, cfg.tracking.experiment),
+                                         run_name=f"evaluate_{Path(model).name}",
+                                         tags={"rayhybrid.job": "evaluate"})
+            self.run_id = run.info.run_id
+            params = log_params_flat(config_to_dict(cfg))
+            params["eval.model"] = model
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")
+
+    def log(self, metrics: dict[str, float], folder: Path, artifact_path: str) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()
+                 if v == v]  # NaN (no cell) is not logged
+        for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def finish(self) -> None:
+        if self.client is None:
+            return
+        self.client.set_tag(self.run_id, "rayhybrid.eval_status", "finished")
+        if self.own:
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.set_tag(self.run_id, "rayhybrid.eval_status", "failed")
+            self.client.set_tag(self.run_id, "rayhybrid.eval_error",
+                                f"{type(exc).__name__}: {exc}"[:4000])
+            self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as log_exc:  # noqa: BLE001 - never hide the original error
+            print(f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}",
+                  flush=True)
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    try:
+        from rayhybrid.tracking import get_experiment_id
+    except ImportError:  # older tracking module: plain get-or-create
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name)
+    return get_experiment_id(uri, name)
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins RAY_ADDRESS / a running `ray start` cluster, else starts a local Ray.
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def _task_format(cfg: "Config", name: str) -> str:
+    return next((t.format for t in cfg.eval.tasks if t.name == name), "lareqa")
+
+
+def evaluate_task(cfg: "Config", task: EvalTask, model_path: str | None = None,
+                  fmt: str = "lareqa") -> tuple[dict[str, float], dict[str, Any], Path]:
+    """Evaluate one task on Ray (encode, shard actors, metrics, files).
+
+    Returns:
+        ``(metrics without task prefix, summary dict, output folder)``.
+
+    Raises:
+        EvaluationError: bad settings, top-k larger than a shard, a shard failure.
+        ModelError: the model cannot be loaded.
+    """
+    from rayhybrid.evaluation.encode import encode_with_ray
+    from rayhybrid.evaluation.shards import ActorShards
+
+    settings = check_settings(cfg.eval.settings)
+    if not task.queries or not task.candidates:
+        raise EvaluationError(f"task {task.name}: no queries or no candidates to evaluate")
+    start = time.perf_counter()
+    (q_emb, c_emb), encode_s = encode_with_ray(
+        [([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
+         (candidate_texts(task, cfg.data.with_context), cfg.model.passage_prefix,
+          cfg.data.max_passage_length)],
+        cfg.model, model_path, batch_size=cfg.eval.batch_size, workers=cfg.eval.encode_workers)
+    cands = CandidateIndex.from_task(task)
+    row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
+    shards = {lang: (c_emb[row_of_key[keys]], keys) for lang, keys in cands.shard_keys().items()}
+    search_start = time.perf_counter()
+    with ActorShards(shards, index=cfg.eval.index, use_gpu=None) as pool:
+        retrieval = run_settings(pool, task, q_emb, settings, cfg.eval.top_k,
+                                 full_depth=cfg.eval.full_depth_runs, progress=True)
+    search_s = time.perf_counter() - search_start
+    names = BEIR_METRICS if fmt == "beir" else LAREQA_METRICS
+    metrics, counts = summarize(retrieval.blocks, cands.langs, names, cfg.eval.top_k)
+    folder = Path(cfg.eval.output_dir).expanduser() / task.name
+    timing = {"encode_s": encode_s, "search_s": search_s, "total_s": time.perf_counter() - start}
+    summary = _write_outputs(task, retrieval, metrics, counts, folder, model_path or cfg.model.name,
+                             timing)
+    metrics.update({f"time/{k}": v for k, v in timing.items()})
+    return metrics, summary, folder
+
+
+def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, float],
+                   counts: dict, folder: Path, model: str, timing: dict[str, float]) -> dict:
+    from rayhybrid.evaluation.outputs import (plot_heatmap, plot_per_language, write_summary,
+                                              write_trec)
+
+    files: dict[str, str] = {}
+    tag = f"rayhybrid_{Path(model).name}"
+    for setting, blocks in retrieval.blocks.items():
+        run_path, qrels_path = write_trec(blocks, setting, retrieval.query_ids,
+                                          retrieval.candidates.ids, folder, tag)
+        files[f"{setting}_run"], files[f"{setting}_qrels"] = str(run_path), str(qrels_path)
+    langs = task.languages
+    title = f"{task.name}: {Path(model).name}"
+    for key, path in (("heatmap", plot_heatmap(metrics, langs, folder / "cross_heatmap.png", title)),
+                      ("per_language", plot_per_language(metrics, langs, folder / "per_language.png",
+                                                         title))):
+        if path is not None:
+            files[key] = str(path)
+    summary = {
+        "task": task.name, "model": model, "settings": list(retrieval.blocks),
+        "top_k": retrieval.top_k, "full_depth_runs": retrieval.full_depth,
+        "languages": langs,
+        "queries": {lang: sum(q.lang == lang for q in task.queries) for lang in langs},
+        "candidates": {lang: sum(c.lang == lang for c in task.candidates) for lang in langs},
+        "metrics": metrics, "cells": counts, "timing_s": timing, "files": files,
+        "load_report": task.report.summary(),
+    }
+    write_summary(summary, folder / "summary.json")
+    return summary
+
+
+def evaluate(cfg: "Config", model_path: str | None = None, tasks: Sequence[EvalTask] | None = None,
+             run_id: str | None = None) -> dict[str, float]:
+    """Evaluate a model on every configured task; log to MLflow.
+
+    Args:
+        cfg: the config (``eval``, ``model``, ``data`` max lengths, ``tracking``).
+        model_path: model folder or name (default ``cfg.model.name``).
+        tasks: already loaded tasks (default: load ``cfg.eval.tasks``).
+        run_id: log into this existing MLflow run (e.g. the training run) instead of a new one.
+
+    Returns:
+        Flat metrics ``<task>/<setting>/<cell>/<metric>``, ``<task>/<setting>/<metric>``
+        (macro-averages), ``<task>/bias/...``, counts and timings.
+
+    Raises:
+        EvaluationError, DataError, ModelError: bad input (the MLflow run is marked FAILED).
+    """
+    from rayhybrid.corpus import load_eval_task
+
+    check_settings(cfg.eval.settings)
+    model = model_path or cfg.model.name
+    tracker = _Tracker(cfg, run_id, model)
+    out: dict[str, float] = {}
+    try:
+        _ensure_ray()
+        pending = list(tasks) if tasks is not None else [load_eval_task(t, cfg.data)
+                                                         for t in cfg.eval.tasks]
+        for task in pending:
+            print(f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
+                  f"{len(task.candidates)} candidates, languages {task.languages}", flush=True)
+            metrics, _, folder = evaluate_task(cfg, task, model_path, _task_format(cfg, task.name))
+            flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
+            tracker.log(flat, folder, f"eval/{task.name}")
+            out.update(flat)
+            print(_headline(task.name, metrics, folder), flush=True)
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
+    tracker.finish()
+    return out
+
+
+def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
+    lines = [f"[rayhybrid eval] {name}: outputs in {folder}"]
+    for setting in ("mono", "cross", "multi"):
+        if f"{setting}/map" in metrics:
+            lines.append(f"  {setting:5s} mAP {metrics[f'{setting}/map']:.4f}  mAP@20 "
+                         f"{metrics[f'{setting}/map@20']:.4f}  R@1 {metrics[f'{setting}/r@1']:.4f}  "
+                         f"R@10 {metrics[f'{setting}/r@10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}")
+    if "bias/rank_distance" in metrics:
+        lines.append(f"  rank distance {metrics['bias/rank_distance']:.1f}")
+    return "\n".join(lines)
+
+
+def _cli_tasks(cfg: "Config", task: str | None, data: str | None) -> tuple["TaskConfig", ...]:
+    from rayhybrid.config import ConfigError, TaskConfig
+
+    if task is None and data is None:
+        return cfg.eval.tasks
+    if task is None or data is None:
+        raise ConfigError("--task and --data go together (or configure eval.tasks instead)")
+    if task not in ("lareqa", "beir"):
+        raise ConfigError(f"--task: expected lareqa or beir, got {task!r}")
+    base = cfg.eval.tasks[0] if cfg.eval.tasks else TaskConfig()
+    name = Path(data.rstrip("/")).name.lower().replace("-", "_") or "task"
+    if task == "beir" and not base.language:
+        raise ConfigError("--task beir needs the folder's language: add eval.tasks=[{language: xx}] "
+                          "or configure eval.tasks")
+    # A folder named on the command line is evaluated whole (zero-shot); held-out parts of a
+    # training corpus are configured in eval.tasks (part: test / dev).
+    return (TaskConfig(name=name, format=task, path=data, languages=base.languages, part="all",
+                       language=base.language, qrels_split=base.qrels_split),)
+
+
+def evaluate_cli(cfg: "Config", model: str | None = None, task: str | None = None,
+                 data: str | None = None) -> int:
+    """``rayhybrid evaluate``: evaluate ``model`` (default model.name) on ``--task/--data``
+    (the whole folder) or on ``eval.tasks``. Returns the exit status.
+
+    Raises:
+        ConfigError: --task without --data, unknown task format.
+        EvaluationError, DataError, ModelError: bad input.
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval,
+                                                            tasks=_cli_tasks(cfg, task, data)))
+    metrics = evaluate(cfg, model)
+    return 0 if metrics else 1
