@@ -1,0 +1,109 @@
+"""Real background servers for tests (a `ray start` head node, `mlflow server`).
+
+Each server runs in its own process group (``start_new_session``) so that stopping it ends
+exactly the processes the test started, children included, and nothing else on the machine
+(never ``ray stop``, which would also kill the session's local Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+__all__ = ["Background", "free_ports", "http_ok"]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (sockets held until all are chosen)."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+def http_ok(url: str, timeout: float = 2.0, headers: Optional[Mapping[str, str]] = None) -> bool:
+    """True when ``url`` answers 200."""
+    try:
+        req = urllib.request.Request(url, headers=dict(headers or {}))
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class Background:
+    """A command running in its own session, its output in ``log``; ``stop()`` ends its group."""
+
+    def __init__(self, cmd: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[Path] = None):
+        self.cmd = list(cmd)
+        self.log = log
+        self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env=dict(env) if env is not None else None, cwd=cwd,
+                                     start_new_session=True)
+        self.pgid = self.proc.pid  # a new session's leader: its pid is the group id
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_http(self, url: str, timeout: float, what: str,
+                  headers: Optional[Mapping[str, str]] = None) -> None:
+        """Wait until ``url`` answers 200.
+
+        Raises:
+            RuntimeError: the process exited first or ``timeout`` passed; with its output.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.proc.returncode} before {url} "
+                                   f"answered:\n{self.output()[-4000:]}")
+            if http_ok(url, headers=headers):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{what}: {url} did not answer in {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the process (it shuts its children down), then SIGKILL what is left of its group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+        self._log_file.close()
+
+    def alive_in_group(self) -> list[int]:
+        """Pids still in this process group (for a test that checks clean shutdown)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) == self.pgid:
+                    stat = (entry / "stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                        out.append(int(entry.name))
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                continue
+        return out

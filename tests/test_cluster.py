@@ -1,0 +1,237 @@
+"""A real Ray cluster on loopback: jobs go through `ray job submit` / the Jobs SDK and report back.
+
+The head node is a separate `ray start --head --block` process (own temp dir, free ports,
+own process group), so this module never calls ``ray.init`` and leaves the session's
+``ray_local`` alone; the cluster is stopped even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.procs import Background, free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Head:
+    address: str  # dashboard URL: what `ray job submit --address` and the SDK take
+    env: dict  # environment of the head and of `ray job submit` (holds the auth token)
+    headers: dict  # Authorization header for the Jobs SDK
+    workdir: Path  # where the jobs write (storage, outputs, MLflow store)
+
+
+def _import_common():
+    sys.path.insert(0, str(JOBS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(JOBS))
+    return _common
+
+
+# --------------------------------------------------------------------------- no cluster needed
+
+
+def test_bad_config_exits_2_with_the_key_before_touching_ray(capsys):
+    common = _import_common()
+    calls = []
+    status = common.run_job(lambda cfg, args: calls.append(cfg), "doc",
+                            argv=["--config", str(REPO / "configs" / "quickstart.yaml"), "train.nope=1"])
+    err = capsys.readouterr().err
+    assert status == 2 and not calls
+    assert "config error" in err and "unknown key train.nope" in err, err
+
+
+def test_library_error_exits_1_with_the_message(capsys, monkeypatch):
+    common = _import_common()
+    monkeypatch.setattr(common, "connect", lambda: None)
+
+    def boom(cfg, args):
+        raise FileNotFoundError("no such folder: /nowhere/xquad-r")
+
+    status = common.run_job(boom, "doc", argv=["--config", str(REPO / "configs" / "quickstart.yaml")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "error: FileNotFoundError: no such folder: /nowhere/xquad-r" in err
+    assert "Traceback" in err
+
+
+def test_dashboard_url_in_ray_address_is_explained(monkeypatch):
+    common = _import_common()
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised in this process: connect() would return early")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(common.JobError, match="dashboard .*ray job submit"):
+        common.connect()
+
+
+def test_relative_outputs_in_a_submitted_job_are_warned_about(monkeypatch):
+    common = _import_common()
+    from rayhybrid.config import load_config
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert common.path_warnings(cfg) == []  # a direct run: relative paths are the user's choice
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = "\n".join(common.path_warnings(cfg))
+    assert "train.storage_path=./runs is relative" in text
+    assert "no MLflow tracking URI" in text
+    cfg = load_config(REPO / "configs" / "quickstart.yaml",
+                      ["train.storage_path=/mnt/shared/runs", "eval.output_dir=/mnt/shared/out",
+                       "tracking.tracking_uri=http://mlflow:5000"])
+    assert common.path_warnings(cfg) == []
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, xquad_dir) -> Head:
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        pytest.skip(f"the Jobs API needs the Ray dashboard (pip install 'ray[default]'): {missing}")
+    work = tmp_path_factory.mktemp("cluster")
+    # Ray puts unix sockets under its temp dir; pytest's tmp paths can exceed their length limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
+    gcs, dash, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr = free_ports(8)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # The job's `python` must be this venv's (on a cluster: the image's, first on PATH).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Token auth as on a real cluster (Ray >= 2.5x default), with a token of this test only:
+    # the head, `ray job submit` and the jobs read RAY_AUTH_TOKEN; ~/.ray is left alone.
+    token = secrets.token_hex(32)
+    headers = {"Authorization": f"Bearer {token}"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    cmd = [RAY_BIN, "start", "--head", "--block", f"--temp-dir={temp_dir}",
+           "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--dashboard-agent-listen-port={agent_http}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={rt_agent}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", "--num-cpus=2", "--num-gpus=0",
+           "--disable-usage-stats"]
+    head = Background(cmd, log=work / "ray_start.log", env=env)
+    try:
+        head.wait_http(f"http://127.0.0.1:{dash}/api/version", 180, "ray start --head",
+                       headers=headers)
+        yield Head(address=f"http://127.0.0.1:{dash}", env=env, headers=headers, workdir=work)
+    finally:
+        head.stop()
+        time.sleep(1)  # SIGKILL is delivered asynchronously
+        left = head.alive_in_group()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test cluster still alive after stop: {left}"
+
+
+def _client(head: Head):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.address, headers=head.headers)
+
+
+def _wait(head: Head, job_id: str, timeout: float = 420) -> str:
+    client = _client(head)
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    pytest.fail(f"job {job_id} still {status} after {timeout}s; logs:\n"
+                f"{client.get_job_logs(job_id)[-6000:]}")
+
+
+def _runtime_env_file(head: Head, **env_vars: str) -> Path:
+    """jobs/runtime_env.yaml (the documented one) plus this cluster's env vars."""
+    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    env["env_vars"] = {**env.get("env_vars", {}), **env_vars}
+    path = head.workdir / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return path
+
+
+def test_jobs_submitted_to_a_real_cluster(ray_head, xquad_dir):
+    """One train-and-evaluate job SUCCEEDS and leaves an MLflow run; two bad ones end FAILED."""
+    work = ray_head.workdir
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    runtime_env = _runtime_env_file(ray_head, RAYHYBRID_DATA=str(xquad_dir.parent),
+                                    MLFLOW_TRACKING_URI=store)
+    tiny = ["model.name=tiny", "data.languages=[en,de,es]", "train.max_steps=4",
+            "batch.batch_size=8", "train.log_every=1", "train.run_name=cluster-job",
+            f"train.storage_path={work / 'runs'}", f"eval.output_dir={work / 'outputs'}",
+            "eval.tasks=[{name: xquad_r, languages: [en, de, es], part: test}]",
+            "tracking.experiment=cluster"]
+    # The documented command line, verbatim apart from the address and the overrides.
+    submit = subprocess.run(
+        [RAY_BIN, "job", "submit", "--address", ray_head.address, "--working-dir", ".",
+         "--runtime-env", str(runtime_env), "--submission-id", "rh-good", "--no-wait", "--",
+         "python", "jobs/quickstart.py", "--config", "configs/quickstart.yaml", *tiny],
+        cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+
+    client = _client(ray_head)
+    bad_config = client.submit_job(
+        submission_id="rh-bad-config",
+        entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml train.nope=1",
+        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())})
+    bad_data = client.submit_job(
+        submission_id="rh-bad-data",
+        entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml "
+                   f"data.path={work / 'no-such-data'} train.storage_path={work / 'runs-bad'} "
+                   f"eval.output_dir={work / 'out-bad'}",
+        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())})
+
+    assert _wait(ray_head, bad_config) == "FAILED"
+    logs = client.get_job_logs(bad_config)
+    assert "config error" in logs and "unknown key train.nope" in logs, logs[-3000:]
+    assert "FAILED" in str(client.get_job_info(bad_config).status)
+
+    assert _wait(ray_head, bad_data) == "FAILED"
+    logs = client.get_job_logs(bad_data)
+    assert "no-such-data" in logs and "error" in logs, logs[-3000:]
+
+    status = _wait(ray_head, "rh-good")
+    logs = client.get_job_logs("rh-good")
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "[rayhybrid job] Ray" in logs  # connected to the cluster, not a private local Ray
+    assert "map@20" in logs and "mlflow ui" in logs  # the summary table and the UI command
+
+    from mlflow.tracking import MlflowClient
+
+    mc = MlflowClient(tracking_uri=store)
+    exp = mc.get_experiment_by_name("cluster")
+    assert exp is not None, "the job logged no MLflow experiment"
+    runs = mc.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params.get("model.name") == "tiny"
+    assert 0.0 <= run.data.metrics["xquad_r/multi/map@20"] <= 1.0
+    assert any(k.startswith("train/loss") or k == "loss" for k in run.data.metrics), run.data.metrics
+    assert mc.list_artifacts(run.info.run_id), "no artifacts logged"
+    assert (work / "runs" / "cluster-job").is_dir()
