@@ -138,9 +138,7 @@ def topk_shares(top_langs: np.ndarray, languages: Sequence[str]) -> dict[str, np
         top_langs: ``[n, k]`` language of each top-k entry (None where the list is short).
         languages: candidate languages to report.
     """
-    filled = np.array([[x is not None for x in row] for row in top_langs], dtype=bool).reshape(
-        len(top_langs), -1)
-    denom = np.maximum(filled.sum(1), 1)
+    denom = np.maximum(np.not_equal(top_langs, None).sum(1), 1)
     return {lang: (top_langs == lang).sum(1) / denom for lang in languages}
 
 

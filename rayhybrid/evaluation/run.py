@@ -143,6 +143,12 @@ def evaluate_task(cfg: "Config", task: EvalTask, model_path: str | None = None,
     settings = check_settings(cfg.eval.settings)
     if not task.queries or not task.candidates:
         raise EvaluationError(f"task {task.name}: no queries or no candidates to evaluate")
+    sizes = {lang: sum(c.lang == lang for c in task.candidates) for lang in task.languages}
+    smallest = min((n, lang) for lang, n in sizes.items() if n)
+    if not cfg.eval.full_depth_runs and cfg.eval.top_k > smallest[0]:  # fail before encoding
+        raise EvaluationError(
+            f"eval.top_k={cfg.eval.top_k} is larger than shard {smallest[1]!r} of task {task.name} "
+            f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}")
     start = time.perf_counter()
     (q_emb, c_emb), encode_s = encode_with_ray(
         [([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),

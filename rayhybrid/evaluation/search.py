@@ -131,7 +131,7 @@ def build_faiss_index(emb: np.ndarray, kind: str, *, nlist: int | None = None,
                       use_gpu: bool = False):
     """A FAISS inner-product index over ``emb`` (``flat``, ``ivf`` or ``hnsw``).
 
-    IVF: ``nlist`` defaults to ~4 sqrt(n) lists, ``nprobe`` to a quarter of them (favouring
+    IVF: ``nlist`` defaults to ~4 sqrt(n) lists (at most n / 39), ``nprobe`` to a quarter of them (favouring
     recall; the top-k is re-scored exactly anyway). HNSW: ``M = hnsw_m``, ``efSearch``.
 
     Raises:
@@ -143,7 +143,8 @@ def build_faiss_index(emb: np.ndarray, kind: str, *, nlist: int | None = None,
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
-        nlist = max(1, min(n, nlist or int(4 * math.sqrt(n))))
+        # FAISS wants >= 39 training points per list; 4 sqrt(n) lists otherwise.
+        nlist = max(1, min(n // 39, nlist or int(4 * math.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(emb)
         index.nprobe = max(1, min(nlist, nprobe or nlist // 4))

@@ -1,0 +1,86 @@
+"""Metric definitions: hand-computed cases and pytrec_eval (trec_eval) on synthetic rankings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rayhybrid.evaluation.metrics import (BEIR_METRICS, bias_metrics, per_query, rank_distances,
+                                          topk_shares)
+
+
+def test_hand_computed_values():
+    ranks = np.array([[1, 3, 0], [2, 0, 0], [5, 25, 30]])
+    gains = np.array([[1, 1, 0], [2, 0, 0], [1, 1, 1]], float)
+    m = per_query(ranks, gains, ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10"))
+    assert m["map"] == pytest.approx([(1 + 2 / 3) / 2, 1 / 2, (1 / 5 + 2 / 25 + 3 / 30) / 3])
+    # LAReQA AP@20: only hits within 20, divided by min(R, 20)
+    assert m["map@20"] == pytest.approx([(1 + 2 / 3) / 2, 1 / 2, (1 / 5) / 3])
+    assert m["r@1"] == pytest.approx([0.5, 0, 0])
+    assert m["r@10"] == pytest.approx([1, 1, 1 / 3])
+    assert m["mrr"] == pytest.approx([1, 1 / 2, 1 / 5])
+    idcg0 = 1 + 1 / np.log2(3)
+    assert m["ndcg@10"][0] == pytest.approx((1 + 1 / np.log2(4)) / idcg0)
+    assert m["ndcg@10"][1] == pytest.approx((2 / np.log2(3)) / 2)
+
+
+def test_map_at_20_divides_by_min_of_relevant_and_20():
+    ranks = np.arange(1, 31)[None, :]  # 30 relevant candidates at ranks 1..30
+    m = per_query(ranks, np.ones_like(ranks, dtype=float), ("map@20", "map"))
+    assert m["map@20"][0] == pytest.approx(1.0)  # 20 hits / min(30, 20)
+    assert m["map"][0] == pytest.approx(1.0)
+
+
+def test_unknown_metric_and_empty_rows_raise():
+    with pytest.raises(ValueError, match="unknown metric 'p@5'"):
+        per_query(np.array([[1]]), np.array([[1.0]]), ("p@5",))
+    with pytest.raises(ValueError, match="at least one relevant"):
+        per_query(np.array([[0, 0]]), np.zeros((1, 2)), ("map",))
+
+
+def test_agrees_with_pytrec_eval_on_random_graded_rankings():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(0)
+    n_docs, runs, qrels, ranks, gains = 300, {}, {}, [], []
+    for q in range(40):
+        scores = rng.permutation(n_docs).astype(float)  # distinct scores: no tie questions
+        n_rel = int(rng.integers(1, 15))
+        rel = rng.choice(n_docs, n_rel, replace=False)
+        grade = rng.integers(1, 4, n_rel)
+        runs[f"q{q}"] = {f"d{d}": float(scores[d]) for d in range(n_docs)}
+        qrels[f"q{q}"] = {f"d{d}": int(g) for d, g in zip(rel, grade)}
+        rank_of = {d: r + 1 for r, d in enumerate(np.argsort(-scores))}
+        order = sorted(zip((rank_of[d] for d in rel), grade))
+        ranks.append([r for r, _ in order])
+        gains.append([g for _, g in order])
+    width = max(map(len, ranks))
+    r = np.array([x + [0] * (width - len(x)) for x in ranks])
+    g = np.array([x + [0] * (width - len(x)) for x in gains], float)
+    mine = per_query(r, g, BEIR_METRICS)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"map", "recip_rank", "recall.1,10,100",
+                                                "ndcg_cut.10", "map_cut.20"})
+    ref = ev.evaluate(runs)
+    for name, key in (("map", "map"), ("mrr", "recip_rank"), ("r@1", "recall_1"),
+                      ("r@10", "recall_10"), ("r@100", "recall_100"), ("ndcg@10", "ndcg_cut_10"),
+                      ("map@20", "map_cut_20")):  # R <= 14 < 20: LAReQA and trec_eval agree
+        expect = [ref[f"q{q}"][key] for q in range(40)]
+        assert mine[name] == pytest.approx(expect, abs=1e-9), name
+
+
+def test_rank_distance_uses_best_rank_per_language():
+    ranks = np.array([[3, 10, 40, 0], [7, 9, 0, 0], [5, 0, 0, 0]])
+    langs = np.array([["en", "de", "en", None], ["de", "de", None, None], ["en", None, None, None]],
+                     dtype=object)
+    d = rank_distances(ranks, langs)
+    assert d[0] == 7  # en best 3, de best 10
+    assert np.isnan(d[1]) and np.isnan(d[2])  # one language only: no distance
+    out = bias_metrics({"en": d, "de": np.array([2.0, 4.0])}, {}, 10)
+    assert out["bias/rank_distance/en"] == 7 and out["bias/rank_distance/de"] == 3
+    assert out["bias/rank_distance"] == 5  # macro over query languages
+    assert out["bias/excluded"] == 2
+
+
+def test_topk_shares_ignore_short_lists():
+    top = np.array([["en", "en", "de", "fr"], ["de", None, None, None]], dtype=object)
+    s = topk_shares(top, ["de", "en", "fr"])
+    assert s["en"].tolist() == [0.5, 0.0] and s["de"].tolist() == [0.25, 1.0]

@@ -1,0 +1,148 @@
+"""The shard searcher, top-k merge and rank counts, checked against brute force (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rayhybrid.datamodel import Candidate, EvalTask, Query
+from rayhybrid.evaluation import EvaluationError
+from rayhybrid.evaluation.retrieval import CandidateIndex, LocalShards, run_settings
+from rayhybrid.evaluation.search import ShardSearcher, merge_topk, topk_with_ties
+
+
+def brute_order(q: np.ndarray, c: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ranking: float64 scores rounded to float32, ties by key (independent code)."""
+    s = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
+    order = np.stack([np.lexsort((keys, -row)) for row in s])
+    return np.take_along_axis(s, order, 1), keys[order]
+
+
+def tied_data(seed: int = 0, n: int = 60, d: int = 8, nq: int = 12):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((n, d)).astype(np.float32)
+    c[10] = c[3]  # exact duplicates: equal scores for every query
+    c[40] = c[3]
+    c[25] = c[7]
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    q[0] = c[3]  # this query's best candidates are the three tied copies
+    keys = rng.permutation(1000)[:n].astype(np.int64)
+    return q, c, keys
+
+
+def test_topk_with_ties_takes_lowest_columns_among_equal_scores():
+    s = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9], [0.2, 0.2, 0.2, 0.2, 0.3]])
+    vals, cols = topk_with_ties(s, 2)
+    assert cols.tolist() == [[1, 2], [4, 0]]
+    assert np.allclose(vals, [[0.9, 0.9], [0.3, 0.2]])
+    vals, cols = topk_with_ties(s, 5)  # full depth: a stable sort
+    assert cols.tolist() == [[1, 2, 4, 0, 3], [4, 0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("k", [1, 5, 60])
+def test_search_equals_brute_force_with_ties(k):
+    q, c, keys = tied_data()
+    ref_s, ref_k = brute_order(q, c, keys)
+    res = ShardSearcher("x", c, keys).search(q, k)
+    assert np.array_equal(res.keys, ref_k[:, :k])
+    assert np.array_equal(res.scores, ref_s[:, :k])
+
+
+def test_relevant_ranks_and_counts_match_brute_force():
+    q, c, keys = tied_data()
+    ref_s, ref_k = brute_order(q, c, keys)
+    shard = ShardSearcher("x", c, keys)
+    rel = np.stack([keys[[3, 10, 25]], keys[[40, 7, 0]]] * 6)  # includes tied candidates
+    res = shard.search(q, 5, rel_keys=rel)
+    for i in range(len(q)):
+        for j, key in enumerate(rel[i]):
+            rank = int(np.flatnonzero(ref_k[i] == key)[0]) + 1
+            assert res.rel_ranks[i, j] == rank
+            assert res.rel_scores[i, j] == ref_s[i, rank - 1]
+    # counts against thresholds from "another shard": key 500 sits between shard keys
+    thr = np.full((len(q), 2), np.inf, np.float32)
+    thr[:, 0] = ref_s[:, 4]
+    tkeys = np.full((len(q), 2), -1, np.int64)
+    tkeys[:, 0] = 500
+    counts = shard.count_before(q, thr, tkeys)
+    for i in range(len(q)):
+        s = ref_s[i]
+        expect = int((s > thr[i, 0]).sum() + ((s == thr[i, 0]) & (ref_k[i] < 500)).sum())
+        assert counts[i, 0] == expect
+    assert (counts[:, 1] == 0).all()  # padding counts nothing
+
+
+def test_merged_shards_equal_one_global_search():
+    q, c, keys = tied_data(seed=1, n=90)
+    parts = np.array_split(np.arange(len(c)), 3)
+    shards = [ShardSearcher(f"s{i}", c[p], keys[p]) for i, p in enumerate(parts)]
+    for k in (1, 7, 30):
+        merged = merge_topk([(r.scores, r.keys) for r in (s.search(q, k) for s in shards)], k)
+        glob = ShardSearcher("all", c, keys).search(q, k)
+        assert np.array_equal(merged[1], glob.keys)
+        assert np.array_equal(merged[0], glob.scores)
+
+
+def test_scores_do_not_depend_on_shard_or_batch_shape():
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((500, 96)).astype(np.float32)
+    q = rng.standard_normal((300, 96)).astype(np.float32)
+    full = ShardSearcher("all", c).search(q, 500)
+    part = ShardSearcher("part", c[123:170], np.arange(123, 170)).search(q[7:9], 47)
+    lookup = {int(k): s for k, s in zip(full.keys[7], full.scores[7])}
+    assert all(lookup[int(k)] == s for k, s in zip(part.keys[0], part.scores[0]))
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indexes_rescore_exactly_and_keep_exact_ranks(index):
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((400, 16)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)  # cosine: a near-copy is the best match
+    q = c[:20] + 0.01 * rng.standard_normal((20, 16)).astype(np.float32)
+    flat = ShardSearcher("flat", c)
+    approx = ShardSearcher("approx", c, index=index)
+    rel = np.arange(20)[:, None]
+    a, f = approx.search(q, 10, rel), flat.search(q, 10, rel)
+    assert (a.keys[:, 0] == np.arange(20)).all()  # near-copies are found first
+    hit = a.keys >= 0
+    exact = {(i, int(k)): s for i in range(20) for k, s in zip(f.keys[i], f.scores[i])}
+    assert all(exact.get((i, int(a.keys[i, j])), a.scores[i, j]) == a.scores[i, j]
+               for i, j in zip(*np.nonzero(hit)))
+    assert np.array_equal(a.rel_ranks, f.rel_ranks)  # ranks never depend on the index
+
+
+def test_bad_shard_inputs_raise_clear_errors():
+    with pytest.raises(EvaluationError, match="shard 'de' is empty"):
+        ShardSearcher("de", np.zeros((0, 8), np.float32))
+    shard = ShardSearcher("de", np.eye(4, 8, dtype=np.float32))
+    with pytest.raises(EvaluationError, match="dimension 6 but the shard's index has dimension 8"):
+        shard.search(np.ones((2, 6), np.float32), 1)
+    with pytest.raises(EvaluationError, match="holds 4 candidates but top-k 5"):
+        shard.search(np.ones((2, 8), np.float32), 5)
+    with pytest.raises(EvaluationError, match="key 99 is not in this shard"):
+        shard.search(np.ones((1, 8), np.float32), 1, rel_keys=np.array([[99]]))
+    with pytest.raises(EvaluationError, match="NaN or inf"):
+        ShardSearcher("en", np.full((2, 3), np.nan, np.float32))
+    with pytest.raises(EvaluationError, match="distinct keys"):
+        ShardSearcher("en", np.ones((2, 3), np.float32), np.array([1, 1]))
+
+
+def small_task() -> EvalTask:
+    cands = [Candidate(f"c:{lang}:{j}", lang, "") for lang in ("de", "en") for j in range(5)]
+    queries = [Query("q:en:0", "en", ""), Query("q:de:0", "de", "")]
+    qrels = {"q:en:0": {"c:en:0": 1, "c:de:0": 1}, "q:de:0": {"c:de:1": 1}}
+    return EvalTask("t", queries, cands, qrels)
+
+
+def test_run_settings_rejects_top_k_above_smallest_shard_and_dim_mismatch():
+    task = small_task()
+    ci = CandidateIndex.from_task(task)
+    emb = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    pool = LocalShards({lang: ShardSearcher(lang, emb[k], k) for lang, k in ci.shard_keys().items()})
+    with pytest.raises(EvaluationError, match="eval.top_k=6 is larger than shard 'de' .5 candidates"):
+        run_settings(pool, task, emb[:2], top_k=6)
+    with pytest.raises(EvaluationError, match="dimension 3 but shard 'de' has dimension 4"):
+        run_settings(pool, task, emb[:2, :3], top_k=2)
+    with pytest.raises(EvaluationError, match="unknown setting 'multilingual'"):
+        run_settings(pool, task, emb[:2], settings=("multilingual",))
