@@ -166,6 +166,10 @@ class EvalConfig:
     full_depth_runs: bool = _f(False, "Write TREC runs over the whole pool (every candidate) so that "
                                "trec_eval / pytrec_eval recompute the full-depth metrics; "
                                "queries x pool lines, for small tasks only.")
+    openblas_coretype: str = _f(
+        "auto", "OPENBLAS_CORETYPE of the shard actors (their numpy / faiss BLAS kernels). auto: "
+        "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
+        "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.")
     at_end_of_training: bool = _f(True, "Evaluate the final model at the end of `train`.")
 
 

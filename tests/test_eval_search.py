@@ -31,8 +31,10 @@ def tied_data(seed: int = 0, n: int = 60, d: int = 8, nq: int = 12):
     return q, c, keys
 
 
-def test_topk_with_ties_takes_lowest_columns_among_equal_scores():
-    s = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9], [0.2, 0.2, 0.2, 0.2, 0.3]])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_topk_with_ties_takes_lowest_columns_among_equal_scores(kind):
+    s = np.array([[0.5, 0.9, 0.9, 0.1, 0.9], [0.2, 0.2, 0.2, 0.2, 0.3]], np.float32)
+    s = torch.from_numpy(s) if kind == "torch" else s  # torch: the GPU code path, run on CPU
     vals, cols = topk_with_ties(s, 2)
     assert cols.tolist() == [[1, 2], [4, 0]]
     assert np.allclose(vals, [[0.9, 0.9], [0.3, 0.2]])

@@ -159,7 +159,8 @@ def evaluate_task(cfg: "Config", task: EvalTask, model_path: str | None = None,
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
     shards = {lang: (c_emb[row_of_key[keys]], keys) for lang, keys in cands.shard_keys().items()}
     search_start = time.perf_counter()
-    with ActorShards(shards, index=cfg.eval.index, use_gpu=None) as pool:
+    with ActorShards(shards, index=cfg.eval.index, use_gpu=None,
+                     openblas_coretype=cfg.eval.openblas_coretype) as pool:
         retrieval = run_settings(pool, task, q_emb, settings, cfg.eval.top_k,
                                  full_depth=cfg.eval.full_depth_runs, progress=True)
     search_s = time.perf_counter() - search_start

@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
-import torch
 
 from rayhybrid.evaluation import EvaluationError
 
 __all__ = ["SearchResult", "ShardSearcher", "build_faiss_index", "check_shard", "exact_scores",
-           "merge_topk", "topk_with_ties"]
+           "merge_topk", "best_openblas_coretype", "openblas_env", "topk_with_ties"]
 
 # Elements of one score block (rows x shard size): bounds memory at ~128 MiB of float64.
 _BLOCK_ELEMENTS = 1 << 24
@@ -64,47 +65,107 @@ class SearchResult:
     rel_ranks: np.ndarray
 
 
-def exact_scores(queries: torch.Tensor, candidates64: torch.Tensor) -> torch.Tensor:
-    """Inner products accumulated in float64, rounded once to float32 (module docstring)."""
-    return (queries.to(candidates64.dtype) @ candidates64.T).float()
+def exact_scores(queries: np.ndarray, candidates64: Any) -> Any:
+    """Inner products accumulated in float64, rounded once to float32 (module docstring).
+
+    CPU: a numpy array (numpy's OpenBLAS runs AVX-512 kernels on this class of CPU where
+    torch's MKL takes a slower path on AMD, and the rest of the CPU path stays in numpy so
+    that two thread pools never spin against each other). GPU (``candidates64`` a CUDA
+    tensor): a torch tensor on that device.
+    """
+    if isinstance(candidates64, np.ndarray):
+        return (queries.astype(np.float64) @ candidates64.T).astype(np.float32)
+    import torch
+
+    q = torch.from_numpy(queries).to(candidates64.device, torch.float64)
+    return (q @ candidates64.T).float()
 
 
-def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _host(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+
+def _gather(scores: Any, cols: np.ndarray) -> np.ndarray:
+    """scores[row, cols[row, j]] for non-negative cols (others: anything)."""
+    safe = np.clip(cols, 0, None)
+    if isinstance(scores, np.ndarray):
+        return np.take_along_axis(scores, safe, 1)
+    import torch
+
+    return _host(scores.gather(1, torch.from_numpy(safe).to(scores.device)))
+
+
+def _stable_desc(row: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """First k of one row by (score descending, column ascending)."""
+    if isinstance(row, np.ndarray):
+        cols = np.argsort(-row, kind="stable")[:k]
+        return row[cols], cols
+    import torch
+
+    v, c = torch.sort(row, descending=True, stable=True)
+    return _host(v[:k]), _host(c[:k])
+
+
+def topk_with_ties(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k columns of each row by (score descending, column ascending).
 
-    ``torch.topk`` picks an arbitrary subset of candidates that tie with the k-th score; rows
-    where such a tie crosses the cut are redone with a stable full sort.
+    ``scores``: a numpy array (CPU) or torch tensor (GPU). Partial selection
+    (``argpartition`` / ``torch.topk``) picks an arbitrary subset of the candidates that tie
+    with the k-th score; rows where such a tie crosses the cut are redone with a stable sort.
 
     Returns:
         ``(values [n, k] float32, columns [n, k] int64)``, best first.
     """
     n_rows, n_cols = scores.shape
-    if k >= n_cols:
-        vals, cols = torch.sort(scores, dim=1, descending=True, stable=True)
-        return vals.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
-    vals, cols = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    kth = vals[:, -1:]
-    tied_past_cut = ((scores >= kth).sum(dim=1) > k).nonzero().flatten()
-    for row in tied_past_cut.tolist():
-        v, c = torch.sort(scores[row], descending=True, stable=True)
-        vals[row], cols[row] = v[:k], c[:k]
-    v, c = vals.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
-    order = np.lexsort((c, -v), axis=-1)  # ties inside the top-k: lower column first
-    return np.take_along_axis(v, order, 1), np.take_along_axis(c, order, 1)
+    if k >= n_cols:  # the whole ranking: one stable sort
+        if isinstance(scores, np.ndarray):
+            cols = np.argsort(-scores, axis=1, kind="stable")
+        else:
+            import torch
+
+            cols = _host(torch.sort(scores, dim=1, descending=True, stable=True)[1])
+        cols = cols.astype(np.int64)
+        return np.take_along_axis(_host(scores), cols, 1), cols
+    if isinstance(scores, np.ndarray):
+        cols = np.argpartition(scores, n_cols - k, axis=1)[:, n_cols - k:]
+        vals = np.take_along_axis(scores, cols, 1)
+        kth = vals.min(axis=1, keepdims=True)
+        n_ge = (scores >= kth).sum(1)
+    else:
+        import torch
+
+        v, c = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+        n_ge = _host((scores >= v[:, -1:]).sum(dim=1))
+        vals, cols = _host(v), _host(c)
+    cols = cols.astype(np.int64)
+    for row in np.flatnonzero(n_ge > k).tolist():
+        vals[row], cols[row] = _stable_desc(scores[row], k)
+    order = np.lexsort((cols, -vals), axis=-1)  # best first; equal scores: lower column first
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
 
 
-def _count_before(scores: torch.Tensor, thr: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
-    """Per (row, j): #columns with score > thr[row, j], plus ties at columns < boundary[row, j]."""
-    n_cols = scores.shape[1]
-    col = torch.arange(n_cols, device=scores.device)
-    out = torch.zeros(thr.shape, dtype=torch.int64, device=scores.device)
+def _count_before(scores: Any, thr: np.ndarray, boundary: np.ndarray) -> np.ndarray:
+    """Per (row, j): #columns with score > thr[row, j], plus ties at columns < boundary[row, j].
+
+    numpy on CPU, torch on GPU (same operators on both).
+    """
+    if isinstance(scores, np.ndarray):
+        s, t, b = scores, thr, boundary
+        col, out = np.arange(s.shape[1]), np.zeros(thr.shape, np.int64)
+    else:
+        import torch
+
+        s = scores
+        t, b = (torch.from_numpy(np.ascontiguousarray(x)).to(s.device) for x in (thr, boundary))
+        col = torch.arange(s.shape[1], device=s.device)
+        out = torch.zeros(thr.shape, dtype=torch.int64, device=s.device)
     for j in range(thr.shape[1]):  # one pass per threshold column keeps memory at [rows, n]
-        t = thr[:, j:j + 1]
-        out[:, j] = (scores > t).sum(dim=1)
-        eq = scores == t
+        tj = t[:, j:j + 1]
+        out[:, j] = (s > tj).sum(1)
+        eq = s == tj
         if bool(eq.any()):
-            out[:, j] += (eq & (col[None, :] < boundary[:, j:j + 1])).sum(dim=1)
-    return out
+            out[:, j] += (eq & (col[None, :] < b[:, j:j + 1])).sum(1)
+    return _host(out)
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +185,40 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     keys = np.concatenate([p[1] for p in parts], axis=1)
     order = np.lexsort((keys, -scores), axis=-1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
+
+
+def best_openblas_coretype() -> str | None:
+    """The fastest OpenBLAS kernels this CPU runs, from its flags (None if unknown).
+
+    SkylakeX kernels need AVX-512 F/BW/DQ/VL, Haswell kernels AVX2 + FMA.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f
+                              if line.startswith("flags")), []))
+    except OSError:
+        return None
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
+def openblas_env(setting: str) -> dict[str, str]:
+    """Environment for a process that should use the given OpenBLAS core type.
+
+    OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when it loads (numpy's at process start), so
+    this goes into the environment of *new* processes (Ray actors' ``runtime_env``).
+    The OpenBLAS 0.3.15 in the faiss-cpu wheel does not know AMD Zen 4/5 and falls back to
+    "Barcelona" (SSE-era) kernels; forcing Haswell is the usual workaround, but on an
+    AVX-512 CPU the SkylakeX kernels are faster still (benchmarks/bench_search.py).
+
+    Args:
+        setting: ``auto`` (:func:`best_openblas_coretype`), empty (inherit), or a core type.
+    """
+    core = best_openblas_coretype() if setting == "auto" else setting
+    return {"OPENBLAS_CORETYPE": core} if core else {}
 
 
 def build_faiss_index(emb: np.ndarray, kind: str, *, nlist: int | None = None,
@@ -205,7 +300,12 @@ class ShardSearcher:
         order = np.argsort(keys, kind="stable")
         self.name, self.keys, self.kind, self.device = name, keys[order], index, device
         emb = emb[order]
-        self._cand64 = torch.from_numpy(emb).to(device=device, dtype=torch.float64)
+        if device == "cpu":
+            self._cand64: Any = emb.astype(np.float64)
+        else:
+            import torch
+
+            self._cand64 = torch.from_numpy(emb).to(device=device, dtype=torch.float64)
         self._faiss = None
         if index != "flat":
             self._faiss = build_faiss_index(emb, index, use_gpu=device != "cpu", **index_options)
@@ -233,8 +333,8 @@ class ShardSearcher:
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
 
-    def _scores(self, q: np.ndarray) -> torch.Tensor:
-        return exact_scores(torch.from_numpy(q).to(self.device), self._cand64)
+    def _scores(self, q: np.ndarray) -> Any:
+        return exact_scores(q, self._cand64)
 
     def _boundary(self, keys: np.ndarray) -> np.ndarray:
         """Per key: how many shard candidates have a smaller key (they win a tie against it)."""
@@ -282,18 +382,17 @@ class ShardSearcher:
                 out.scores[sl], cols = self._approx_topk(q[sl], s, k)
             out.keys[sl] = np.where(cols >= 0, self.keys[cols.clip(0)], -1)
             if rel_pos.shape[1]:
-                pos = torch.from_numpy(rel_pos[sl]).to(s.device)
-                thr = torch.where(pos >= 0, s.gather(1, pos.clamp(min=0)), torch.inf)
+                pos = rel_pos[sl]
+                thr = np.where(pos >= 0, _gather(s, pos), np.inf).astype(np.float32)
                 ranks = 1 + _count_before(s, thr, pos)
-                out.rel_scores[sl] = torch.where(pos >= 0, thr, torch.nan).cpu().numpy()
-                out.rel_ranks[sl] = torch.where(pos >= 0, ranks, 0).cpu().numpy()
+                out.rel_scores[sl] = np.where(pos >= 0, thr, np.nan)
+                out.rel_ranks[sl] = np.where(pos >= 0, ranks, 0)
         return out
 
-    def _approx_topk(self, q: np.ndarray, s: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        _, cols = self._faiss.search(q, k)
-        cols = torch.from_numpy(cols.astype(np.int64)).to(s.device)
-        vals = torch.where(cols >= 0, s.gather(1, cols.clamp(min=0)), -torch.inf)
-        v, c = vals.cpu().numpy(), cols.cpu().numpy()
+    def _approx_topk(self, q: np.ndarray, s: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, c = self._faiss.search(q, k)
+        c = c.astype(np.int64)
+        v = np.where(c >= 0, _gather(s, c), -np.inf).astype(np.float32)
         order = np.lexsort((np.where(c >= 0, c, np.iinfo(np.int64).max), -v), axis=-1)
         return np.take_along_axis(v, order, 1), np.take_along_axis(c, order, 1)
 
@@ -316,9 +415,8 @@ class ShardSearcher:
             EvaluationError: wrong query dimension or threshold shapes.
         """
         q = self._queries(queries)
-        # Copies: arrays from Ray's object store are read-only, torch wants writable memory.
-        thr = np.array(thresholds, np.float32)
-        tkeys = np.array(threshold_keys, np.int64)
+        thr = np.asarray(thresholds, np.float32)
+        tkeys = np.asarray(threshold_keys, np.int64)
         if thr.shape != tkeys.shape or thr.ndim != 2 or thr.shape[0] != len(q):
             raise EvaluationError(f"shard {self.name!r}: thresholds {thr.shape} and keys "
                                   f"{tkeys.shape} must both be [{len(q)}, m]")
@@ -327,8 +425,5 @@ class ShardSearcher:
             return out
         bound = self._boundary(tkeys)
         for sl in self._blocks(len(q)):
-            s = self._scores(q[sl])
-            t = torch.from_numpy(thr[sl]).to(s.device)
-            b = torch.from_numpy(bound[sl]).to(s.device)
-            out[sl] = _count_before(s, t, b).cpu().numpy()
+            out[sl] = _count_before(self._scores(q[sl]), thr[sl], bound[sl])
         return out

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
-from rayhybrid.evaluation.search import check_shard
+from rayhybrid.evaluation.search import check_shard, openblas_env
 
 __all__ = ["ActorShards", "shard_resources"]
 
@@ -39,6 +39,12 @@ class _ShardActor:
 
     def info(self) -> tuple[int, int]:
         return self.searcher.size, self.searcher.dim
+
+    def blas(self) -> str:
+        """The OPENBLAS_CORETYPE this actor process started with ('' if inherited unset)."""
+        import os
+
+        return os.environ.get("OPENBLAS_CORETYPE", "")
 
     def call(self, method: str, queries: np.ndarray, rows: np.ndarray, **kwargs: Any) -> Any:
         from rayhybrid.evaluation.retrieval import call_shard
@@ -66,7 +72,10 @@ class ActorShards:
     Args:
         shards: language -> (embeddings [n, d], keys [n]).
         index: ``flat`` / ``ivf`` / ``hnsw``.
-        use_gpu: place shards on GPUs (fractions of one when there are more shards than GPUs).
+        use_gpu: place shards on GPUs (fractions of one when there are more shards than GPUs);
+            None: when the cluster has GPUs.
+        openblas_coretype: ``OPENBLAS_CORETYPE`` of the actor processes (``auto``: the best
+            kernels for this CPU; empty: inherit), see :func:`~rayhybrid.evaluation.search.openblas_env`.
 
     Raises:
         EvaluationError: a shard fails to build (empty, non-finite, ...); the actors already
@@ -74,7 +83,7 @@ class ActorShards:
     """
 
     def __init__(self, shards: dict[str, tuple[np.ndarray, np.ndarray]], index: str = "flat",
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool | None = None, openblas_coretype: str = "auto") -> None:
         import ray
 
         if not shards:
@@ -82,14 +91,16 @@ class ActorShards:
         for lang, (emb, keys) in shards.items():  # fail before any actor starts
             check_shard(lang, emb, keys)
         res = ray.cluster_resources()
-        num_cpus, num_gpus, threads = shard_resources(
-            len(shards), float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0)) if use_gpu else 0.0)
+        gpus = float(res.get("GPU", 0.0)) if use_gpu or use_gpu is None else 0.0
+        num_cpus, num_gpus, threads = shard_resources(len(shards), float(res.get("CPU", 1.0)), gpus)
+        env = openblas_env(openblas_coretype)
         remote = ray.remote(_ShardActor)
         self._ray = ray
         self.actors: dict[str, Any] = {}
         for lang, (emb, keys) in shards.items():
-            self.actors[lang] = remote.options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                               max_restarts=0).remote(
+            self.actors[lang] = remote.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                                               runtime_env={"env_vars": env} if env else None
+                                               ).remote(
                 lang, ray.put(np.asarray(emb, np.float32)), np.asarray(keys, np.int64), index,
                 "cuda" if num_gpus > 0 else "cpu", threads)
         self._info = self._gather({lang: a.info.remote() for lang, a in self.actors.items()},
