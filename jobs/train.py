@@ -1,14 +1,29 @@
-"""`ray job submit -- python jobs/train.py --config C [key=value ...]`: fine-tune with Ray Train.
+"""Training job: fine-tune a bi-encoder with Ray Train on the hybrid batch stream.
 
-Thin entry point: load the config, call :func:`rayhybrid.training.train`, print the
-summary; exit 0 on success, 2 on a config error, 1 on any other failure.
+    python jobs/train.py --config configs/small.yaml train.max_steps=50
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
+        -- python jobs/train.py --config configs/paper_xlmr.yaml train.storage_path=/mnt/shared/runs
+
+Same as ``rayhybrid train``; prints the run summary; exits non-zero on failure
+(2: config error, 1: anything else).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from rayhybrid.cli import main
+from _common import run_job
+
+from rayhybrid.config import Config
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.training import train
+
+    print(train(cfg).summary(), flush=True)
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_job(run, __doc__))

@@ -150,11 +150,13 @@ def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Pa
     A WordPiece tokenizer (lower-cased, accents kept so that Hindi / Arabic marks survive,
     CJK characters split) is trained on ``texts`` with ``cfg.tiny_vocab_size`` entries; the
     encoder is a randomly initialised ``BertModel`` with ``cfg.tiny_layers`` layers of width
-    ``cfg.tiny_hidden_size`` (seeded, so the same texts and seed give the same weights).
+    ``cfg.tiny_hidden_size``, initialised from ``seed``. The tokenizer trainer breaks ties
+    between equally frequent pieces arbitrarily, so two builds can differ in a few rare
+    pieces: keep the built folder (training does, under the run folder) to reproduce a run.
     ``load_biencoder(cfg, path=out_dir)`` loads the result.
 
     Raises:
-        ModelError: no texts, or a hidden size that the attention heads do not divide.
+        ModelError: no texts, or sizes too small to build a model.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -164,9 +166,10 @@ def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Pa
         raise ModelError("tiny model: no training texts to build the tokenizer from")
     hidden = cfg.tiny_hidden_size
     heads = max(1, hidden // 32)  # 32-dim heads, as in BERT-mini/small
-    if hidden % heads or cfg.tiny_layers < 1:
-        raise ModelError(f"tiny model: tiny_hidden_size={hidden} must be a multiple of 32 (or < 32) "
-                         f"and tiny_layers={cfg.tiny_layers} >= 1")
+    if hidden < 8 or cfg.tiny_layers < 1 or cfg.tiny_vocab_size < 100:
+        raise ModelError(f"tiny model: need model.tiny_hidden_size >= 8 (got {hidden}), "
+                         f"model.tiny_layers >= 1 (got {cfg.tiny_layers}) and "
+                         f"model.tiny_vocab_size >= 100 (got {cfg.tiny_vocab_size})")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False,
                                                 clean_text=True, handle_chinese_chars=True)

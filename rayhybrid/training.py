@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rayhybrid.checkpointing import (RunPaths, TrainingError, latest_checkpoint_step, prepare_run_dir,
                                      read_run_file, write_run_file)
-from rayhybrid.config import Config, config_to_dict
+from rayhybrid.config import Config, ConfigError, config_to_dict
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
 
 __all__ = ["TrainResult", "TrainingError", "build_val_batches", "check_train_config", "train"]
@@ -58,7 +58,7 @@ def check_train_config(cfg: Config) -> None:
     """Reject training settings that cannot work, naming the key.
 
     Raises:
-        TrainingError: a value is out of range or settings contradict each other.
+        ConfigError: a value is out of range or settings contradict each other.
     """
     t, b = cfg.train, cfg.batch
     problems = []
@@ -86,7 +86,7 @@ def check_train_config(cfg: Config) -> None:
     if t.eval_every and cfg.data.dev_fraction <= 0:
         problems.append("train.eval_every > 0 needs a dev split: set data.dev_fraction > 0")
     if problems:
-        raise TrainingError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def build_val_batches(cfg: Config, dev: Any, num_workers: int) -> list[tuple[list[str], list[str]]]:
@@ -227,15 +227,19 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
         :class:`TrainResult` with the run folder, the exported model and the final metrics.
 
     Raises:
-        TrainingError: bad training settings, unusable run folder, or the run failed.
+        ConfigError: bad training, batch or data settings (checked before Ray starts).
+        TrainingError: unusable run folder, too small a dev split, or the run failed.
         ModelError: the model cannot be found.
-        ConfigError / DataError: bad data or batch settings (checked before Ray Train starts).
+        DataError: the training data cannot be read.
     """
     check_train_config(cfg)
     from rayhybrid.corpus import load_training_data
 
+    from rayhybrid.batching import BatchPlan, units_from
+
     data = load_training_data(cfg.data, part="train")
     nw = cfg.train.num_workers
+    BatchPlan(cfg.batch, units_from(data.items, data.pairs, cfg.data.languages), nw)  # BatchPlanError
     val_batches = (build_val_batches(cfg, load_training_data(cfg.data, part="dev"), nw)
                    if cfg.train.eval_every else [])
     # A bad model name fails before the run folder is touched; the tiny model lives in it.

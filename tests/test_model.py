@@ -1,0 +1,127 @@
+"""The bi-encoder: tiny model built from a config, export for transformers / sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayhybrid.config import ModelConfig
+from rayhybrid.model import (BiEncoder, ModelError, build_tiny_model, encode_texts, export_model,
+                             load_biencoder)
+
+TEXTS = ["Wie viele Punkte gab die Verteidigung ab?", "Combien de points la défense a-t-elle accordés ?",
+         "防守方丢了多少分？", "Kaç puan verdi savunma?", "How many points did the defense allow?",
+         "रक्षा ने कितने अंक दिए?"]
+
+
+def test_tiny_model_follows_its_config(tiny_model_dir, tiny_model_cfg, xquad_dir):
+    tokenizer, model = load_biencoder(tiny_model_cfg, path=str(tiny_model_dir))
+    cfg = model.encoder.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (2, 64)
+    assert model.dim == 64
+    assert len(tokenizer) <= tiny_model_cfg.tiny_vocab_size
+    # The tokenizer was trained on XQuAD-R: held-out text of every script is mostly known pieces.
+    for text in TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        unknown = sum(i == tokenizer.unk_token_id for i in ids) / len(ids)
+        assert unknown < 0.25, (text, tokenizer.convert_ids_to_tokens(ids))
+    emb = encode_texts(model, tokenizer, TEXTS)
+    assert emb.shape == (len(TEXTS), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_tiny_model_is_reproducible_and_seeded(tmp_path):
+    cfg = ModelConfig(name="tiny", tiny_hidden_size=32, tiny_layers=1, tiny_vocab_size=200)
+    texts = TEXTS * 5
+    state = torch.get_rng_state()
+    a = build_tiny_model(cfg, texts, tmp_path / "a", seed=3)
+    assert torch.equal(torch.get_rng_state(), state), "building must not move the caller's RNG"
+    b = build_tiny_model(cfg, texts, tmp_path / "b", seed=3)
+    c = build_tiny_model(cfg, texts, tmp_path / "c", seed=4)
+    wa, wb, wc = (load_biencoder(cfg, path=str(p))[1].state_dict() for p in (a, b, c))
+    # Same seed, same weights; another seed, other weights. (The WordPiece trainer breaks ties
+    # between equally frequent pieces arbitrarily, so only the vocabulary size is fixed; a run
+    # keeps the tokenizer it built in its run folder, which is what makes a resume exact.)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_tiny_model_errors(tmp_path):
+    cfg = ModelConfig(name="tiny")
+    with pytest.raises(ModelError, match="no weights until it is built"):
+        load_biencoder(cfg)
+    with pytest.raises(ModelError, match="no training texts"):
+        build_tiny_model(cfg, ["", ""], tmp_path)
+    with pytest.raises(ModelError, match="tiny_layers >= 1"):
+        build_tiny_model(ModelConfig(name="tiny", tiny_layers=0), TEXTS, tmp_path)
+
+
+def test_unknown_model_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="neither a local folder nor available"):
+        load_biencoder(ModelConfig(name="no-such-org/no-such-model-xyz"))
+    with pytest.raises(ModelError, match="no config.json"):
+        load_biencoder(ModelConfig(name="."))
+
+
+def test_pooler_is_frozen_so_every_trainable_weight_gets_a_gradient(tiny_model_dir, tiny_model_cfg):
+    """DDP refuses trainable parameters that receive no gradient; the unused BERT pooler is frozen."""
+    tokenizer, model = load_biencoder(tiny_model_cfg, path=str(tiny_model_dir))
+    tok = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    model(tok["input_ids"], tok["attention_mask"]).sum().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "pooler" in n)
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False)])
+def test_export_loads_in_transformers_and_sentence_transformers(tiny_model_dir, tmp_path,
+                                                                pooling, normalize):
+    """Issue 3, shown 5 (tiny model, both poolings): same embeddings to 1e-5, prefixes as prompts."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = ModelConfig(name="tiny", pooling=pooling, normalize=normalize, query_prefix="Query: ",
+                      passage_prefix="Passage: ")
+    tokenizer, model = load_biencoder(cfg, path=str(tiny_model_dir))
+    with torch.no_grad():  # move the weights away from the saved ones: the export must carry them
+        for p in model.encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = export_model(model, tokenizer, tmp_path / "export", cfg, max_seq_length=64)
+    ours_q = encode_texts(model, tokenizer, TEXTS, prefix="Query: ", max_length=64)
+    ours_p = encode_texts(model, tokenizer, TEXTS, prefix="Passage: ", max_length=64)
+
+    st = SentenceTransformer(str(out), device="cpu")
+    st_q = st.encode_query(TEXTS, convert_to_numpy=True)
+    st_p = st.encode_document(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(st_q, ours_q, atol=1e-5)
+    np.testing.assert_allclose(st_p, ours_p, atol=1e-5)
+    assert np.abs(st_q - st_p).max() > 1e-3  # the prompts are applied, and differ
+    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling"] + (["Normalize"] if normalize else [])
+
+    hf_tok, hf = AutoTokenizer.from_pretrained(out), AutoModel.from_pretrained(out).eval()
+    tok = hf_tok(["Query: " + t for t in TEXTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf(**tok).last_hidden_state
+    if pooling == "cls":
+        emb = hidden[:, 0]
+    else:
+        m = tok["attention_mask"].unsqueeze(-1).float()
+        emb = (hidden * m).sum(1) / m.sum(1)
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+    np.testing.assert_allclose(emb.numpy(), ours_q, atol=1e-5)
+    # And the folder loads back as a rayhybrid encoder with the same output.
+    tok2, back = load_biencoder(cfg, path=str(out))
+    np.testing.assert_allclose(encode_texts(back, tok2, TEXTS, prefix="Query: ", max_length=64),
+                               ours_q, atol=1e-5)
+
+
+def test_biencoder_rejects_unknown_pooling(tiny_model_dir, tiny_model_cfg):
+    _, model = load_biencoder(tiny_model_cfg, path=str(tiny_model_dir))
+    with pytest.raises(ModelError, match="pooling"):
+        BiEncoder(model.encoder, pooling="max")
