@@ -116,7 +116,7 @@ def run_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int, core
     rows = np.arange(len(q))
 
     def sharded():
-        found = pool.map("search", {lang: dict(queries=ref, rows=rows, k=TOP_K) for lang in shards})
+        found = pool.map("search", {lang: {"queries": ref, "rows": rows, "k": TOP_K} for lang in shards})
         return merge_topk([(r.scores, r.keys) for r in found.values()], TOP_K)
 
     methods = {"sharded actors": sharded, "single exact": lambda: single.search(q, TOP_K),

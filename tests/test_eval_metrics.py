@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rayhybrid.evaluation.metrics import (BEIR_METRICS, bias_metrics, per_query, rank_distances,
-                                          topk_shares)
+from rayhybrid.evaluation.metrics import (
+    BEIR_METRICS,
+    bias_metrics,
+    per_query,
+    rank_distances,
+    topk_shares,
+)
 
 
 def test_hand_computed_values():

@@ -148,7 +148,7 @@ def test_shard_error_inside_an_actor_names_the_shard(ray_local):
         ref = pool.put(q_emb)
         with pytest.raises(EvaluationError, match="shard 'ar' failed during search: "
                                                   "EvaluationError: .*top-k 41"):
-            pool.map("search", {"ar": dict(queries=ref, rows=np.arange(3), k=41)})
+            pool.map("search", {"ar": {"queries": ref, "rows": np.arange(3), "k": 41}})
         assert pool.actors == {}
 
 
@@ -172,8 +172,8 @@ def test_failed_evaluation_marks_the_mlflow_run_failed(ray_local, tmp_path, mini
     overrides = [f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp_path}/out",
                  f"model.name={minilm_dir}"]
     if case == "missing_files":
-        cfg = load_config(None, overrides + [f"eval.tasks=[{{name: x, path: {tmp_path}/empty, "
-                                             "part: all}]"])
+        task_list = f"eval.tasks=[{{name: x, path: {tmp_path}/empty, part: all}}]"
+        cfg = load_config(None, [*overrides, task_list])
         with pytest.raises(DataError, match="empty"):
             evaluate(cfg)
     else:

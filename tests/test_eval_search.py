@@ -148,3 +148,13 @@ def test_run_settings_rejects_top_k_above_smallest_shard_and_dim_mismatch():
         run_settings(pool, task, emb[:2, :3], top_k=2)
     with pytest.raises(EvaluationError, match="unknown setting 'multilingual'"):
         run_settings(pool, task, emb[:2], settings=("multilingual",))
+
+
+def test_gpu_search_equals_cpu(gpu):
+    q, c, keys = tied_data(seed=4, n=300, nq=40)
+    rel = np.stack([keys[[3, 10, 40]]] * len(q))
+    cpu = ShardSearcher("cpu", c, keys).search(q, 20, rel)
+    cuda = ShardSearcher("cuda", c, keys, device="cuda").search(q, 20, rel)
+    assert np.array_equal(cpu.keys, cuda.keys)
+    assert np.allclose(cpu.scores, cuda.scores, atol=1e-6)
+    assert np.array_equal(cpu.rel_ranks, cuda.rel_ranks)

@@ -11,7 +11,8 @@ Ray Data shows its progress bar while it runs (``DataContext.enable_progress_bar
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class _Encoder:
         return {"row": batch["row"], "emb": emb}
 
 
-def encode_with_ray(groups: Sequence[tuple[Sequence[str], str, int]], model_cfg: "ModelConfig",
+def encode_with_ray(groups: Sequence[tuple[Sequence[str], str, int]], model_cfg: ModelConfig,
                     model_path: str | None = None, *, batch_size: int = 128, workers: int = 1,
                     use_gpu: bool | None = None) -> tuple[list[np.ndarray], float]:
     """Encode several groups of texts in one Ray Data pass.
@@ -93,9 +94,9 @@ def encode_with_ray(groups: Sequence[tuple[Sequence[str], str, int]], model_cfg:
         use_gpu = gpus > 0
     workers = max(1, min(workers, int(gpus) if use_gpu else workers))
     per_actor = max(1.0, float(int(cpus // workers))) if not use_gpu else 1.0
-    # Several in-memory blocks (no read or repartition tasks competing with the encoders for
-    # CPUs) so that a pool of several actors has work to share.
-    n_blocks = max(1, min(len(texts) // max(1, batch_size), 8 * workers))
+    # In-memory blocks (no read or repartition tasks competing with the encoders for CPUs),
+    # enough for a pool of actors to share and for the progress bar to move.
+    n_blocks = max(1, min(len(texts) // max(1, batch_size), max(64, 8 * workers)))
     tables = [pa.table({"row": part.astype(np.int64), "text": [texts[i] for i in part],
                         "max_length": limits_arr[part]})
               for part in np.array_split(order, n_blocks)]

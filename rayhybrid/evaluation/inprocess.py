@@ -7,7 +7,8 @@ with in-process shards (:class:`~rayhybrid.evaluation.retrieval.LocalShards`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["evaluate_in_process"]
 
 
-def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: "ModelConfig",
+def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: ModelConfig,
                         settings: Sequence[str] = ("mono", "cross", "multi"), top_k: int = 20,
                         *, max_query_length: int = 64, max_passage_length: int = 128,
                         batch_size: int = 64, metrics: Sequence[str] = LAREQA_METRICS

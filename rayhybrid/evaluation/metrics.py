@@ -109,7 +109,7 @@ def per_query(ranks: np.ndarray, gains: np.ndarray, names: Sequence[str] = LAREQ
 
 def macro(values: Sequence[float]) -> float:
     """Unweighted mean over cells (NaN if there are none)."""
-    vals = [v for v in values if v == v]
+    vals = [v for v in values if not np.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -190,7 +190,7 @@ def summarize(blocks: dict[str, list], langs_of_key: np.ndarray, names: Sequence
         per_metric: dict[str, list[float]] = {n: [] for n in names}
         counts[setting] = {}
         for b in cells:
-            counts[setting][b.label] = {"queries": int(len(b.rows)), "excluded": int(b.excluded)}
+            counts[setting][b.label] = {"queries": len(b.rows), "excluded": int(b.excluded)}
             if not len(b.rows):
                 continue
             for name, vals in per_query(b.rel_ranks, b.rel_gains, names).items():

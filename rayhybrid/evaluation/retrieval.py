@@ -18,8 +18,9 @@ Two rounds:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class CandidateIndex:
     key_of: dict[str, int]
 
     @classmethod
-    def from_task(cls, task: EvalTask) -> "CandidateIndex":
+    def from_task(cls, task: EvalTask) -> CandidateIndex:
         ids = sorted({c.id for c in task.candidates}, reverse=True)
         if len(ids) != len(task.candidates):
             raise EvaluationError(f"task {task.name}: candidate ids are not unique "
@@ -215,8 +216,8 @@ def run_settings(pool: ShardPool, task: EvalTask, q_emb: np.ndarray,
             need[:] = True
         rows = np.flatnonzero(need)
         rel_keys = _pad([rel[i][0][rel_lang[i] == lang] for i in rows], -1, np.int64)
-        calls[lang] = dict(queries=ref, rows=rows, k=sizes[lang] if full_depth else top_k,
-                           rel_keys=rel_keys)
+        calls[lang] = {"queries": ref, "rows": rows, "k": sizes[lang] if full_depth else top_k,
+                       "rel_keys": rel_keys}
     if progress:
         print(f"[rayhybrid eval] searching {len(q_langs)} queries in {len(sizes)} shards "
               f"({', '.join(f'{k}:{v}' for k, v in sizes.items())})", flush=True)
@@ -282,8 +283,8 @@ def _multi_blocks(pool: ShardPool, ref: Any, found: dict[str, SearchResult],
                           for lang in found], axis=1).astype(np.float32)
     tkeys = np.concatenate([calls[lang]["rel_keys"] for lang in found], axis=1)
     tkeys = np.where(np.isfinite(thr), tkeys, -1)
-    counts = pool.map("count_before", {lang: dict(queries=ref, rows=calls[lang]["rows"],
-                                                  thresholds=thr, threshold_keys=tkeys)
+    counts = pool.map("count_before", {lang: {"queries": ref, "rows": calls[lang]["rows"],
+                                              "thresholds": thr, "threshold_keys": tkeys}
                                        for lang in found})
     ranks = 1 + sum(counts.values())
     scores, keys = merge_topk([(r.scores, r.keys) for r in found.values()], depth)

@@ -14,8 +14,9 @@ MLflow metric names cannot contain ``@``: ``map@20`` is logged as ``map_at_20``
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def candidate_texts(task: EvalTask, with_context: bool = False) -> list[str]:
 class _Tracker:
     """MLflow side of one evaluation (no-op when tracking is disabled)."""
 
-    def __init__(self, cfg: "Config", run_id: str | None, model: str) -> None:
+    def __init__(self, cfg: Config, run_id: str | None, model: str) -> None:
         self.client, self.run_id, self.own = None, run_id, run_id is None
         if not cfg.tracking.enabled:
             return
@@ -80,7 +81,7 @@ class _Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()
-                 if v == v]  # NaN (no cell) is not logged
+                 if not np.isnan(v)]  # NaN (no cell) is not logged
         for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -122,11 +123,11 @@ def _ensure_ray() -> None:
         ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
-def _task_format(cfg: "Config", name: str) -> str:
+def _task_format(cfg: Config, name: str) -> str:
     return next((t.format for t in cfg.eval.tasks if t.name == name), "lareqa")
 
 
-def evaluate_task(cfg: "Config", task: EvalTask, model_path: str | None = None,
+def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
                   fmt: str = "lareqa") -> tuple[dict[str, float], dict[str, Any], Path]:
     """Evaluate one task on Ray (encode, shard actors, metrics, files).
 
@@ -176,8 +177,12 @@ def evaluate_task(cfg: "Config", task: EvalTask, model_path: str | None = None,
 
 def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, float],
                    counts: dict, folder: Path, model: str, timing: dict[str, float]) -> dict:
-    from rayhybrid.evaluation.outputs import (plot_heatmap, plot_per_language, write_summary,
-                                              write_trec)
+    from rayhybrid.evaluation.outputs import (
+        plot_heatmap,
+        plot_per_language,
+        write_summary,
+        write_trec,
+    )
 
     files: dict[str, str] = {}
     tag = f"rayhybrid_{Path(model).name}"
@@ -205,7 +210,7 @@ def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, floa
     return summary
 
 
-def evaluate(cfg: "Config", model_path: str | None = None, tasks: Sequence[EvalTask] | None = None,
+def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTask] | None = None,
              run_id: str | None = None) -> dict[str, float]:
     """Evaluate a model on every configured task; log to MLflow.
 
@@ -259,7 +264,7 @@ def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
     return "\n".join(lines)
 
 
-def _cli_tasks(cfg: "Config", task: str | None, data: str | None) -> tuple["TaskConfig", ...]:
+def _cli_tasks(cfg: Config, task: str | None, data: str | None) -> tuple[TaskConfig, ...]:
     from rayhybrid.config import ConfigError, TaskConfig
 
     if task is None and data is None:
@@ -279,7 +284,7 @@ def _cli_tasks(cfg: "Config", task: str | None, data: str | None) -> tuple["Task
                        language=base.language, qrels_split=base.qrels_split),)
 
 
-def evaluate_cli(cfg: "Config", model: str | None = None, task: str | None = None,
+def evaluate_cli(cfg: Config, model: str | None = None, task: str | None = None,
                  data: str | None = None) -> int:
     """``rayhybrid evaluate``: evaluate ``model`` (default model.name) on ``--task/--data``
     (the whole folder) or on ``eval.tasks``. Returns the exit status.

@@ -31,15 +31,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
 
-__all__ = ["SearchResult", "ShardSearcher", "build_faiss_index", "check_shard", "exact_scores",
-           "merge_topk", "best_openblas_coretype", "openblas_env", "topk_with_ties"]
+__all__ = [
+    "SearchResult",
+    "ShardSearcher",
+    "best_openblas_coretype",
+    "build_faiss_index",
+    "check_shard",
+    "exact_scores",
+    "merge_topk",
+    "openblas_env",
+    "topk_with_ties",
+]
 
 # Elements of one score block (rows x shard size): bounds memory at ~128 MiB of float64.
 _BLOCK_ELEMENTS = 1 << 24
@@ -116,7 +124,7 @@ def topk_with_ties(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(values [n, k] float32, columns [n, k] int64)``, best first.
     """
-    n_rows, n_cols = scores.shape
+    n_cols = scores.shape[1]
     if k >= n_cols:  # the whole ranking: one stable sort
         if isinstance(scores, np.ndarray):
             cols = np.argsort(-scores, axis=1, kind="stable")
