@@ -78,6 +78,7 @@ def strategy_config(cfg: Config, spec: StrategySpec) -> Config:
         "batch.strategy": spec.strategy,
         "batch.alpha": spec.alpha,
         "train.run_name": f"{cfg.train.run_name}_{slug}",
+        "eval.output_dir": str(Path(cfg.eval.output_dir) / "compare" / slug),
         # The comparison evaluates each model itself, once, after training.
         "eval.at_end_of_training": False,
     })

@@ -18,14 +18,13 @@ from rayhybrid.config import Config, config_to_dict, resolve_path
 from rayhybrid.results import ResultsTable, finish_parent_run, plot_tradeoff, start_parent_run
 from rayhybrid.tuning_space import (
     AXIS_NAMES,
-    DEV_PREFIX,
     OBJECTIVE_KEY,
-    STEP_KEY,
     apply_overrides,
+    dev_key,
     parse_objective,
 )
 
-__all__ = ["collect_table", "finish_parent", "start_parent", "write_outputs"]
+__all__ = ["close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
 
 PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
 DEV_COLUMNS = ("mono/map@20", "cross/map@20", "multi/map@20", "bias/rank_distance")
@@ -78,9 +77,9 @@ def collect_table(grid: Any, cfg: Config, axes: dict[str, list[Any]]) -> Results
                     else dev_rows[OBJECTIVE_KEY].min()
                 row["best_objective"] = float(best)
         if dev is not None:
-            row["step"] = int(dev[STEP_KEY])
+            row["step"] = int(dev["step"]) if _num(dev.get("step")) is not None else None
             for key in DEV_COLUMNS:
-                row[f"dev {key}"] = _num(dev.get(DEV_PREFIX + key))
+                row[f"dev {key}"] = _num(dev.get(dev_key(key)))
             row["objective"] = float(dev[OBJECTIVE_KEY])
         row["status"] = _status(result, statuses.get(trial_id), row.get("step"), cfg)
         row["error"] = _error_line(result.error) if result.error is not None else ""
@@ -177,6 +176,35 @@ def start_parent(cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restori
     exp_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(run_id))
     return run_id
+
+
+def close_trial_runs(cfg: Config, parent_run_id: str | None, table: ResultsTable) -> None:
+    """Match trials to their nested MLflow runs; close runs that Tune stopped as KILLED.
+
+    A trial that ASHA stopped (or an interrupted one) was killed mid-run, so its MLflow run
+    still says RUNNING. The run is named ``<tune.name>_<trial id>``; a restored trial has
+    one killed run and one finished run of the same name, the table keeps the latest.
+    """
+    if parent_run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=10000)
+    by_name: dict[str, Any] = {}
+    for run in children:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+        by_name[run.info.run_name] = run
+    for row in table.rows:
+        run = by_name.get(f"{cfg.tune.name}_{row['trial']}")
+        if run is not None and not row.get("mlflow_run_id"):
+            row["mlflow_run_id"] = run.info.run_id
 
 
 def finish_parent(cfg: Config, run_id: str | None, table: ResultsTable,

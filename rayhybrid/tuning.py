@@ -14,6 +14,7 @@ distance, and the best trial's config as YAML, all logged to the parent run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from rayhybrid.tuning_space import (
     STEP_KEY,
     TuneError,
     apply_overrides,
+    dev_key,
     parse_objective,
     search_axes,
 )
@@ -100,14 +102,19 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
             state["task"] = dev_task(c)
         was_training = model.training
         try:
-            dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings, 20)
+            dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings, 20,
+                                      max_query_length=c.data.max_query_length,
+                                      max_passage_length=c.data.max_passage_length)
         finally:
             model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)
-        out = {DEV_PREFIX + k: float(v) for k, v in dev.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out = {dev_key(k): float(v) for k, v in dev.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         out[OBJECTIVE_KEY] = objective.value(dev)
-        out[STEP_KEY] = float(step)
+        # ASHA's clock. Left out at the last step: ASHA stops every trial that reaches its
+        # max_t, which would kill the trial before it exports its model and closes its run.
+        if step < c.train.max_steps:
+            out[STEP_KEY] = float(step)
         return out
 
     return report
@@ -134,8 +141,19 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     tcfg = trial_config(cfg, params, f"{cfg.tune.name}_{trial_id}", exp_dir)
     result = train(tcfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
                    extra_report_fn=dev_report_fn(tcfg))
-    # Returned dicts reach Tune as the trial's last result.
-    return {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir)}
+    # The returned dict is the trial's last result: the final dev metrics (for search
+    # algorithms, which read the last result) without ASHA's clock, and the MLflow run.
+    final = {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir),
+             "step": result.metrics.get("step")}
+    if result.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        from rayhybrid.tracking import resolve_tracking_uri
+
+        logged = MlflowClient(resolve_tracking_uri(tcfg.tracking)).get_run(result.mlflow_run_id)
+        final.update({k.removeprefix("val/"): v for k, v in logged.data.metrics.items()
+                      if k.startswith("val/" + DEV_PREFIX)})
+    return final
 
 
 def _exp_dir(cfg: Config) -> Path:
@@ -194,7 +212,13 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     import ray
     from ray import tune
 
-    from rayhybrid.tune_report import collect_table, finish_parent, start_parent, write_outputs
+    from rayhybrid.tune_report import (
+        close_trial_runs,
+        collect_table,
+        finish_parent,
+        start_parent,
+        write_outputs,
+    )
     from rayhybrid.tuning_space import param_space
 
     axes = search_axes(cfg)
@@ -224,6 +248,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
                                       callbacks=list(callbacks)))
     grid = tuner.fit()
     table = collect_table(grid, cfg, axes)
+    close_trial_runs(cfg, parent_run_id, table)
     paths = write_outputs(table, cfg, axes)
     finish_parent(cfg, parent_run_id, table, paths)
     return table

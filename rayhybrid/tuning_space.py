@@ -24,6 +24,7 @@ __all__ = [
     "Objective",
     "TuneError",
     "apply_overrides",
+    "dev_key",
     "param_space",
     "parse_objective",
     "search_axes",
@@ -35,6 +36,15 @@ STEP_KEY = "dev/step"
 # Short names of the usual axes in tables and plots; other axes keep their dotted key.
 AXIS_NAMES = {"batch.alpha": "alpha", "train.lr": "lr", "train.tau": "tau"}
 _SETTINGS = ("mono", "cross", "multi")
+
+
+def dev_key(name: str) -> str:
+    """Report / MLflow key of a dev metric: ``mono/map@20`` -> ``dev/mono/map_at_20``.
+
+    MLflow rejects '@' in metric names (the evaluation job logs ``map_at_20`` too).
+    """
+    return DEV_PREFIX + name.replace("@", "_at_")
+
 _METRICS = ("map", "map@20", "mrr", "r@1", "r@10", "ndcg@10", "recall@100")
 _MIN_METRICS = ("bias/rank_distance",)
 

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from ray.tune import Callback
 
 from rayhybrid.cli import main
 from rayhybrid.config import ConfigError, load_config
@@ -122,3 +123,123 @@ def test_tradeoff_plot_and_table_round_trip(tmp_path):
     png = plot_tradeoff(table, "alpha", {"mono": "dev mono/map@20"}, "dev bias/rank_distance",
                         tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- real sweeps
+
+
+class InterruptAfterFirstTrial(Callback):
+    """When the first trial completes, send this process SIGUSR1.
+
+    Ray Tune handles SIGUSR1 exactly like Ctrl-C: it stops the sweep and saves the
+    experiment state. The marker file makes it fire once, also after the restore (Tune
+    restores its callbacks with the rest of the run config).
+    """
+
+    def __init__(self, marker: Path):
+        self.path = str(marker)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.path):
+            Path(self.path).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def sweep_config(tmp_path: Path, model_dir: Path, data_dir: Path, *extra: str):
+    return small(f"model.name={model_dir}", f"data.path={data_dir}", "data.languages=[en, de, es]",
+                 "batch.batch_size=8", "train.max_steps=4", "train.eval_every=2", "train.log_every=2",
+                 "train.precision=fp32", "train.num_workers=1",
+                 f"tune.storage_path={tmp_path / 'tune'}", "tune.cpus_per_trial=1",
+                 "tune.max_concurrent=2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 f"eval.output_dir={tmp_path / 'out'}", *extra)
+
+
+def children_of(cfg, parent_id: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+
+
+def parent_id(cfg) -> str:
+    from rayhybrid.tune_report import PARENT_RUN_FILE
+
+    return (Path(cfg.tune.storage_path) / cfg.tune.name / PARENT_RUN_FILE).read_text().strip()
+
+
+@pytest.mark.slow
+def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, tiny_model_dir, xquad_dir):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tuning import run_tune
+
+    cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.0, 0.5, 1.0]",
+                       "tune.name=sweep")
+    marker = tmp_path / "interrupted"
+    first = run_tune(cfg, callbacks=[InterruptAfterFirstTrial(marker)])
+    assert marker.exists(), "the sweep ended without being interrupted"
+    done_before = {r["trial"] for r in first.rows if r["status"] == "finished"}
+    assert done_before and len(done_before) < 3, first.to_markdown()
+
+    # A new sweep of the same name is refused; tune.resume=true continues it.
+    with pytest.raises(TuneError, match="tune.resume=true"):
+        run_tune(cfg)
+    table = run_tune(apply_overrides(cfg, {"tune.resume": True}))
+
+    assert len(table) == 3 and table.column("alpha") == [0.0, 0.5, 1.0], table.to_markdown()
+    assert table.column("status") == ["finished"] * 3, table.to_markdown()
+    parent = parent_id(cfg)
+    runs = children_of(cfg, parent)
+    for row in table.rows:
+        mine = [r for r in runs if r.info.run_name == f"sweep_{row['trial']}"]
+        finished = [r for r in mine if r.info.status == "FINISHED"]
+        assert len(finished) == 1, (row, [r.info.status for r in mine])
+        run = finished[0]
+        assert run.info.run_id == row["mlflow_run_id"]
+        assert float(run.data.params["batch.alpha"]) == row["alpha"]
+        assert run.data.params["batch.strategy"] == "hybrid"
+        # Its dev metrics are in the nested run, and the table shows the same numbers.
+        metrics = run.data.metrics
+        assert metrics["val/dev/objective"] == pytest.approx(row["objective"], rel=1e-9)
+        assert metrics["val/dev/multi/map_at_20"] == pytest.approx(row["dev multi/map@20"], rel=1e-9)
+        assert 0.0 <= row["dev mono/map@20"] <= 1.0 and row["dev bias/rank_distance"] >= 0
+        if row["trial"] in done_before:  # finished before the interruption: never rerun
+            assert len(mine) == 1
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    out = Path(cfg.eval.output_dir) / "tune_sweep"
+    assert (out / "alpha_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(ResultsTable.from_csv(out / "results.csv")) == 3
+    best = max(table.rows, key=lambda r: r["objective"])
+    assert yaml.safe_load((out / "best_config.yaml").read_text())["batch"]["alpha"] == best["alpha"]
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"results.csv", "results.md", "alpha_tradeoff.png", "best_config.yaml"} <= artifacts
+
+
+@pytest.mark.slow
+def test_failed_trial_is_in_the_table_and_the_others_finish(ray_local, tmp_path, tiny_model_dir,
+                                                            xquad_dir):
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tuning import run_tune
+
+    missing = tmp_path / "no_such_model"
+    cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.5]", "tune.name=fails",
+                       f"tune.extra_grid=['model.name=[{tiny_model_dir}, {missing}]']",
+                       "tune.scheduler=none")
+    table = run_tune(cfg)
+    assert len(table) == 2, table.to_markdown()
+    by_model = {r["model.name"]: r for r in table.rows}
+    ok, bad = by_model[str(tiny_model_dir)], by_model[str(missing)]
+    assert ok["status"] == "finished" and ok["objective"] is not None and not ok["error"]
+    assert bad["status"] == "error" and "ModelError" in bad["error"], bad
+    assert bad.get("objective") is None
+    assert "ModelError" in table.to_markdown()
+    parent = parent_id(cfg)
+    statuses = {r.info.run_name: r.info.status for r in children_of(cfg, parent)}
+    assert statuses == {f"fails_{ok['trial']}": "FINISHED"}  # the failed trial never started a run
+    metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(parent).data.metrics
+    assert metrics["runs/failed"] == 1 and metrics["runs/total"] == 2
