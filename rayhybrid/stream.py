@@ -170,11 +170,15 @@ def _should_materialize(choice: bool | None, n_pairs: int, num_workers: int, cpu
 
 def _rows_dataset(spec_ref: Any, n_ids: int, per_worker: int, rank: int | None,
                   actors: int) -> "ray.data.Dataset":
+    import pyarrow as pa
     import ray.data
 
     steps_per_block = max(1, PAIRS_PER_BLOCK // per_worker)
     n_blocks = max(1, math.ceil(n_ids / steps_per_block))
-    ds = ray.data.range(n_ids, override_num_blocks=n_blocks)
+    # Step numbers are made here as ready blocks, not with ray.data.range: a read task needs a
+    # CPU of its own, and with the tokenizer actors holding every CPU it would never run.
+    ds = ray.data.from_arrow([pa.table({"id": np.arange(i, min(i + steps_per_block, n_ids))})
+                              for i in range(0, n_ids, steps_per_block)])
     # The dataset's own context (shared by everything derived from it): keep the row order.
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(

@@ -118,24 +118,39 @@ def test_restart_at_step_k_yields_the_uninterrupted_batches(xquad, minilm_dir):
         assert_same_batches(resumed[r], full[r][RESUME_AT:])
 
 
-def test_streaming_equals_materialized_on_pairs(ray_local, minilm_dir):
-    # Non-parallel pairs (query and passage languages fixed per pair), streamed lazily per rank.
+def test_streaming_equals_materialized(xquad, minilm_dir):
+    # Lazy per-rank datasets (what a cluster with spare CPUs streams during training).
+    cfg, data, full = xquad
+    lazy = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, materialize=False)
+    assert type(lazy[rank_key(1)]).__name__ == "Dataset"
+    assert_same_batches(list(iter_step_batches(lazy[rank_key(1)], BATCH // WORKERS, 0)), full[1])
+
+
+def test_stream_of_pairs(ray_local, minilm_dir):
+    from transformers import AutoTokenizer
+
+    # Non-parallel pairs: each serves only its own (query language, passage language).
     pairs = [Pair(f"question {i} about topic {i % 7}", f"answer passage number {i} " * (1 + i % 4),
                   ql, pl, group=f"g{i}") for i, (ql, pl) in
              enumerate([("en", "en"), ("de", "de"), ("en", "de"), ("de", "en")] * 40)]
+    by_group = {p.group: p for p in pairs}
     data = TrainingData(items=[], pairs=pairs, report=LoadReport("synthetic"))
     cfg = load_config(None, ["batch.batch_size=8", "batch.strategy=hybrid", "batch.alpha=0.3",
-                             "train.max_steps=6", "data.languages=[]"])
-    lazy = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, materialize=False)
-    eager = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, materialize=True)
-    assert type(lazy[rank_key(0)]).__name__ == "Dataset"
+                             "train.max_steps=6"])
+    eager = build_train_datasets(cfg, data, str(minilm_dir), WORKERS)
     assert type(eager[rank_key(0)]).__name__ == "MaterializedDataset"
-    a, b = read_all(lazy, 4), read_all(eager, 4)
-    for r in range(WORKERS):
-        assert_same_batches(a[r], b[r])
+    batches = read_all(eager, 4)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     for step in range(6):
-        rows = [(q, p) for r in range(WORKERS) for q, p in zip(a[r][step]["q_lang"], a[r][step]["p_lang"])]
-        assert all((q == p) == (a[0][step]["mode"] == "mono") for q, p in rows)
+        mode = batches[0][step]["mode"]
+        assert batches[1][step]["mode"] == mode
+        for b in (batches[0][step], batches[1][step]):
+            for i, group in enumerate(b["group"]):
+                pair = by_group[group]
+                assert (b["q_lang"][i], b["p_lang"][i]) == (pair.query_lang, pair.passage_lang)
+                assert (pair.query_lang == pair.passage_lang) == (mode == "mono")
+                n = int(b["p_attention_mask"][i].sum())
+                assert b["p_input_ids"][i, :n].tolist() == tok(pair.passage)["input_ids"]
     # Read with the wrong per-worker batch size: a clear error, not silently misaligned steps.
     with pytest.raises(StreamError, match="expected 3 rows of one step"):
         list(iter_step_batches(eager[rank_key(0)], 3, 0))
