@@ -92,23 +92,33 @@ def check_train_config(cfg: Config) -> None:
 def build_val_batches(cfg: Config, dev: Any, num_workers: int) -> list[tuple[list[str], list[str]]]:
     """Fixed validation batches from the dev split: (queries, passages), prefixes applied.
 
-    One pair per group (a parallel item's other languages would be false negatives), its
-    query and passage languages drawn with ``batch.seed``; global batches of
+    One pair per group (a parallel item's other languages would be false negatives). Its
+    languages follow the batch strategy, drawn per pair with ``batch.seed``: monolingual for
+    ``mono`` / ``mixed``, query language != passage language for ``cross``, monolingual with
+    probability ``alpha`` for ``hybrid``, en-en for ``english``. Global batches of
     ``batch.batch_size`` (fewer pairs: one batch of a multiple of ``num_workers``).
 
     Raises:
         TrainingError: the dev split has fewer than 2 pairs per worker.
     """
     rng = random.Random(cfg.batch.seed)
+    strategy, alpha = cfg.batch.strategy, cfg.batch.alpha
     pairs: list[tuple[str, str]] = []
     for item in dev.items:
-        langs = item.languages
-        if langs:
-            ql, pl = rng.choice(langs), rng.choice(langs)
-            pairs.append((item.queries[ql], item.positives[pl][0]))
+        langs = list(item.languages)
+        if strategy == "english":
+            langs = ["en"] if "en" in langs else []
+        if not langs:
+            continue
+        mono = strategy in ("mono", "mixed", "english") or (strategy == "hybrid" and rng.random() < alpha)
+        ql, pl = (rng.choice(langs),) * 2 if mono or len(langs) < 2 else rng.sample(langs, 2)
+        pairs.append((item.queries[ql], item.positives[pl][0]))
     seen = set()
     for p in dev.pairs:
-        if p.group not in seen:
+        is_mono = p.query_lang == p.passage_lang
+        wanted = {"mono": is_mono, "mixed": is_mono, "cross": not is_mono,
+                  "english": p.query_lang == p.passage_lang == "en"}.get(strategy, True)
+        if wanted and p.group not in seen:
             seen.add(p.group)
             pairs.append((p.query, p.passage))
     rng.shuffle(pairs)
