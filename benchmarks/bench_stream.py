@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw tokenizer loop : {raw_rate:9.0f} pairs/s ({raw_s:.2f} s)")
     print(f"ray data stream    : {stream_rate:9.0f} pairs/s ({stream_s:.2f} s: build+tokenize "
           f"{build_s:.2f} s, iterate+pad {iter_s:.2f} s)")
-    print(f"ratio stream / raw : {stream_rate / raw_rate:.2f} (goal >= 0.7)")
+    print(f"ratio stream / raw : {stream_rate / raw_rate:.2f} (goal >= 0.7); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews both figures)")
 
     if args.breakdown:
         t = time.perf_counter()

@@ -257,8 +257,12 @@ def _padded(column: "pa.ChunkedArray | pa.Array", pad_token_id: int) -> tuple[An
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int) -> Iterator[dict]:
+def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int,
+                      start_step: int = 0) -> Iterator[dict]:
     """One padded batch per global step from a worker's shard (DataIterator) or a Dataset.
+
+    ``start_step`` skips earlier steps unpadded: a run that Ray Train restarted after a
+    failure (same datasets, built from step 0) resumes at its checkpoint's step with it.
 
     Yields:
         ``q_input_ids, q_attention_mask, p_input_ids, p_attention_mask`` (torch.long, padded
@@ -280,6 +284,8 @@ def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int
                 f"expected {per_worker_batch_size} rows of one step, got {len(steps)} rows of steps "
                 f"{sorted(set(steps.tolist()))[:5]}: was the dataset built with this number of "
                 "workers and passed with dataset_config=train_data_config()?")
+        if steps[0] < start_step:
+            continue
         q_ids, q_mask = _padded(table.column("q_ids"), pad_token_id)
         p_ids, p_mask = _padded(table.column("p_ids"), pad_token_id)
         yield {"q_input_ids": q_ids, "q_attention_mask": q_mask,
