@@ -20,8 +20,9 @@ Worker ``r`` of ``W`` gets slots ``[r*b, (r+1)*b)`` of each step, ``b = batch_si
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class PlanRow(NamedTuple):
 class Unit:
     """A slot filler: a parallel item or a pair, with the (query, passage) languages it serves."""
 
-    source: Union[ParallelItem, Pair]
+    source: ParallelItem | Pair
     group: str
     languages: tuple[str, ...]  # item: its languages; pair: (query_lang, passage_lang)
 
@@ -106,7 +107,7 @@ class BatchPlan:
             a batch size that does not divide by the number of workers.
     """
 
-    def __init__(self, cfg: "BatchConfig", units: Sequence[Unit], num_workers: int = 1):
+    def __init__(self, cfg: BatchConfig, units: Sequence[Unit], num_workers: int = 1):
         self.cfg = cfg
         self.units = list(units)
         self.num_workers = num_workers

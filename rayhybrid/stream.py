@@ -25,8 +25,9 @@ import logging
 import math
 import textwrap
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def rank_key(rank: int) -> str:
 class _StreamSpec:
     """Everything a tokenizer actor needs to compute its rows (shipped once via the object store)."""
 
-    batch: "BatchConfig"
+    batch: BatchConfig
     units: list[Unit]
     num_workers: int
     start_step: int
@@ -74,7 +75,7 @@ class _StreamSpec:
     max_passage_length: int
 
 
-def _token_lists(tokenizer: Any, texts: list[str], max_length: int) -> "pa.Array":
+def _token_lists(tokenizer: Any, texts: list[str], max_length: int) -> pa.Array:
     import pyarrow as pa
 
     ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
@@ -112,7 +113,7 @@ class _PlanTokenize:
             raise ValueError(f"{self.spec.tokenizer_path}: no fast (Rust) tokenizer; the stream "
                              "needs one (tokenizer.json)")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> "pa.Table":
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
 
         spec = self.spec
@@ -169,7 +170,7 @@ def _should_materialize(choice: bool | None, n_pairs: int, num_workers: int, cpu
 
 
 def _rows_dataset(spec_ref: Any, n_ids: int, per_worker: int, rank: int | None,
-                  actors: int) -> "ray.data.Dataset":
+                  actors: int) -> ray.data.Dataset:
     import pyarrow as pa
     import ray.data
 
@@ -187,9 +188,9 @@ def _rows_dataset(spec_ref: Any, n_ids: int, per_worker: int, rank: int | None,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, n_blocks))), num_cpus=1)
 
 
-def build_train_datasets(cfg: "Config", data: Any, tokenizer_path: str, num_workers: int,
+def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_workers: int,
                          start_step: int = 0, max_steps: int | None = None,
-                         materialize: bool | None = None) -> dict[str, "ray.data.Dataset"]:
+                         materialize: bool | None = None) -> dict[str, ray.data.Dataset]:
     """One Ray Dataset per training worker holding its share of steps ``[start_step, max_steps)``.
 
     Args:
@@ -241,7 +242,7 @@ def build_train_datasets(cfg: "Config", data: Any, tokenizer_path: str, num_work
     return {rank_key(r): part for r, part in enumerate(parts)}
 
 
-def _padded(column: "pa.ChunkedArray | pa.Array", pad_token_id: int) -> tuple[Any, Any]:
+def _padded(column: pa.ChunkedArray | pa.Array, pad_token_id: int) -> tuple[Any, Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import torch
@@ -308,7 +309,7 @@ def _languages_line(rows: Sequence[PlanRow]) -> str:
     return top + (f", ... ({more} more)" if more > 0 else "")
 
 
-def show_batches(cfg: "Config", n: int = 5, texts: int = 2, start_step: int = 0) -> str:
+def show_batches(cfg: Config, n: int = 5, texts: int = 2, start_step: int = 0) -> str:
     """What ``rayhybrid batches --show N`` prints: N planned global batches from ``start_step``.
 
     Raises:
@@ -321,13 +322,13 @@ def show_batches(cfg: "Config", n: int = 5, texts: int = 2, start_step: int = 0)
     units = units_from(data.items, data.pairs, cfg.data.languages)
     plan = BatchPlan(cfg.batch, units, cfg.train.num_workers)
     b, workers = cfg.batch, cfg.train.num_workers
+    alpha = f" alpha={b.alpha}" if b.strategy == "hybrid" else ""
+    temperature = f" T={b.temperature}" if b.language_sampling == "temperature" else ""
     lines = [
-        f"plan: strategy={b.strategy}" + (f" alpha={b.alpha}" if b.strategy == "hybrid" else "")
-        + f" batch_size={b.batch_size} ({workers} worker(s) x {b.batch_size // workers})"
-        f" sampling={b.language_sampling}"
-        + (f" T={b.temperature}" if b.language_sampling == "temperature" else "") + f" seed={b.seed}",
-        f"data: {len(units)} units ({len(data.items)} parallel items, {len(data.pairs)} pairs), "
-        f"languages {' '.join(plan.languages)}; {plan.steps_per_epoch} steps per epoch",
+        (f"plan: strategy={b.strategy}{alpha} batch_size={b.batch_size} ({workers} worker(s) x "
+         f"{b.batch_size // workers}) sampling={b.language_sampling}{temperature} seed={b.seed}"),
+        (f"data: {len(units)} units ({len(data.items)} parallel items, {len(data.pairs)} pairs), "
+         f"languages {' '.join(plan.languages)}; {plan.steps_per_epoch} steps per epoch"),
     ]
     for g in range(start_step, start_step + n):
         rows = plan.step(g)

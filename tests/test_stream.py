@@ -60,7 +60,7 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 
 def test_rank_datasets_obey_the_plan(xquad):
-    cfg, data, full, datasets = xquad
+    cfg, data, full, _ = xquad
     plan = BatchPlan(cfg.batch, units_from(data.items, data.pairs), WORKERS)
     assert [len(rank) for rank in full] == [STEPS, STEPS]
     modes = set()
@@ -89,7 +89,7 @@ def test_rank_datasets_obey_the_plan(xquad):
 def test_tokens_are_prefixed_truncated_and_padded_per_step(xquad, minilm_dir):
     from transformers import AutoTokenizer
 
-    cfg, data, full, datasets = xquad
+    _, data, full, _ = xquad
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     items = {it.id: it for it in data.items}
     batch = full[1][3]
@@ -123,7 +123,7 @@ def test_restart_at_step_k_yields_the_uninterrupted_batches(xquad, minilm_dir):
 
 def test_streaming_equals_materialized(xquad, minilm_dir):
     # Lazy per-rank datasets (what a cluster with spare CPUs streams during training).
-    cfg, data, full, datasets = xquad
+    cfg, data, full, _ = xquad
     lazy = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, materialize=False)
     assert type(lazy[rank_key(1)]).__name__ == "Dataset"
     assert_same_batches(list(iter_step_batches(lazy[rank_key(1)], BATCH // WORKERS, 0)), full[1])
@@ -194,7 +194,7 @@ def test_two_worker_trainer_on_two_cpus_reads_its_planned_share(xquad, minilm_di
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg, data, full, datasets = xquad
+    _, _, full, datasets = xquad
     trainer = TorchTrainer(
         _train_loop, train_loop_config={"per_worker": BATCH // WORKERS, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
