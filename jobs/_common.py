@@ -91,6 +91,15 @@ def path_warnings(cfg: "Config") -> list[str]:
     return out
 
 
+def _user_facing(exc: BaseException) -> bool:
+    from rayhybrid.datamodel import DataError
+    from rayhybrid.tracking import TrackingError
+
+    # ModelError, TrainingError, EvaluationError and BatchPlanError derive from ValueError.
+    return isinstance(exc, (DataError, TrackingError, JobError, ValueError, FileNotFoundError,
+                            PermissionError))
+
+
 def run_job(run: Callable[["Config", argparse.Namespace], Optional[int]], description: str, *,
             default_config: Optional[str] = None,
             add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
@@ -132,7 +141,10 @@ def run_job(run: Callable[["Config", argparse.Namespace], Optional[int]], descri
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - any failure must become a non-zero exit status
-        traceback.print_exc()
+        # Library errors (bad data, model, run folder, tracking server) carry a message that
+        # says what to change; anything else is a bug and keeps its traceback.
+        if not _user_facing(exc):
+            traceback.print_exc()
         print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     return int(status or 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from _common import run_job
 
@@ -24,4 +25,5 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(run, __doc__, default_config="configs/quickstart.yaml"))
+    default = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    sys.exit(run_job(run, __doc__, default_config=str(default)))

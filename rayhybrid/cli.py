@@ -79,9 +79,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from rayhybrid.quickstart import quickstart
+    from rayhybrid.quickstart import default_config_path, quickstart
 
-    cfg = load_config(args.config or "configs/quickstart.yaml", args.overrides)
+    cfg = load_config(args.config or default_config_path(), args.overrides)
     return quickstart(cfg)
 
 
@@ -139,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - library errors carry user-facing messages
         from rayhybrid.datamodel import DataError
+        from rayhybrid.tracking import TrackingError
 
-        if isinstance(exc, (DataError, FileNotFoundError, PermissionError, ValueError)):
+        if isinstance(exc, (DataError, FileNotFoundError, PermissionError, ValueError,
+                            TrackingError)):
             print(f"rayhybrid {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise
