@@ -27,6 +27,7 @@ from rayhybrid.tuning_space import (
 __all__ = ["close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
 
 PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
+DONE_KEY = "trial_done"  # in the last result of a trial whose training returned
 DEV_COLUMNS = ("mono/map@20", "cross/map@20", "multi/map@20", "bias/rank_distance")
 
 
@@ -45,9 +46,20 @@ def _error_line(error: BaseException) -> str:
 
 
 def _trial_statuses(grid: Any) -> dict[str, str]:
-    # ResultGrid keeps Tune's Trial objects (with their status) on its analysis.
-    analysis = getattr(grid, "_experiment_analysis", None)
-    return {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+    """Trial statuses as Tune saved them at the end of ``fit``.
+
+    Read back from the experiment folder, not from the returned grid: when a sweep is
+    interrupted Tune saves the state first (running trials saved as RUNNING, to be rerun
+    on restore) and then stops those trials, which marks them TERMINATED in memory.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        saved = ExperimentAnalysis(grid.experiment_path)
+    except Exception as exc:  # noqa: BLE001 - the table can do without; say so
+        print(f"[rayhybrid tune] could not read the saved trial statuses: {exc}", flush=True)
+        return {}
+    return {t.trial_id: t.status for t in saved.trials}
 
 
 def _num(value: Any) -> float | None:
@@ -104,10 +116,12 @@ def _status(result: Any, tune_status: str | None, step: int | None, cfg: Config)
         return "error"
     if tune_status not in (None, "TERMINATED"):
         return f"unfinished ({tune_status.lower()})"
+    if not result.metrics.get(DONE_KEY) and step is not None:
+        return f"stopped at step {step}"  # by ASHA: Tune ended it before the driver returned
     if step is None:
         return "no dev report"
     if step < cfg.train.max_steps:
-        return f"stopped at step {step}"
+        return f"stopped at step {step}"  # early stopping on the validation loss
     return "finished"
 
 

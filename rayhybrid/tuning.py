@@ -144,7 +144,7 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     # The returned dict is the trial's last result: the final dev metrics (for search
     # algorithms, which read the last result) without ASHA's clock, and the MLflow run.
     final = {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir),
-             "step": result.metrics.get("step")}
+             "step": result.metrics.get("step"), "trial_done": 1}
     if result.mlflow_run_id:
         from mlflow.tracking import MlflowClient
 
