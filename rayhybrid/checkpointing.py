@@ -32,12 +32,11 @@ import torch
 if TYPE_CHECKING:
     from rayhybrid.config import TrainConfig
 
-__all__ = ["RunPaths", "TrainState", "TrainingError", "checkpoint_step", "latest_checkpoint_step",
+__all__ = ["RunPaths", "TrainState", "TrainingError", "checkpoint_step", "latest_checkpoint",
            "load_checkpoint", "prepare_run_dir", "read_run_file", "save_checkpoint", "write_run_file"]
 
 RUN_FILE = "rayhybrid_run.json"
 STATE_FILE = "state.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class TrainingError(ValueError):
@@ -155,20 +154,25 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int:
     return TrainState.from_json((Path(checkpoint_dir) / STATE_FILE).read_text()).step
 
 
-def latest_checkpoint_step(paths: RunPaths) -> int:
-    """Step of the checkpoint Ray Train will restore for this run folder; 0 if none is known.
+def latest_checkpoint(paths: RunPaths) -> tuple[int, Path | None]:
+    """The newest complete checkpoint folder of a run: ``(step, folder)``, or ``(0, None)``.
 
-    Reads the checkpoint named in Ray Train's snapshot (the one ``ray.train.get_checkpoint``
-    returns). If its layout is not understood, 0 is returned: the stream then starts at the
-    beginning and the workers skip the steps before their checkpoint (slower, still exact).
+    Read from the folders themselves rather than from Ray Train's snapshot: a worker that dies
+    right after reporting a checkpoint can leave it on storage but unregistered (the
+    controller had not polled the report yet), and a resume must still continue from it.
+    Complete means the state file, weights, optimiser, scheduler and every worker's RNG file.
     """
-    snap = paths.root / RAY_SNAPSHOT
-    try:
-        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        names = re.findall(r"checkpoint_\d{8}", json.dumps(latest))
-        return checkpoint_step(paths.root / names[0]) if names else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    best: tuple[int, Path | None] = (0, None)
+    for folder in paths.root.glob("checkpoint_*"):
+        try:
+            state = TrainState.from_json((folder / STATE_FILE).read_text())
+        except (OSError, ValueError, TypeError):
+            continue
+        needed = ["model.pt", "optimizer.pt", "scheduler.pt",
+                  *(f"rng_rank{r}.pt" for r in range(state.world_size))]
+        if all((folder / n).is_file() for n in needed) and state.step > best[0]:
+            best = (state.step, folder)
+    return best
 
 
 def _rng_state() -> dict[str, Any]:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from rayhybrid.checkpointing import RunPaths, TrainState, load_checkpoint, save_checkpoint
+from rayhybrid.checkpointing import (RunPaths, TrainState, checkpoint_step, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint)
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import export_model, load_biencoder, unwrap_model
@@ -130,6 +131,39 @@ def _inject_fault(debug: dict, rank: int, step: int) -> None:
         os._exit(1)
 
 
+def _restore(paths: RunPaths, model, optimizer, scheduler, rank: int,
+             world: int) -> tuple[TrainState | None, int]:
+    """Load the newest checkpoint: Ray Train's (after a restart) or the run folder's.
+
+    The run folder can hold a newer one than Ray Train knows: a worker that dies right
+    after reporting leaves it on storage unregistered. Every rank must restore the same step.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        folders = [stack.enter_context(checkpoint.as_directory())] if checkpoint is not None else []
+        newest = latest_checkpoint(paths)[1]
+        folders += [newest] if newest is not None else []
+        state = None
+        for folder in sorted(folders, key=checkpoint_step, reverse=True):
+            try:
+                state = load_checkpoint(folder, model, optimizer, scheduler, rank)
+                break
+            except (OSError, RuntimeError, EOFError, ValueError) as exc:  # a torn copy
+                log.warning("checkpoint %s unreadable (%s); trying an older one", folder, exc)
+    step = -1 if state is None else state.step
+    if world > 1:
+        import torch.distributed as dist
+
+        steps = [None] * world
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) != 1:
+            raise RuntimeError(f"workers restored different checkpoints (steps {steps}); "
+                               f"check that {paths.root} is shared storage every node sees")
+    return state, step
+
+
 def _report(metrics: dict, ckpt_fn: Callable[[str], None] | None = None, step: int = 0) -> None:
     import ray.train
 
@@ -172,12 +206,9 @@ def train_loop_per_worker(loop_config: dict) -> None:  # noqa: PLR0915 - one rea
     model.to(device)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.max_steps, tc.warmup_ratio)
-    state, saved_at = TrainState(world_size=world), -1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, model, optimizer, scheduler, rank)
-        saved_at = state.step
+    state, saved_at = _restore(paths, model, optimizer, scheduler, rank, world)
+    state = state or TrainState()
+    state.world_size = world  # a resume may use another number of workers
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     model.train()
     mlflow = _Mlflow(loop_config.get("mlflow") if rank == 0 else None)

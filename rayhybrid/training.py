@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from rayhybrid.checkpointing import (RunPaths, TrainingError, latest_checkpoint_step, prepare_run_dir,
+from rayhybrid.checkpointing import (RunPaths, TrainingError, latest_checkpoint, prepare_run_dir,
                                      read_run_file, write_run_file)
 from rayhybrid.config import Config, ConfigError, config_to_dict
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
@@ -266,7 +266,7 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
 
     if not ray.is_initialized():
         ray.init()
-    start = latest_checkpoint_step(paths) if resumed else 0
+    start = latest_checkpoint(paths)[0] if resumed else 0  # the workers restore the same one
     datasets = build_train_datasets(cfg, data, model_path, nw, start_step=start)
     mlflow_spec = _start_mlflow(cfg, paths, parent_run_id, resumed)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
