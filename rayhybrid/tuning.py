@@ -14,6 +14,7 @@ distance, and the best trial's config as YAML, all logged to the parent run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,11 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_from_dict(base)
     tcfg = trial_config(cfg, params, f"{cfg.tune.name}_{trial_id}", exp_dir)
+    # A sweep interrupted after this trial's training returned but before Tune recorded it
+    # restarts the trial on restore; its training is done, so hand back what it gave.
+    done_file = Path(exp_dir) / "trial_results" / f"{tcfg.train.run_name}.json"
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
     result = train(tcfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
                    extra_report_fn=dev_report_fn(tcfg))
     # The returned dict is the trial's last result: the final dev metrics (for search
@@ -152,7 +158,9 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
 
         logged = MlflowClient(resolve_tracking_uri(tcfg.tracking)).get_run(result.mlflow_run_id)
         final.update({k.removeprefix("val/"): v for k, v in logged.data.metrics.items()
-                      if k.startswith("val/" + DEV_PREFIX)})
+                      if k.startswith("val/" + DEV_PREFIX) and k != "val/" + STEP_KEY})
+    done_file.parent.mkdir(parents=True, exist_ok=True)
+    done_file.write_text(json.dumps(final))
     return final
 
 
@@ -198,7 +206,8 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
 
     Args:
         cfg: the config; ``cfg.tune`` holds the space, objective, scheduler and resources.
-        callbacks: extra Ray Tune callbacks (progress, notifications).
+        callbacks: extra Ray Tune callbacks (progress, notifications). Tune saves them with
+            the sweep: a restored sweep uses the ones it started with.
 
     Returns:
         :class:`rayhybrid.results.ResultsTable` with one row per trial (failed ones too).
@@ -251,4 +260,8 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     close_trial_runs(cfg, parent_run_id, table)
     paths = write_outputs(table, cfg, axes)
     finish_parent(cfg, parent_run_id, table, paths)
+    if any(str(r.get("status", "")).startswith("unfinished") for r in table.rows):
+        print(f"[rayhybrid tune] the sweep was interrupted; continue it with the same command and "
+              f"tune.resume=true (finished trials are kept): {exp_dir}", flush=True)
+    print(f"[rayhybrid tune] table, plot and best config in {paths['markdown'].parent}", flush=True)
     return table
