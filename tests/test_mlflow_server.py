@@ -1,0 +1,213 @@
+"""A real MLflow server on loopback (SQLite backend, local artifact root) and what happens when it is down.
+
+- a tiny training logs to the server; params, metric history and artifacts are read back
+  through ``MlflowClient`` (artifacts travel through the server's proxy to its artifact root);
+- the server down when a run starts: ``tracking.on_unavailable=fail`` stops with one clear
+  message before any training; ``local`` trains and logs to ``./mlflow.db`` instead;
+- the server killed in the middle of a run: the run still finishes, its model is on disk and
+  the message says what happened (:class:`rayhybrid.tracking.TrackingGuard`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayhybrid.config import config_from_dict, load_config
+from tests.procs import Background, free_ports
+
+MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Server:
+    url: str
+    root: Path
+    proc: Background
+
+
+def start_server(root: Path) -> Server:
+    """`mlflow server` on 127.0.0.1:<free port>, SQLite backend, artifacts proxied to root/artifacts."""
+    root.mkdir(parents=True, exist_ok=True)
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    proc = Background(cmd, log=root / "server.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/health", 120, "mlflow server")
+    except BaseException:
+        proc.stop()
+        raise
+    return Server(url=url, root=root, proc=proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        yield server
+    finally:
+        server.proc.stop()
+
+
+def tiny_overrides(root: Path, xquad_dir: Path, name: str, uri: str, *extra: str) -> list[str]:
+    return [f"data.path={xquad_dir}", "data.languages=[en,de,es]", "data.max_query_length=24",
+            "data.max_passage_length=40", "model.name=tiny", "batch.batch_size=8",
+            "train.max_steps=4", "train.log_every=1", "train.num_workers=1",
+            "train.cpus_per_worker=1", f"train.storage_path={root / 'runs'}",
+            f"train.run_name={name}", f"tracking.tracking_uri={uri}",
+            "tracking.experiment=server", *extra]
+
+
+def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xquad_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.training import train
+
+    cfg = load_config(None, tiny_overrides(tmp_path, xquad_dir, "to-server", mlflow_server.url))
+    result = train(cfg)
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "to-server"
+    params = run.data.params
+    assert params["model.name"] == "tiny" and params["train.max_steps"] == "4"
+    assert params["batch.strategy"] == "hybrid" and "de" in params["data.languages"]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == sorted({m.step for m in losses}) and len(losses) == 4
+    assert all(m.value > 0 for m in losses)
+
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model"} <= top, top
+    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "config.json" in model_files and any(f.endswith(".safetensors") for f in model_files)
+    local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert config_from_dict(yaml.safe_load(Path(local).read_text())) == cfg
+    # The artifacts went through the server to its artifact root, not to a client-side path.
+    stored = list((mlflow_server.root / "artifacts").rglob("config.yaml"))
+    assert stored, "the server's --artifacts-destination holds no config.yaml"
+    assert (result.model_dir / "config.json").is_file()
+
+
+def test_server_down_at_start_fails_before_training(ray_local, xquad_dir, tmp_path, capsys):
+    from rayhybrid.cli import main
+
+    (port,) = free_ports(1)  # nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    status = main(["train", *tiny_overrides(tmp_path, xquad_dir, "down", uri)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"MLflow tracking server {uri} does not answer" in err, err
+    assert "tracking.on_unavailable=local" in err  # the documented alternative is named
+    assert "Traceback" not in err
+    run_dir = tmp_path / "runs" / "down"
+    assert not (run_dir / "final_model").exists()
+    assert not list(run_dir.glob("checkpoint*")), "a checkpoint was written before the check"
+
+
+def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.training import train
+
+    monkeypatch.chdir(tmp_path)  # the local store is ./mlflow.db of the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (port,) = free_ports(1)
+    cfg = load_config(None, tiny_overrides(tmp_path, xquad_dir, "fallback", f"http://127.0.0.1:{port}",
+                                           "tracking.on_unavailable=local"))
+    result = train(cfg)
+    out = capsys.readouterr().out
+    assert f"MLflow server http://127.0.0.1:{port} is down; logging to the local store" in out
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "tiny"
+    assert "train/loss" in run.data.metrics
+
+
+def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(tmp_path, monkeypatch,
+                                                                         capsys):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.tracking import TrackingGuard, resend_unsent
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # read at each request
+    root = tmp_path / "server"
+    server = start_server(root)
+    try:
+        client = MlflowClient(server.url)
+        run_id = client.create_run(client.create_experiment("guard")).info.run_id
+        spill = tmp_path / "run" / "mlflow_unsent.jsonl"
+        guard = TrackingGuard(server.url, spill)
+        first = [Metric("train/loss", 2.0 - i / 10, 1000 + i, i) for i in range(3)]
+        assert guard.log_metrics(client, run_id, first) and guard.ok and not spill.exists()
+    finally:
+        server.proc.stop()
+    later = [Metric("train/loss", 1.0 - i / 10, 2000 + i, i) for i in range(3, 6)]
+    started = time.monotonic()
+    assert not guard.log_metrics(client, run_id, later[:2])
+    assert not guard.log_metrics(client, run_id, later[2:])  # no new attempt, just kept
+    assert time.monotonic() - started < 60
+    out = capsys.readouterr().out
+    assert out.count("MLflow tracking at") == 1 and "The run continues" in out and str(spill) in out
+    assert len(spill.read_text().splitlines()) == 3
+
+    server = start_server(root)  # the same store, back up (on another port)
+    try:
+        assert resend_unsent(spill, server.url, run_id) == 3
+        history = MlflowClient(server.url).get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(6))
+        assert not spill.exists() and spill.with_name(spill.name + ".sent").is_file()
+    finally:
+        server.proc.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rank 0's MLflow flush (train_loop._Mlflow.flush) and training._finish_mlflow call MLflow "
+    "unguarded: a server dying mid-run fails the whole training. Fix: route them through "
+    "rayhybrid.tracking.TrackingGuard (log_metrics / call), then drop this marker."))
+def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
+    """Kill the server once the run exists; the training must still finish with its model."""
+    server = start_server(tmp_path / "server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    # A dead server would otherwise hold every MLflow call for minutes of HTTP retries.
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    overrides = tiny_overrides(tmp_path, xquad_dir, "dies", server.url, "train.max_steps=8",
+                               "train.checkpoint_every=4")
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "rayhybrid"), "train", *overrides],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+    run_file = tmp_path / "runs" / "dies"
+    try:
+        deadline = time.monotonic() + 300
+        # The driver writes the run's MLflow id into the run folder once the run exists.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "mlflow_run_id" in "".join(p.read_text() for p in run_file.glob("*.json")):
+                break
+            time.sleep(0.5)
+        server.proc.stop(grace=5)
+        status = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.proc.stop()
+    text = log.read_text()
+    assert status == 0, text[-5000:]
+    assert (run_file / "final_model" / "config.json").is_file()
+    assert "MLflow tracking at " in text and "The run continues" in text, text[-3000:]
