@@ -9,10 +9,15 @@ stops the shard actors and marks the MLflow run FAILED with the error in the tag
 
 MLflow metric names cannot contain ``@``: ``map@20`` is logged as ``map_at_20``
 (:func:`mlflow_key`); the returned dict, the JSON summary and Tune use the ``@`` names.
+Artifacts go under ``eval/<task>/``; output files over 32 MiB (the cross-lingual run of a
+whole corpus) are logged gzip-compressed as ``<name>.gz``.
 """
 
 from __future__ import annotations
 
+import gzip
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +34,9 @@ if TYPE_CHECKING:
     from rayhybrid.config import Config, TaskConfig
 
 __all__ = ["candidate_texts", "evaluate", "evaluate_cli", "evaluate_task", "mlflow_key"]
+
+# Output files above this size go to MLflow gzip-compressed (the plain file stays on disk).
+_GZIP_ABOVE = 32 * 2**20
 
 
 def mlflow_key(name: str) -> str:
@@ -84,7 +92,14 @@ class _Tracker:
                  if not np.isnan(v)]  # NaN (no cell) is not logged
         for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                if path.stat().st_size > _GZIP_ABOVE:  # e.g. the cross run of a whole corpus
+                    packed = Path(tmp) / f"{path.name}.gz"
+                    with path.open("rb") as src, gzip.open(packed, "wb", compresslevel=5) as dst:
+                        shutil.copyfileobj(src, dst)
+                    path = packed
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self) -> None:
         if self.client is None:

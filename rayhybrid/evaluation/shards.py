@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
-from rayhybrid.evaluation.search import check_shard, openblas_env
+from rayhybrid.evaluation.faiss_index import openblas_env
+from rayhybrid.evaluation.search import check_shard
 
 __all__ = ["ActorShards", "shard_resources"]
 
@@ -75,7 +76,7 @@ class ActorShards:
         use_gpu: place shards on GPUs (fractions of one when there are more shards than GPUs);
             None: when the cluster has GPUs.
         openblas_coretype: ``OPENBLAS_CORETYPE`` of the actor processes (``auto``: the best
-            kernels for this CPU; empty: inherit), see :func:`~rayhybrid.evaluation.search.openblas_env`.
+            kernels for this CPU; empty: inherit), see :func:`~rayhybrid.evaluation.faiss_index.openblas_env`.
 
     Raises:
         EvaluationError: a shard fails to build (empty, non-finite, ...); the actors already
