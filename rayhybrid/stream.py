@@ -4,9 +4,10 @@ For every training worker ``r`` one Ray Dataset ``train_rank{r}`` holds that wor
 share of every global step in ``[start_step, max_steps)``, in step order. Ray Data
 expands step numbers into plan rows (:mod:`rayhybrid.batching`, a pure function of
 ``(seed, epoch, step)``), looks the texts up, validates them and tokenizes them with a
-Hugging Face fast tokenizer in ``map_batches``; every tokenizer actor loads its own
-tokenizer once (no "Already borrowed" from a tokenizer shared across threads). Token
-ids are stored unpadded; :func:`iter_step_batches` pads each step to its longest row.
+Hugging Face fast tokenizer in ``map_batches``: the driver loads it once and ships its
+Rust backend; every tokenizer actor builds its own copy once (no "Already borrowed" from
+a tokenizer shared across threads). Token ids are stored unpadded;
+:func:`iter_step_batches` pads each step to its longest row.
 
 Why one dataset per rank instead of ``streaming_split``: Ray Train's split does not
 say which rows reach which worker, and the plan must decide that (a worker's share of
@@ -23,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import textwrap
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -69,17 +71,18 @@ class _StreamSpec:
     start_step: int
     n_steps: int
     tokenizer_path: str
+    tokenizer_json: str  # the fast tokenizer's Rust backend, serialized
+    truncation_side: str
     query_prefix: str
     passage_prefix: str
     max_query_length: int
     max_passage_length: int
 
 
-def _token_lists(tokenizer: Any, texts: list[str], max_length: int) -> pa.Array:
+def _token_lists(tokenizer: Any, texts: list[str]) -> pa.Array:
     import pyarrow as pa
 
-    ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"]
+    ids = [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=True)]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -103,15 +106,24 @@ class _PlanTokenize:
 
     def __init__(self, spec: Any, rank: int | None = None):
         import ray
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
+        # One tokenizer thread per CPU this actor holds: Rust's default (all cores) would
+        # oversubscribe the machine when several actors tokenize at once.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(cpus))))
         self.spec: _StreamSpec = ray.get(spec) if isinstance(spec, ray.ObjectRef) else spec
         self.rank = rank
         self.plan = BatchPlan(self.spec.batch, self.spec.units, self.spec.num_workers)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.spec.tokenizer_path, use_fast=True)
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(f"{self.spec.tokenizer_path}: no fast (Rust) tokenizer; the stream "
-                             "needs one (tokenizer.json)")
+        # The Rust backend of the driver's Hugging Face fast tokenizer, set up the way its
+        # __call__(truncation=True, max_length=L) does: same ids, and no torch / transformers
+        # import in the actor (seconds of start-up per actor on a busy 2-core machine).
+        self.tokenizers = {}
+        for side, length in (("q", self.spec.max_query_length), ("p", self.spec.max_passage_length)):
+            tok = Tokenizer.from_str(self.spec.tokenizer_json)
+            tok.no_padding()
+            tok.enable_truncation(length, strategy="longest_first", direction=self.spec.truncation_side)
+            self.tokenizers[side] = tok
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
@@ -138,9 +150,19 @@ class _PlanTokenize:
                 passages.append(spec.passage_prefix + passage)
         table = {k: pa.array(v, type=pa.int64() if k in ("step", "slot") else pa.string())
                  for k, v in cols.items()}
-        table["q_ids"] = _token_lists(self.tokenizer, queries, spec.max_query_length)
-        table["p_ids"] = _token_lists(self.tokenizer, passages, spec.max_passage_length)
+        table["q_ids"] = _token_lists(self.tokenizers["q"], queries)
+        table["p_ids"] = _token_lists(self.tokenizers["p"], passages)
         return pa.table(table)
+
+
+def _fast_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer {path}: not a fast (Rust) tokenizer; the stream needs one "
+                         "(a tokenizer.json beside the model)")
+    return tokenizer
 
 
 def train_data_config() -> Any:
@@ -209,7 +231,7 @@ def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_worker
     Raises:
         BatchPlanError: the batch config cannot be satisfied by the data (checked here,
             in the driver, before any Ray work starts).
-        ValueError: ``start_step`` outside ``[0, max_steps]``.
+        ValueError: ``start_step`` outside ``[0, max_steps]``; not a fast tokenizer.
     """
     import ray
 
@@ -220,7 +242,9 @@ def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_worker
     BatchPlan(cfg.batch, units, num_workers)  # validate in the driver, with a clear error
     n_steps = max_steps - start_step
     per_worker = cfg.batch.batch_size // num_workers
+    tokenizer = _fast_tokenizer(str(tokenizer_path))
     spec = _StreamSpec(cfg.batch, units, num_workers, start_step, n_steps, str(tokenizer_path),
+                       tokenizer.backend_tokenizer.to_str(), tokenizer.truncation_side,
                        cfg.model.query_prefix, cfg.model.passage_prefix,
                        cfg.data.max_query_length, cfg.data.max_passage_length)
     if n_steps == 0:  # a run resumed at its last step: nothing left to read
