@@ -109,8 +109,10 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
         finally:
             model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)
-        out = {dev_key(k): float(v) for k, v in dev.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        # Macro averages and bias only (``setting/metric``); per-language cells stay out of the
+        # Tune results (110 cross-lingual pairs x every metric would bury the objective).
+        out = {dev_key(k): float(v) for k, v in dev.items() if k.count("/") == 1
+               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         out[OBJECTIVE_KEY] = objective.value(dev)
         # ASHA's clock. Left out at the last step: ASHA stops every trial that reaches its
         # max_t, which would kill the trial before it exports its model and closes its run.
