@@ -15,7 +15,6 @@ import copy
 import fnmatch
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from rayhybrid.config import ConfigError, load_config
+
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -186,7 +187,7 @@ def test_console_script_named_by_the_image_exists(instructions):
 
 def _commands_in(text: str) -> list[list[str]]:
     """`python .../jobs/x.py ...` and `rayhybrid ...` command lines found in ``text``."""
-    text = text.replace("\\\n", " ")
+    text = re.sub(r"\\\n#?\s*", " ", text)  # continuation lines, also inside YAML comments
     cmds = []
     for m in re.finditer(r"(python (?:\S*/)?(?:jobs|tune)/\w+\.py[^\n`\"|;&]*)", text):
         cmds.append(shlex.split(m.group(1)))
@@ -197,6 +198,9 @@ def _repo_path(p: str) -> Path:
     return REPO / re.sub(r"^/home/ray/rayhybrid/", "", p)
 
 
+# Scripts with a default --config (jobs/_common.run_job(default_config=...)).
+DEFAULT_CONFIGS = {"quickstart.py": REPO / "configs" / "quickstart.yaml",
+                   "evaluate.py": REPO / "configs" / "evaluate_xquad_r.yaml"}
 CLUSTER_FILES = ["cluster.yaml", "rayjob.yaml", "README.md", "Dockerfile"]
 
 
@@ -206,6 +210,8 @@ def test_job_commands_name_existing_scripts_and_valid_configs(name):
     text = path.read_text()
     if name == "rayjob.yaml":
         text = yaml.safe_load(text)["spec"]["entrypoint"]
+    for ref in re.findall(r"--runtime-env[ =](\S+)", text):
+        assert _repo_path(ref).is_file(), f"{name}: runtime env {ref} does not exist"
     cmds = _commands_in(text)
     if name in ("rayjob.yaml", "README.md"):
         assert cmds, f"{name} names no job command"
@@ -213,7 +219,7 @@ def test_job_commands_name_existing_scripts_and_valid_configs(name):
         script = _repo_path(argv[1])
         assert script.is_file(), f"{name}: {argv[1]} does not exist"
         rest = argv[2:]
-        config = None
+        config = DEFAULT_CONFIGS.get(Path(argv[1]).name)
         if "--config" in rest:
             i = rest.index("--config")
             config = _repo_path(rest[i + 1])
