@@ -210,7 +210,7 @@ def test_job_commands_name_existing_scripts_and_valid_configs(name):
     text = path.read_text()
     if name == "rayjob.yaml":
         text = yaml.safe_load(text)["spec"]["entrypoint"]
-    for ref in re.findall(r"--runtime-env[ =](\S+)", text):
+    for ref in re.findall(r"--runtime-env[ =]([^\s\"']+)", text):
         assert _repo_path(ref).is_file(), f"{name}: runtime env {ref} does not exist"
     cmds = _commands_in(text)
     if name in ("rayjob.yaml", "README.md"):
