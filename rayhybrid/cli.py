@@ -29,6 +29,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     from rayhybrid.config import config_to_dict
 
+    if args.explain and args.markdown:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, help_text in explain():
+            print(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
+        return 0
     if args.explain:
         for key, default, help_text in explain():
             print(f"{key} = {default}\n    {help_text}")
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("config", _cmd_config, "Print the resolved config, or explain every key.")
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="List every key, its default and meaning.")
+    p.add_argument("--markdown", action="store_true", help="With --explain: as a Markdown table.")
 
     p = add("batches", _cmd_batches, "Print the planned hybrid batches the trainer will get.")
     _add_config_args(p)
