@@ -19,8 +19,9 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rayhybrid.config import Config
@@ -67,7 +68,7 @@ def connect() -> None:
           flush=True)
 
 
-def path_warnings(cfg: "Config") -> list[str]:
+def path_warnings(cfg: Config) -> list[str]:
     """Warnings about outputs that a submitted job would write into its temporary working dir.
 
     Ray unpacks ``--working-dir`` into a per-job temporary folder and deletes it later; a
@@ -100,10 +101,10 @@ def _user_facing(exc: BaseException) -> bool:
                             PermissionError))
 
 
-def run_job(run: Callable[["Config", argparse.Namespace], Optional[int]], description: str, *,
-            default_config: Optional[str] = None,
-            add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
-            argv: Optional[Sequence[str]] = None) -> int:
+def run_job(run: Callable[[Config, argparse.Namespace], int | None], description: str, *,
+            default_config: str | None = None,
+            add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+            argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load the config, connect to Ray, call ``run``; return the exit status.
 
     Args:

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rayhybrid.config import Config
@@ -48,11 +48,11 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-def _fmt(value: Optional[float], digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def format_table(task: str, after: dict[str, float], before: Optional[dict[str, float]] = None) -> str:
+def format_table(task: str, after: dict[str, float], before: dict[str, float] | None = None) -> str:
     """Markdown table of mono / cross / multi metrics and rank distance, before -> after."""
     head = ["setting", "metric"] + (["pretrained", "fine-tuned", "change"] if before else ["value"])
     rows = []
@@ -80,12 +80,12 @@ def format_table(task: str, after: dict[str, float], before: Optional[dict[str, 
     return "\n".join(lines)
 
 
-def _with_output(cfg: "Config", sub: str) -> "Config":
+def _with_output(cfg: Config, sub: str) -> Config:
     out = str(Path(cfg.eval.output_dir) / sub)
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, output_dir=out))
 
 
-def quickstart(cfg: "Config", *, baseline: bool = True) -> int:
+def quickstart(cfg: Config, *, baseline: bool = True) -> int:
     """Evaluate the starting model, fine-tune it, evaluate again, print a summary.
 
     Args:
@@ -116,6 +116,10 @@ def quickstart(cfg: "Config", *, baseline: bool = True) -> int:
           f"evaluation on {tasks}; MLflow {uri or 'disabled'}", flush=True)
 
     before = None
+    if baseline and cfg.model.name == "tiny":
+        # The tiny model is built (tokenizer trained, weights drawn) inside the training run.
+        print("[rayhybrid quickstart] model 'tiny' has no pretrained state: no baseline", flush=True)
+        baseline = False
     if baseline:
         print("[rayhybrid quickstart] 1/3 zero-shot evaluation of the pretrained model", flush=True)
         before = evaluate(_with_output(cfg, "pretrained"))

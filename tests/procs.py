@@ -14,11 +14,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
-__all__ = ["Background", "free_ports", "http_ok"]
+__all__ = ["Background", "free_ports", "http_ok", "pids_with"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -32,7 +32,7 @@ def free_ports(n: int) -> list[int]:
         return ports
 
 
-def http_ok(url: str, timeout: float = 2.0, headers: Optional[Mapping[str, str]] = None) -> bool:
+def http_ok(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> bool:
     """True when ``url`` answers 200."""
     try:
         req = urllib.request.Request(url, headers=dict(headers or {}))
@@ -42,11 +42,27 @@ def http_ok(url: str, timeout: float = 2.0, headers: Optional[Mapping[str, str]]
         return False
 
 
+def pids_with(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (e.g. a test's unique temp dir)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if marker in cmdline and state != "Z":
+            out.append(int(entry.name))
+    return out
+
+
 class Background:
     """A command running in its own session, its output in ``log``; ``stop()`` ends its group."""
 
-    def __init__(self, cmd: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None,
-                 cwd: Optional[Path] = None):
+    def __init__(self, cmd: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None):
         self.cmd = list(cmd)
         self.log = log
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
@@ -59,7 +75,7 @@ class Background:
         return self.log.read_text(errors="replace")
 
     def wait_http(self, url: str, timeout: float, what: str,
-                  headers: Optional[Mapping[str, str]] = None) -> None:
+                  headers: Mapping[str, str] | None = None) -> None:
         """Wait until ``url`` answers 200.
 
         Raises:
