@@ -7,7 +7,8 @@ experiment folder (its ``checkpoint_*`` folders and snapshot). rayhybrid adds:
   and ``train.resume``), the resolved config;
 - ``init_model/``: the tiny model and tokenizer built for this run (``model.name: tiny``);
 - ``best_model/``: the exported model of the lowest validation loss so far;
-- ``model/``: the final exported model (the best one when validation is on).
+- ``final_model/``: the final exported model (the best one when validation is on);
+- ``mlflow_unsent.jsonl``: metrics that could not be sent when MLflow failed mid-run.
 
 A checkpoint folder holds ``model.pt``, ``optimizer.pt``, ``scheduler.pt``,
 ``state.json`` (global step = the data position, best validation loss, early-stopping
@@ -67,7 +68,12 @@ class RunPaths:
 
     @property
     def final_model(self) -> Path:
-        return self.root / "model"
+        return self.root / "final_model"
+
+    @property
+    def mlflow_unsent(self) -> Path:
+        """Metrics MLflow did not take (server down mid-run); ``resend_unsent`` logs them later."""
+        return self.root / "mlflow_unsent.jsonl"
 
 
 @dataclass

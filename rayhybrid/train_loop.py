@@ -56,15 +56,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
 
 
 class _Mlflow:
-    """Rank 0's MLflow writer for the driver-created run; buffers and sends every flush."""
+    """Rank 0's MLflow writer for the driver-created run; buffers and sends every flush.
 
-    def __init__(self, spec: dict | None):
-        self.client = self.run_id = None
+    Calls go through :class:`rayhybrid.tracking.TrackingGuard`: a tracking server that dies
+    mid-run costs one message and a spill file, never the training run.
+    """
+
+    def __init__(self, spec: dict | None, spill_path: Path):
+        self.client = self.run_id = self.guard = None
         self.buffer: list = []
         if spec:
             from mlflow.tracking import MlflowClient
 
+            from rayhybrid.tracking import TrackingGuard
+
             self.client, self.run_id = MlflowClient(spec["tracking_uri"]), spec["run_id"]
+            self.guard = TrackingGuard(spec["tracking_uri"], spill_path=spill_path)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is not None:
@@ -75,8 +82,7 @@ class _Mlflow:
 
     def flush(self) -> None:
         if self.client is not None and self.buffer:
-            for i in range(0, len(self.buffer), 900):  # log_batch takes at most 1000 metrics
-                self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
+            self.guard.log_metrics(self.client, self.run_id, self.buffer)
             self.buffer = []
 
 
@@ -211,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:  # noqa: PLR0915 - one rea
     state.world_size = world  # a resume may use another number of workers
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     model.train()
-    mlflow = _Mlflow(loop_config.get("mlflow") if rank == 0 else None)
+    mlflow = _Mlflow(loop_config.get("mlflow") if rank == 0 else None, paths.mlflow_unsent)
     per_worker = cfg.batch.batch_size // world
     batch_log = Path(debug["batch_log"]) if debug.get("batch_log") else None
     step_times, window, last = [], [], time.perf_counter()

@@ -196,18 +196,24 @@ def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resum
 
 
 def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: str) -> None:
+    """Model artifact, final metrics, run status; a failing store costs a message, not the run."""
     if spec is None:
         return
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(spec["tracking_uri"])
+    from rayhybrid.tracking import TrackingGuard
+
+    client, run_id = MlflowClient(spec["tracking_uri"]), spec["run_id"]
+    guard = TrackingGuard(spec["tracking_uri"], spill_path=paths.mlflow_unsent)
     if status == "FINISHED" and paths.final_model.is_dir():
-        client.log_artifacts(spec["run_id"], str(paths.final_model), "model")
+        guard.call("log the model", client.log_artifacts, run_id, str(paths.final_model), "model")
         for key in ("best_val_loss", "step_time_median_s"):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                client.log_metric(spec["run_id"], f"final/{key}", float(value))
-    client.set_terminated(spec["run_id"], status)
+                guard.call("log final metrics", client.log_metric, run_id, f"final/{key}",
+                           float(value), records=[{"key": f"final/{key}", "value": float(value),
+                                                   "step": metrics.get("step", 0)}])
+    guard.call("close the run", client.set_terminated, run_id, status)
 
 
 def _debug_hooks(paths: RunPaths) -> dict:
