@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="per-rank datasets to build (default 2)")
     ap.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=...) (default 2)")
     ap.add_argument("--data", default=None, help="XQuAD-R folder (default: data.path of the config)")
+    ap.add_argument("--ray-niceness", type=int, default=0,
+                    help="nice value of Ray's worker processes (Ray's own default is 15; 0 gives "
+                    "the stream the same CPU priority as the baseline on a busy machine)")
     ap.add_argument("--repeat", type=int, default=3, help="alternating raw / stream runs (default 3)")
     ap.add_argument("--breakdown", action="store_true", help="also time planning and tokenizer calls")
     args = ap.parse_args(argv)
@@ -92,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     pairs = args.steps * args.batch_size
     print(f"XQuAD-R train: {len(units)} units, {args.steps} steps x {args.batch_size} = {pairs} pairs, "
           f"tokenizer {cfg.model.name}, max lengths {cfg.data.max_query_length}/"
-          f"{cfg.data.max_passage_length}, {args.workers} rank datasets, Ray num_cpus={args.cpus}")
+          f"{cfg.data.max_passage_length}, {args.workers} rank datasets, Ray num_cpus={args.cpus}, "
+          f"Ray worker niceness {args.ray_niceness}")
 
     raw_loop(tokenizer, cfg, batches[:20])  # warm the tokenizer
+    os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # read by the raylet at start
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ratios, stream_s = [], 0.0
