@@ -57,7 +57,13 @@ def stream_loop(cfg, data, tok_path: str, workers: int, steps: int, pad: int) ->
     for r in range(workers):
         for batch in iter_step_batches(datasets[rank_key(r)], cfg.batch.batch_size // workers, pad):
             n += batch["q_input_ids"].shape[0]
-    return n, t1 - t0, time.perf_counter() - t1
+    t2 = time.perf_counter()
+    global LAST_STATS
+    LAST_STATS = datasets[rank_key(0)].stats()
+    return n, t1 - t0, t2 - t1
+
+
+LAST_STATS = ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         tok_s = time.perf_counter() - t
         print(f"breakdown: plan + text lookup {plan_s:.2f} s (one process), tokenizer calls "
               f"{tok_s:.2f} s (one process, 2048 rows per call), stream wall {stream_s:.2f} s")
+        print("Ray Data stats of the last stream (map op = plan + texts + tokenizer in the actors):")
+        for line in LAST_STATS.splitlines():
+            if line.startswith("Operator") or "Remote wall time" in line or "Remote cpu time" in line:
+                print("  " + line.strip())
     ray.shutdown()
     return 0
 

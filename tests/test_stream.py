@@ -119,6 +119,9 @@ def test_restart_at_step_k_yields_the_uninterrupted_batches(xquad, minilm_dir):
         # A restart that keeps the datasets built from step 0 skips to its step instead.
         skipped = iter_step_batches(datasets[rank_key(r)], BATCH // WORKERS, 0, start_step=RESUME_AT)
         assert_same_batches(list(skipped), full[r][RESUME_AT:])
+    # A run resumed at its last step gets an empty stream, not an error.
+    done = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, start_step=STEPS)
+    assert read_all(done) == [[], []]
 
 
 def test_streaming_equals_materialized(xquad, minilm_dir):
