@@ -158,3 +158,18 @@ def test_gpu_search_equals_cpu(gpu):
     assert np.array_equal(cpu.keys, cuda.keys)
     assert np.allclose(cpu.scores, cuda.scores, atol=1e-6)
     assert np.array_equal(cpu.rel_ranks, cuda.rel_ranks)
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_tiled_scoring_gives_identical_results(index):
+    q, c, keys = tied_data(seed=6, n=100)
+    rel = np.stack([keys[[3, 10, 99]], keys[[40, 7, 0]]] * 6)
+    whole = ShardSearcher("whole", c, keys, index=index)
+    tiled = ShardSearcher("tiled", c, keys, index=index, tile=7)  # 15 tiles, one of 2 columns
+    for k in (1, 9, 100):
+        a, b = whole.search(q, k, rel), tiled.search(q, k, rel)
+        for name in ("keys", "scores", "rel_scores", "rel_ranks"):
+            assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), (k, name)
+    thr = whole.search(q, 30).scores[:, [4, 29]]
+    tkeys = np.tile(keys[[5, 77]], (len(q), 1))
+    assert np.array_equal(whole.count_before(q, thr, tkeys), tiled.count_before(q, thr, tkeys))

@@ -46,8 +46,10 @@ __all__ = [
     "topk_with_ties",
 ]
 
-# Elements of one score block (rows x shard size): bounds memory at ~128 MiB of float64.
+# Elements of one score block (rows x tile columns): bounds memory at ~128 MiB of float64.
 _BLOCK_ELEMENTS = 1 << 24
+# Columns per tile: larger shards are scored tile by tile (ShardSearcher._tiles).
+_TILE = 1 << 15
 
 
 @dataclass
@@ -91,8 +93,8 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _gather(scores: Any, cols: np.ndarray) -> np.ndarray:
-    """scores[row, cols[row, j]] for non-negative cols (others: anything)."""
-    safe = np.clip(cols, 0, None)
+    """scores[row, cols[row, j]] for cols inside the block (others: any value, masked later)."""
+    safe = np.clip(cols, 0, scores.shape[1] - 1)
     if isinstance(scores, np.ndarray):
         return np.take_along_axis(scores, safe, 1)
     import torch
@@ -224,6 +226,7 @@ class ShardSearcher:
             candidates by key. Stored sorted by key so column order is tie order.
         index: ``flat`` (exact), ``ivf`` or ``hnsw`` (FAISS, approximate top-k).
         device: ``cpu`` or ``cuda``.
+        tile: candidates scored at once (larger shards go tile by tile; same results).
 
     Raises:
         EvaluationError: empty shard, not a 2-D finite array, keys of the wrong length or
@@ -231,10 +234,12 @@ class ShardSearcher:
     """
 
     def __init__(self, name: str, embeddings: np.ndarray, keys: np.ndarray | None = None, *,
-                 index: str = "flat", device: str = "cpu", **index_options) -> None:
+                 index: str = "flat", device: str = "cpu", tile: int = _TILE,
+                 **index_options: Any) -> None:
         emb, keys = check_shard(name, embeddings, keys)
         order = np.argsort(keys, kind="stable")
         self.name, self.keys, self.kind, self.device = name, keys[order], index, device
+        self.tile = max(1, int(tile))
         emb = emb[order]
         if device == "cpu":
             self._cand64: Any = emb.astype(np.float64)
@@ -265,12 +270,19 @@ class ShardSearcher:
         return q
 
     def _blocks(self, n: int):
-        step = max(1, min(4096, _BLOCK_ELEMENTS // self.size))
+        """Row blocks of the query matrix: one block x one tile stays within _BLOCK_ELEMENTS."""
+        step = max(1, min(4096, _BLOCK_ELEMENTS // min(self.size, self.tile)))
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
 
-    def _scores(self, q: np.ndarray) -> Any:
-        return exact_scores(q, self._cand64)
+    def _tiles(self) -> list[tuple[int, int]]:
+        """Column tiles: a large shard is scored tile by tile, so that a row block stays
+        large and the candidate matrix is streamed from memory a few times, not once per
+        handful of rows."""
+        return [(a, min(a + self.tile, self.size)) for a in range(0, self.size, self.tile)]
+
+    def _scores(self, q: np.ndarray, start: int = 0, stop: int | None = None) -> Any:
+        return exact_scores(q, self._cand64[start:stop])
 
     def _boundary(self, keys: np.ndarray) -> np.ndarray:
         """Per key: how many shard candidates have a smaller key (they win a tie against it)."""
@@ -311,26 +323,50 @@ class ShardSearcher:
         out = SearchResult(np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64),
                            np.full(rel_pos.shape, np.nan, np.float32), np.zeros(rel_pos.shape, np.int64))
         for sl in self._blocks(len(q)):
-            s = self._scores(q[sl])
-            if self._faiss is None or k == self.size:
-                out.scores[sl], cols = topk_with_ties(s, k)
-            else:
-                out.scores[sl], cols = self._approx_topk(q[sl], s, k)
+            out.scores[sl], cols, out.rel_scores[sl], out.rel_ranks[sl] = self._search_block(
+                q[sl], k, rel_pos[sl])
             out.keys[sl] = np.where(cols >= 0, self.keys[cols.clip(0)], -1)
-            if rel_pos.shape[1]:
-                pos = rel_pos[sl]
-                thr = np.where(pos >= 0, _gather(s, pos), np.inf).astype(np.float32)
-                ranks = 1 + _count_before(s, thr, pos)
-                out.rel_scores[sl] = np.where(pos >= 0, thr, np.nan)
-                out.rel_ranks[sl] = np.where(pos >= 0, ranks, 0)
         return out
 
-    def _approx_topk(self, q: np.ndarray, s: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        _, c = self._faiss.search(q, k)
-        c = c.astype(np.int64)
-        v = np.where(c >= 0, _gather(s, c), -np.inf).astype(np.float32)
-        order = np.lexsort((np.where(c >= 0, c, np.iinfo(np.int64).max), -v), axis=-1)
-        return np.take_along_axis(v, order, 1), np.take_along_axis(c, order, 1)
+    def _search_block(self, q: np.ndarray, k: int, pos: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One row block, tile by tile: top-k, and scores / in-shard ranks at columns ``pos``."""
+        tiles = self._tiles()
+        approx = None
+        if self._faiss is not None and k < self.size:
+            approx = self._faiss.search(q, k)[1].astype(np.int64)
+            approx_scores = np.full(approx.shape, -np.inf, np.float32)
+        parts = []
+        thr = np.full(pos.shape, np.inf, np.float32)
+        ranks = np.zeros(pos.shape, np.int64)
+        for a, b in tiles:
+            s = self._scores(q, a, b)
+            if approx is None:
+                v, c = topk_with_ties(s, min(k, b - a))
+                parts.append((v, c + a))
+            else:
+                inside = (approx >= a) & (approx < b)
+                approx_scores = np.where(inside, _gather(s, approx - a), approx_scores)
+            inside = (pos >= a) & (pos < b)
+            thr = np.where(inside, _gather(s, pos - a), thr).astype(np.float32)
+            if len(tiles) == 1 and pos.shape[1]:
+                ranks = _count_before(s, thr, pos)
+        if len(tiles) > 1 and pos.shape[1]:  # thresholds complete only now: a second pass
+            ranks = self._count_tiles(q, thr, pos)
+        if approx is None:
+            vals, cols = merge_topk(parts, k)  # columns: lower column wins a tie, as in a tile
+        else:
+            order = np.lexsort((np.where(approx >= 0, approx, np.iinfo(np.int64).max),
+                                -approx_scores), axis=-1)
+            vals, cols = (np.take_along_axis(x, order, 1) for x in (approx_scores, approx))
+        valid = pos >= 0
+        return vals, cols, np.where(valid, thr, np.nan), np.where(valid, ranks + 1, 0)
+
+    def _count_tiles(self, q: np.ndarray, thr: np.ndarray, bound: np.ndarray) -> np.ndarray:
+        """Candidates before each threshold, summed over tiles (``bound``: global columns)."""
+        total = np.zeros(thr.shape, np.int64)
+        for a, b in self._tiles():
+            total += _count_before(self._scores(q, a, b), thr, np.clip(bound - a, 0, b - a))
+        return total
 
     def count_before(self, queries: np.ndarray, thresholds: np.ndarray,
                      threshold_keys: np.ndarray) -> np.ndarray:
@@ -361,5 +397,5 @@ class ShardSearcher:
             return out
         bound = self._boundary(tkeys)
         for sl in self._blocks(len(q)):
-            out[sl] = _count_before(self._scores(q[sl]), thr[sl], bound[sl])
+            out[sl] = self._count_tiles(q[sl], thr[sl], bound[sl])
         return out
