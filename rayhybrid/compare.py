@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
 from rayhybrid.config import Config, ConfigError, config_to_dict, resolve_path
 from rayhybrid.results import ResultsTable, plot_heatmap
 
@@ -181,7 +183,7 @@ def _write_outputs(cfg: Config, table: ResultsTable, columns: list[tuple[str, st
         cross = _cross_heatmaps(cfg, summaries, out / "cross_heatmaps.png")
         if cross is not None:
             paths["cross_heatmaps"] = cross
-    (out / "config.yaml").write_text(__import__("yaml").safe_dump(config_to_dict(cfg), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     paths["config"] = out / "config.yaml"
     return paths
 
