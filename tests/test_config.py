@@ -105,3 +105,10 @@ def test_cli_help_explains_every_subcommand():
 def test_cli_config_error_exits_2(capsys):
     assert main(["config", "train.nope=1"]) == 2
     assert "unknown key train.nope" in capsys.readouterr().err
+
+
+def test_readme_lists_every_knob():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in explain() if f"`{key}`" not in readme]
+    assert not missing, f"README.md does not list: {missing} (regenerate with " \
+        "`rayhybrid config --explain --markdown`)"
