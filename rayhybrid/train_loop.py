@@ -16,13 +16,19 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
-from rayhybrid.checkpointing import (RunPaths, TrainState, checkpoint_step, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint)
+from rayhybrid.checkpointing import (
+    RunPaths,
+    TrainState,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import export_model, load_biencoder, unwrap_model
@@ -191,125 +197,167 @@ def _export(model, tokenizer, cfg: Config, out: Path) -> None:
     tmp.rename(out)  # readers never see a half-written model
 
 
-def train_loop_per_worker(loop_config: dict) -> None:  # noqa: PLR0915 - one readable loop
-    """Ray Train worker entry point. ``loop_config`` is built by :func:`rayhybrid.training.train`."""
-    cfg = config_from_dict(loop_config["config"])
-    import ray.train
-    import ray.train.torch
+class _Worker:
+    """One Ray Train worker's model, optimiser, schedule, train state and side channels."""
 
-    from rayhybrid.stream import iter_step_batches, rank_key
+    def __init__(self, loop_config: dict):
+        import ray.train
+        import ray.train.torch
 
-    paths, debug = RunPaths(**loop_config["paths"]), loop_config.get("debug", {})
-    extra_fn = loop_config.get("extra_report_fn")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tc = cfg.train
-    torch.set_num_threads(max(1, tc.threads_per_worker or int(tc.cpus_per_worker)))
-    torch.manual_seed(cfg.batch.seed * 1000 + rank)  # dropout streams differ per rank, reproducibly
-    device = ray.train.torch.get_device()
+        self.cfg = cfg = config_from_dict(loop_config["config"])  # plain dict back to the schema
+        self.paths, self.debug = RunPaths(**loop_config["paths"]), loop_config.get("debug", {})
+        self.val_batches = loop_config["val_batches"]
+        self.extra_fn = loop_config.get("extra_report_fn")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        tc = cfg.train
+        torch.set_num_threads(max(1, tc.threads_per_worker or int(tc.cpus_per_worker)))
+        torch.manual_seed(cfg.batch.seed * 1000 + self.rank)  # per-rank dropout, reproducible
+        self.device = ray.train.torch.get_device()
+        self.tokenizer, model = load_biencoder(cfg.model, path=loop_config["model_path"])
+        model.to(self.device)
+        self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, tc.max_steps, tc.warmup_ratio)
+        state, self.saved_at = _restore(self.paths, model, self.optimizer, self.scheduler,
+                                        self.rank, self.world)
+        self.state = state or TrainState()
+        self.state.world_size = self.world  # a resume may use another number of workers
+        self.model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+        self.model.train()
+        self.mlflow = _Mlflow(loop_config.get("mlflow") if self.rank == 0 else None,
+                              self.paths.mlflow_unsent)
+        log_dir = self.debug.get("batch_log")
+        self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
+        self.step_times: list[float] = []
+        self.window: list[dict] = []
+        self.last = time.perf_counter()
 
-    tokenizer, model = load_biencoder(cfg.model, path=loop_config["model_path"])
-    model.to(device)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
-    scheduler = build_scheduler(optimizer, tc.max_steps, tc.warmup_ratio)
-    state, saved_at = _restore(paths, model, optimizer, scheduler, rank, world)
-    state = state or TrainState()
-    state.world_size = world  # a resume may use another number of workers
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
-    model.train()
-    mlflow = _Mlflow(loop_config.get("mlflow") if rank == 0 else None, paths.mlflow_unsent)
-    per_worker = cfg.batch.batch_size // world
-    batch_log = Path(debug["batch_log"]) if debug.get("batch_log") else None
-    step_times, window, last = [], [], time.perf_counter()
+    def batches(self):
+        import ray.train
 
-    def ckpt_fn(folder: str) -> None:
-        save_checkpoint(folder, model, optimizer, scheduler, state, rank)
+        from rayhybrid.stream import iter_step_batches, rank_key
 
-    shard = ray.train.get_dataset_shard(rank_key(rank))
-    for batch in iter_step_batches(shard, per_worker, tokenizer.pad_token_id):
-        step = batch["step"]
-        if state.stopped_early or step >= tc.max_steps:
-            break
-        if step < state.step:  # a restarted worker group re-reads the stream from its start
-            last = time.perf_counter()
-            continue
-        if step != state.step:
-            raise RuntimeError(f"the stream jumped from step {state.step} to {step}: batches would "
-                               "be skipped; rebuild the stream from the checkpoint's step")
-        _inject_fault(debug, rank, step)
-        if batch_log is not None:
-            with open(batch_log / f"rank{rank}.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, "pid": os.getpid(), "group": batch["group"]}) + "\n")
+        shard = ray.train.get_dataset_shard(rank_key(self.rank))
+        # A restarted worker group re-reads the stream from where the driver built it: skip to
+        # the restored step.
+        yield from iter_step_batches(shard, self.cfg.batch.batch_size // self.world,
+                                     self.tokenizer.pad_token_id, start_step=self.state.step)
 
-        with _autocast(cfg, device):
-            q = model(batch["q_input_ids"].to(device), batch["q_attention_mask"].to(device))
-            p = model(batch["p_input_ids"].to(device), batch["p_attention_mask"].to(device))
-        loss, backward_loss = info_nce(q, p, tau=tc.tau, rank=rank, world_size=world,
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on this worker's share of a global batch; its metrics."""
+        tc, dev = self.cfg.train, self.device
+        if batch["step"] != self.state.step:
+            raise RuntimeError(f"the stream jumped from step {self.state.step} to {batch['step']}: "
+                               "batches would be skipped; rebuild it from the checkpoint's step")
+        _inject_fault(self.debug, self.rank, batch["step"])
+        if self.batch_log is not None:
+            with open(self.batch_log, "a") as fh:
+                fh.write(json.dumps({"step": batch["step"], "pid": os.getpid(),
+                                     "group": batch["group"]}) + "\n")
+        with _autocast(self.cfg, dev):
+            q = self.model(batch["q_input_ids"].to(dev), batch["q_attention_mask"].to(dev))
+            p = self.model(batch["p_input_ids"].to(dev), batch["p_attention_mask"].to(dev))
+        loss, backward_loss = info_nce(q, p, tau=tc.tau, rank=self.rank, world_size=self.world,
                                        symmetric=tc.symmetric)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         backward_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        state.step = step + 1
-
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   tc.grad_clip or float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step = batch["step"] + 1
         now = time.perf_counter()
-        step_times.append(now - last)
-        last = now
-        step_metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
-                        "train/pairs_per_s": cfg.batch.batch_size / step_times[-1],
-                        "train/mode_is_mono": float(batch["mode"] in ("mono", "english"))}
-        mlflow.log(step_metrics, state.step)
-        window.append(step_metrics)
-        report: dict[str, Any] = {}
-        if state.step % max(1, tc.log_every) == 0 or state.step == tc.max_steps:
-            report = {k.split("/", 1)[1]: sum(m[k] for m in window) / len(window) for k in window[0]}
-            window = []
-            if rank == 0:  # logging, not print: Ray Train V2 echoes worker stdout twice
-                log.info("step %d/%d loss %.4f lr %.2e %.1f pairs/s", state.step, tc.max_steps,
-                         report["loss"], lr, report["pairs_per_s"])
-        if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.max_steps):
-            val = _validate(model, tokenizer, cfg, loop_config["val_batches"], rank, world, device)
-            improved = _agree(val["val_loss"] < state.best_val_loss, world)
-            if improved:
-                state.best_val_loss, state.best_step, state.bad_evals = val["val_loss"], state.step, 0
-                if rank == 0:
-                    _export(model, tokenizer, cfg, paths.best_model)
+        self.step_times.append(now - self.last)
+        self.last = now
+        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
+                   "train/pairs_per_s": self.cfg.batch.batch_size / self.step_times[-1],
+                   "train/mode_is_mono": float(batch["mode"] in ("mono", "english"))}
+        self.mlflow.log(metrics, self.state.step)
+        self.window.append(metrics)
+        return metrics
+
+    def window_report(self) -> dict[str, float]:
+        """Means of the step metrics since the last report (``loss``, ``lr``, ``pairs_per_s``...)."""
+        w, self.window = self.window, []
+        out = {k.split("/", 1)[1]: sum(m[k] for m in w) / len(w) for k in w[0]} if w else {}
+        if self.rank == 0 and out:  # logging, not print: Ray Train V2 echoes worker stdout twice
+            log.info("step %d/%d loss %.4f lr %.2e %.1f pairs/s", self.state.step,
+                     self.cfg.train.max_steps, out["loss"], out["lr"], out["pairs_per_s"])
+        return out
+
+    def validation_point(self) -> dict[str, float]:
+        """Validation loss/accuracy, best-model export, early-stopping bookkeeping, extra metrics."""
+        st, tc = self.state, self.cfg.train
+        val = _validate(self.model, self.tokenizer, self.cfg, self.val_batches, self.rank,
+                        self.world, self.device)
+        if _agree(val["val_loss"] < st.best_val_loss, self.world):
+            st.best_val_loss, st.best_step, st.bad_evals = val["val_loss"], st.step, 0
+            if self.rank == 0:
+                _export(self.model, self.tokenizer, self.cfg, self.paths.best_model)
+        else:
+            st.bad_evals += 1
+        st.stopped_early = bool(tc.early_stopping_patience and st.bad_evals >= tc.early_stopping_patience)
+        val["best_val_loss"] = st.best_val_loss
+        if self.extra_fn is not None and self.rank == 0:
+            val.update(self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step))
+        self.mlflow.log({f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, st.step)
+        return val
+
+    def report(self, metrics: dict, checkpoint: bool) -> None:
+        self.mlflow.flush()
+        metrics["step"] = self.state.step
+
+        def write(folder: str) -> None:
+            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state, self.rank)
+
+        _report(metrics, write if checkpoint else None, self.state.step)
+        self.saved_at = self.state.step if checkpoint else self.saved_at
+
+    def finish(self) -> None:
+        """Export the final model (the best one under validation) and report the last checkpoint.
+
+        Ray Train's ``Result.metrics`` are those of the latest checkpoint, so the summary
+        travels with it (and in ``final_metrics.json`` for the driver).
+        """
+        st, tc = self.state, self.cfg.train
+        timed = sorted(self.step_times[KEEP_STEP_TIMES:] or self.step_times)
+        summary = {"step": st.step, "stopped_early": st.stopped_early,
+                   "best_val_loss": st.best_val_loss, "best_step": st.best_step,
+                   "step_time_median_s": timed[len(timed) // 2] if timed else float("nan"),
+                   "steps_this_attempt": len(self.step_times)}
+        if self.rank == 0:
+            self.mlflow.flush()
+            if tc.eval_every and self.paths.best_model.is_dir():
+                shutil.rmtree(self.paths.final_model, ignore_errors=True)
+                shutil.copytree(self.paths.best_model, self.paths.final_model)
             else:
-                state.bad_evals += 1
-            patience = tc.early_stopping_patience
-            state.stopped_early = bool(patience and state.bad_evals >= patience)
-            val["best_val_loss"] = state.best_val_loss
-            if extra_fn is not None and rank == 0:
-                val.update(extra_fn(unwrap_model(model), tokenizer, cfg, state.step))
-            mlflow.log({f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, state.step)
-            report.update(val)
-        done = state.stopped_early or state.step >= tc.max_steps
-        due = bool(tc.checkpoint_every and state.step % tc.checkpoint_every == 0) and not done
+                _export(self.model, self.tokenizer, self.cfg, self.paths.final_model)
+            if self.extra_fn is not None and not tc.eval_every:
+                summary.update(self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step))
+            (self.paths.root / FINAL_METRICS).write_text(json.dumps(summary, indent=1))
+        self.report(summary, checkpoint=self.saved_at != st.step)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker entry point. ``loop_config`` is built by :func:`rayhybrid.training.train`.
+
+    Every rank takes the same decisions at the same steps (reports are barriers).
+    """
+    w = _Worker(loop_config)
+    tc, st = w.cfg.train, w.state
+    for batch in w.batches():
+        if st.stopped_early or batch["step"] >= tc.max_steps:
+            break
+        w.train_step(batch)
+        last = st.step >= tc.max_steps
+        report = w.window_report() if st.step % tc.log_every == 0 or last else {}
+        if tc.eval_every and (st.step % tc.eval_every == 0 or last):
+            report.update(w.validation_point())
+        done = st.stopped_early or last
+        due = bool(tc.checkpoint_every and st.step % tc.checkpoint_every == 0) and not done
         if report or due:
-            mlflow.flush()
-            report["step"] = state.step
-            _report(report, ckpt_fn if due else None, state.step)
-            saved_at = state.step if due else saved_at
+            w.report(report, checkpoint=due)
         if done:
             break
-
-    # The last report carries the final checkpoint: Ray Train's Result.metrics are those of
-    # the latest checkpoint, so the summary travels with it.
-    timed = sorted(step_times[KEEP_STEP_TIMES:] or step_times)
-    summary = {"step": state.step, "stopped_early": state.stopped_early,
-               "best_val_loss": state.best_val_loss, "best_step": state.best_step,
-               "step_time_median_s": timed[len(timed) // 2] if timed else float("nan"),
-               "steps_this_attempt": len(step_times)}
-    if rank == 0:
-        mlflow.flush()
-        if tc.eval_every and paths.best_model.is_dir():
-            shutil.rmtree(paths.final_model, ignore_errors=True)
-            shutil.copytree(paths.best_model, paths.final_model)
-        else:
-            _export(model, tokenizer, cfg, paths.final_model)
-        if extra_fn is not None and not tc.eval_every:
-            summary.update(extra_fn(unwrap_model(model), tokenizer, cfg, state.step))
-        (paths.root / FINAL_METRICS).write_text(json.dumps(summary, indent=1))
-    _report(summary, ckpt_fn if saved_at != state.step else None, state.step)
+    w.finish()

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from rayhybrid.config import ModelConfig
-from rayhybrid.model import (BiEncoder, ModelError, build_tiny_model, encode_texts, export_model,
-                             load_biencoder)
+from rayhybrid.model import (
+    BiEncoder,
+    ModelError,
+    build_tiny_model,
+    encode_texts,
+    export_model,
+    load_biencoder,
+)
 
 TEXTS = ["Wie viele Punkte gab die Verteidigung ab?", "Combien de points la défense a-t-elle accordés ?",
          "防守方丢了多少分？", "Kaç puan verdi savunma?", "How many points did the defense allow?",
@@ -125,3 +131,20 @@ def test_biencoder_rejects_unknown_pooling(tiny_model_dir, tiny_model_cfg):
     _, model = load_biencoder(tiny_model_cfg, path=str(tiny_model_dir))
     with pytest.raises(ModelError, match="pooling"):
         BiEncoder(model.encoder, pooling="max")
+
+
+def test_bf16_autocast_step_on_cpu(tiny_model_dir, tiny_model_cfg):
+    """train.precision=bf16: the encoder runs in bf16, embeddings and loss stay fp32, grads finite."""
+    from rayhybrid.loss import info_nce
+
+    tokenizer, model = load_biencoder(tiny_model_cfg, path=str(tiny_model_dir))
+    tok = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model(tok["input_ids"], tok["attention_mask"])
+        p = model(tok["input_ids"].flip(0), tok["attention_mask"].flip(0))
+    assert q.dtype == torch.float32
+    loss, backward_loss = info_nce(q, p, tau=0.05)
+    backward_loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [t.grad for t in model.parameters() if t.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

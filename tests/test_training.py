@@ -186,8 +186,9 @@ def test_export_of_a_trained_run_matches_the_trainer_encoder(reference, tiny_mod
 # --------------------------------------------------------------------------- learning
 
 
-def heldout_pairs(cfg, n: int = 256) -> list[tuple[str, str]]:
-    """Monolingual (question, answer sentence) pairs of the test articles, one per item."""
+def heldout_pairs(cfg, n: int = 512) -> list[tuple[str, str]]:
+    """Monolingual (question, answer sentence) pairs of the test articles, one per item,
+    its language drawn at random."""
     from rayhybrid.corpus import load_training_data
 
     rng = random.Random(0)
@@ -203,8 +204,8 @@ def heldout_scores(model_dir: Path, pairs, batch: int = 16) -> tuple[float, floa
     from rayhybrid.loss import in_batch_accuracy, info_nce
 
     tokenizer, model = load_biencoder(ModelConfig(), path=str(model_dir))
-    q = torch.from_numpy(encode_texts(model, tokenizer, [a for a, _ in pairs], max_length=24))
-    p = torch.from_numpy(encode_texts(model, tokenizer, [b for _, b in pairs], max_length=40))
+    q = torch.from_numpy(encode_texts(model, tokenizer, [a for a, _ in pairs], max_length=32))
+    p = torch.from_numpy(encode_texts(model, tokenizer, [b for _, b in pairs], max_length=64))
     chunks = [slice(i, i + batch) for i in range(0, len(pairs) - batch + 1, batch)]
     loss = np.mean([info_nce(q[s], p[s], tau=0.05)[0].item() for s in chunks])
     return float(loss), float(np.mean([in_batch_accuracy(q[s], p[s]) for s in chunks]))
@@ -214,24 +215,26 @@ def test_training_learns_on_xquad_r(ray_local, root, xquad_dir):
     """Issue 3, shown 2: tiny model built on the fly; loss falls, held-out accuracy rises."""
     cfg = make_cfg(root, xquad_dir, "learn", "model.name=tiny", "batch.strategy=mono",
                    "batch.batch_size=16", "train.num_workers=1", "train.cpus_per_worker=2",
-                   "train.max_steps=100", "train.lr=1e-3", "train.checkpoint_every=0",
-                   "train.log_every=10", "train.eval_every=50", "data.dev_fraction=0.1")
+                   "train.max_steps=150", "train.lr=1e-3", "train.checkpoint_every=0",
+                   "train.log_every=10", "train.eval_every=75", "data.train_fraction=0.5",
+                   "data.dev_fraction=0.1", "data.max_query_length=32", "data.max_passage_length=64")
     result = train(cfg)
     assert (result.run_dir / "init_model" / "tokenizer.json").is_file()
-    assert result.metrics["best_step"] in (50, 100)
+    assert result.metrics["best_step"] in (75, 150)
     assert result.metrics["best_val_loss"] < np.log(16) - 0.3  # below chance level, clearly
     client, runs = mlflow_runs(root, "learn")
     losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"),
                                       key=lambda m: m.step)]
-    assert len(losses) == 100
+    assert len(losses) == 150
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.3, (losses[:20], losses[-20:])
-    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")} == {50, 100}
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")} == {75, 150}
 
     pairs = heldout_pairs(cfg)
     loss_0, acc_0 = heldout_scores(result.run_dir / "init_model", pairs)
     loss_1, acc_1 = heldout_scores(result.model_dir, pairs)
+    # Seen on this setting: held-out loss 2.55 -> 1.10, accuracy 0.59 -> 0.68 (426 pairs).
     assert loss_1 < loss_0 - 0.5, (loss_0, loss_1)
-    assert acc_1 > acc_0 + 0.03, (acc_0, acc_1)
+    assert acc_1 > acc_0 + 0.04, (acc_0, acc_1)
 
 
 # --------------------------------------------------------------------------- bad input
