@@ -237,6 +237,26 @@ def test_training_learns_on_xquad_r(ray_local, root, xquad_dir):
     assert acc_1 > acc_0 + 0.04, (acc_0, acc_1)
 
 
+def test_early_stopping_keeps_the_best_model(ray_local, root, xquad_dir, tiny_model_dir):
+    """Validation every 2 steps, patience 2: stops at the second non-improving validation.
+
+    lr=1e-30 leaves the fp32 weights bit-identical, so the validation loss never improves
+    after the first validation (which beats +inf): the run must stop at step 6, best step 2.
+    """
+    cfg = make_cfg(root, xquad_dir, "early", f"model.name={tiny_model_dir}", "train.lr=1e-30",
+                   "train.num_workers=1", "train.cpus_per_worker=2", "train.max_steps=20",
+                   "train.checkpoint_every=0", "train.eval_every=2",
+                   "train.early_stopping_patience=2", "data.dev_fraction=0.1")
+    result = train(cfg)
+    m = result.metrics
+    assert (m["step"], m["stopped_early"], m["best_step"]) == (6, True, 2)
+    client, runs = mlflow_runs(root, "early")
+    val_steps = {x.step for x in client.get_metric_history(runs[0].info.run_id, "val/loss")}
+    assert val_steps == {2, 4, 6}
+    best = (result.run_dir / "best_model" / "model.safetensors").read_bytes()
+    assert (result.model_dir / "model.safetensors").read_bytes() == best
+
+
 # --------------------------------------------------------------------------- bad input
 
 
