@@ -137,42 +137,39 @@ def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_
     assert "train/loss" in run.data.metrics
 
 
-def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(mlflow_server, tmp_path,
+                                                                         monkeypatch, capsys):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.tracking import TrackingGuard, resend_unsent
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # read at each request
-    root = tmp_path / "server"
-    server = start_server(root)
-    try:
-        client = MlflowClient(server.url)
-        run_id = client.create_run(client.create_experiment("guard")).info.run_id
-        spill = tmp_path / "run" / "mlflow_unsent.jsonl"
-        guard = TrackingGuard(server.url, spill)
-        first = [Metric("train/loss", 2.0 - i / 10, 1000 + i, i) for i in range(3)]
-        assert guard.log_metrics(client, run_id, first) and guard.ok and not spill.exists()
-    finally:
-        server.proc.stop()
+    live = MlflowClient(mlflow_server.url)
+    run_id = live.create_run(live.create_experiment("guard")).info.run_id
+    spill = tmp_path / "run" / "mlflow_unsent.jsonl"
+    assert TrackingGuard(mlflow_server.url, spill).log_metrics(
+        live, run_id, [Metric("train/loss", 2.0 - i / 10, 1000 + i, i) for i in range(3)])
+    assert not spill.exists()
+
+    (port,) = free_ports(1)  # a server that has gone away
+    dead_url = f"http://127.0.0.1:{port}"
+    guard = TrackingGuard(dead_url, spill)
+    dead = MlflowClient(dead_url)
     later = [Metric("train/loss", 1.0 - i / 10, 2000 + i, i) for i in range(3, 6)]
     started = time.monotonic()
-    assert not guard.log_metrics(client, run_id, later[:2])
-    assert not guard.log_metrics(client, run_id, later[2:])  # no new attempt, just kept
+    assert not guard.log_metrics(dead, run_id, later[:2]) and not guard.ok
+    assert not guard.call("finish the run", dead.set_terminated, run_id)  # no new attempt
+    assert not guard.log_metrics(dead, run_id, later[2:])
     assert time.monotonic() - started < 60
     out = capsys.readouterr().out
     assert out.count("MLflow tracking at") == 1 and "The run continues" in out and str(spill) in out
     assert len(spill.read_text().splitlines()) == 3
 
-    server = start_server(root)  # the same store, back up (on another port)
-    try:
-        assert resend_unsent(spill, server.url, run_id) == 3
-        history = MlflowClient(server.url).get_metric_history(run_id, "train/loss")
-        assert sorted(m.step for m in history) == list(range(6))
-        assert not spill.exists() and spill.with_name(spill.name + ".sent").is_file()
-    finally:
-        server.proc.stop()
+    assert resend_unsent(spill, mlflow_server.url, run_id) == 3  # the server is back
+    history = live.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(6))
+    assert not spill.exists() and spill.with_name(spill.name + ".sent").is_file()
 
 
 def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
