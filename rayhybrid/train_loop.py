@@ -121,13 +121,13 @@ def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world
     return {"val_loss": sum(losses) / len(losses), "val_acc": sum(accs) / len(accs)}
 
 
-def _agree(flag: bool, world: int) -> bool:
+def _agree(flag: bool, world: int, device: torch.device) -> bool:
     """Rank 0's decision, made the same on every rank (collectives must match)."""
     if world == 1:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=device)  # NCCL takes device tensors only
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -291,7 +291,7 @@ class _Worker:
         st, tc = self.state, self.cfg.train
         val = _validate(self.model, self.tokenizer, self.cfg, self.val_batches, self.rank,
                         self.world, self.device)
-        if _agree(val["val_loss"] < st.best_val_loss, self.world):
+        if _agree(val["val_loss"] < st.best_val_loss, self.world, self.device):
             st.best_val_loss, st.best_step, st.bad_evals = val["val_loss"], st.step, 0
             if self.rank == 0:
                 _export(self.model, self.tokenizer, self.cfg, self.paths.best_model)
