@@ -113,41 +113,58 @@ def _stable_desc(row: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _host(v[:k]), _host(c[:k])
 
 
+def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """Per row, the order by (value descending, tie ascending): two stable argsorts, several
+    times faster than ``np.lexsort`` along rows."""
+    by_tie = np.argsort(tie, axis=1, kind="stable")
+    by_val = np.argsort(-np.take_along_axis(vals, by_tie, 1), axis=1, kind="stable")
+    return np.take_along_axis(by_tie, by_val, 1)
+
+
+def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
+    """Per row, the indices of the k best entries by (value descending, tie ascending).
+
+    ``tie`` None means the column index. ``argpartition`` picks an arbitrary subset of the
+    entries that tie with the k-th value; rows where such a tie crosses the cut are redone
+    with a full ordering (rare: exact duplicates).
+    """
+    n = vals.shape[1]
+    if tie is None:
+        tie = np.broadcast_to(np.arange(n), vals.shape)
+    if k >= n:
+        return _order_rows(vals, tie)
+    idx = np.argpartition(vals, n - k, axis=1)[:, n - k:]
+    kth = np.take_along_axis(vals, idx, 1).min(axis=1, keepdims=True)
+    for row in np.flatnonzero((vals >= kth).sum(1) > k).tolist():
+        idx[row] = _order_rows(vals[row:row + 1], tie[row:row + 1])[0, :k]
+    sub = _order_rows(np.take_along_axis(vals, idx, 1), np.take_along_axis(tie, idx, 1))
+    return np.take_along_axis(idx, sub, 1)
+
+
 def topk_with_ties(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k columns of each row by (score descending, column ascending).
 
-    ``scores``: a numpy array (CPU) or torch tensor (GPU). Partial selection
-    (``argpartition`` / ``torch.topk``) picks an arbitrary subset of the candidates that tie
-    with the k-th score; rows where such a tie crosses the cut are redone with a stable sort.
+    ``scores``: a numpy array (CPU) or torch tensor (GPU); ties with the k-th score are
+    resolved by column, never by the partial sort's whim.
 
     Returns:
         ``(values [n, k] float32, columns [n, k] int64)``, best first.
     """
-    n_cols = scores.shape[1]
-    if k >= n_cols:  # the whole ranking: one stable sort
-        if isinstance(scores, np.ndarray):
-            cols = np.argsort(-scores, axis=1, kind="stable")
-        else:
-            import torch
-
-            cols = _host(torch.sort(scores, dim=1, descending=True, stable=True)[1])
-        cols = cols.astype(np.int64)
-        return np.take_along_axis(_host(scores), cols, 1), cols
+    k = min(k, scores.shape[1])
     if isinstance(scores, np.ndarray):
-        cols = np.argpartition(scores, n_cols - k, axis=1)[:, n_cols - k:]
-        vals = np.take_along_axis(scores, cols, 1)
-        kth = vals.min(axis=1, keepdims=True)
-        n_ge = (scores >= kth).sum(1)
-    else:
-        import torch
+        cols = _select(scores, None, k).astype(np.int64)
+        return np.take_along_axis(scores, cols, 1), cols
+    import torch
 
-        v, c = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-        n_ge = _host((scores >= v[:, -1:]).sum(dim=1))
-        vals, cols = _host(v), _host(c)
-    cols = cols.astype(np.int64)
+    if k == scores.shape[1]:  # the whole ranking: one stable sort
+        cols = _host(torch.sort(scores, dim=1, descending=True, stable=True)[1]).astype(np.int64)
+        return np.take_along_axis(_host(scores), cols, 1), cols
+    v, c = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    n_ge = _host((scores >= v[:, -1:]).sum(dim=1))
+    vals, cols = _host(v), _host(c).astype(np.int64)
     for row in np.flatnonzero(n_ge > k).tolist():
         vals[row], cols[row] = _stable_desc(scores[row], k)
-    order = np.lexsort((cols, -vals), axis=-1)  # best first; equal scores: lower column first
+    order = _order_rows(vals, cols)
     return np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
 
 
@@ -190,7 +207,7 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
         raise EvaluationError("merge_topk: no shard results to merge")
     scores = np.concatenate([p[0] for p in parts], axis=1)
     keys = np.concatenate([p[1] for p in parts], axis=1)
-    order = np.lexsort((keys, -scores), axis=-1)[:, :k]
+    order = _select(scores, keys, min(k, scores.shape[1]))
     return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
 
 
@@ -355,8 +372,8 @@ class ShardSearcher:
         if approx is None:
             vals, cols = merge_topk(parts, k)  # columns: lower column wins a tie, as in a tile
         else:
-            order = np.lexsort((np.where(approx >= 0, approx, np.iinfo(np.int64).max),
-                                -approx_scores), axis=-1)
+            order = _order_rows(approx_scores,
+                                np.where(approx >= 0, approx, np.iinfo(np.int64).max))
             vals, cols = (np.take_along_axis(x, order, 1) for x in (approx_scores, approx))
         valid = pos >= 0
         return vals, cols, np.where(valid, thr, np.nan), np.where(valid, ranks + 1, 0)
