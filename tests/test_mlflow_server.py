@@ -41,6 +41,8 @@ def start_server(root: Path) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # MLflow 3's server also starts a job runner and a pool of huey consumers, unused here.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cmd = [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]

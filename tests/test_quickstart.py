@@ -103,6 +103,7 @@ def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
 
     # The printed command itself serves the run and its artifacts.
     (port,) = free_ports(1)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey pool needed
     ui = Background([str(BIN / "mlflow"), *shlex.split(command.split("MLflow UI:", 1)[1])[1:],
                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                     log=tmp_path / "ui.log", env=env, cwd=tmp_path)
