@@ -17,6 +17,9 @@ many CPUs and ``torch.set_num_threads``):
 
 Step time = wall time between the ends of consecutive optimisation steps (data fetch
 included), median over the steps after the first two. Ratio = ray / plain (goal <= 1.10).
+Also the process CPU time per step (all threads of the training process, Ray's own
+threads included in the Ray worker): on a machine shared with other jobs the wall time
+follows the load, the CPU time much less.
 
 Model FLOPs utilisation (MFU): training FLOPs of a step (3x the forward: 2 x weights-matmul
 params x tokens + 4 x layers x seq x hidden per token for attention, padded shapes as
@@ -78,8 +81,8 @@ def make_cfg(args: argparse.Namespace, precision: str, root: Path):
         f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=bench_train"])
 
 
-def plain_loop(cfg, batches: list[dict], threads: int) -> list[float]:
-    """The same optimisation steps without Ray; returns per-step times."""
+def plain_loop(cfg, batches: list[dict], threads: int) -> tuple[list[float], list[float]]:
+    """The same optimisation steps without Ray; per-step wall and process CPU times."""
     from rayhybrid.loss import info_nce
     from rayhybrid.model import load_biencoder, resolve_model_path
     from rayhybrid.train_loop import build_optimizer, build_scheduler
@@ -92,7 +95,7 @@ def plain_loop(cfg, batches: list[dict], threads: int) -> list[float]:
     opt = build_optimizer(model, tc.lr, tc.weight_decay)
     sched = build_scheduler(opt, tc.max_steps, tc.warmup_ratio)
     bf16 = tc.precision == "bf16"
-    times, last = [], time.perf_counter()
+    times, cpu_times, last, last_cpu = [], [], time.perf_counter(), time.process_time()
     for b in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             q = model(b["q_input_ids"], b["q_attention_mask"])
@@ -103,18 +106,20 @@ def plain_loop(cfg, batches: list[dict], threads: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         times.append(now - last)
-        last = now
-    return times
+        cpu_times.append(cpu - last_cpu)
+        last, last_cpu = now, cpu
+    return times, cpu_times
 
 
 def stream_batches(cfg) -> list[dict]:
     """The batches the Ray run will see (same stream, same seed), collected in memory."""
+    from transformers import AutoTokenizer
+
     from rayhybrid.corpus import load_training_data
     from rayhybrid.model import resolve_model_path
     from rayhybrid.stream import build_train_datasets, iter_step_batches
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.model.name)
     ds = build_train_datasets(cfg, load_training_data(cfg.data, "train"), path, 1)["train_rank0"]
@@ -165,26 +170,29 @@ def main(argv: list[str] | None = None) -> int:
                        if p.dim() == 2 and "embeddings" not in n and "pooler" not in n)
             flops = statistics.median(step_flops(model.encoder.config, n_mm, s) for s in shapes)
             print(f"[{precision}] plain loop, {len(batches)} steps ...", file=sys.stderr, flush=True)
-            t_plain = median_after_warmup(plain_loop(cfg, batches, args.threads))
+            wall, cpu = plain_loop(cfg, batches, args.threads)
+            t_plain, c_plain = median_after_warmup(wall), median_after_warmup(cpu)
             print(f"[{precision}] ray train loop, {len(batches)} steps ...", file=sys.stderr, flush=True)
             result = train(cfg)
             t_ray = float(result.metrics["step_time_median_s"])
-            for name, t in (("plain", t_plain), ("ray train", t_ray)):
-                rows.append({"loop": name, "precision": precision, "step_s": t,
+            c_ray = float(result.metrics["step_cpu_median_s"])
+            for name, t, c in (("plain", t_plain, c_plain), ("ray train", t_ray, c_ray)):
+                rows.append({"loop": name, "precision": precision, "step_s": t, "cpu_s": c,
                              "pairs_per_s": args.batch / t, "tflops": flops / t / 1e12,
                              "mfu": flops / t / peak[precision]})
-            rows[-1]["ratio"] = t_ray / t_plain
+            rows[-1]["ratio"], rows[-1]["cpu_ratio"] = t_ray / t_plain, c_ray / c_plain
     load = os.getloadavg()[0]
     print(f"\nmodel {args.model}, batch {args.batch}, max lengths q{args.qlen}/p{args.plen}, "
           f"{args.threads} threads, {args.steps} steps, load average {load:.1f}")
     print(f"measured matmul peak ({args.matmul_n}^3, {args.threads} threads): "
           f"fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s\n")
-    print("| loop | precision | step (s) | pairs/s | GFLOP/s | MFU | ray/plain |")
-    print("|---|---|---|---|---|---|---|")
+    print("| loop | precision | step (s) | CPU s/step | pairs/s | GFLOP/s | MFU | ray/plain wall | "
+          "ray/plain CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
-        print(f"| {r['loop']} | {r['precision']} | {r['step_s']:.3f} | {r['pairs_per_s']:.1f} | "
-              f"{r['tflops'] * 1e3:.1f} | {r['mfu']:.1%} | {ratio} |")
+        ratio = f"{r['ratio']:.3f} | {r['cpu_ratio']:.3f}" if "ratio" in r else " | "
+        print(f"| {r['loop']} | {r['precision']} | {r['step_s']:.3f} | {r['cpu_s']:.2f} | "
+              f"{r['pairs_per_s']:.1f} | {r['tflops'] * 1e3:.1f} | {r['mfu']:.1%} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows,
                                               "load_average": load}, indent=1))

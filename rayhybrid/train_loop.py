@@ -121,6 +121,11 @@ def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world
     return {"val_loss": sum(losses) / len(losses), "val_acc": sum(accs) / len(accs)}
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
 def _agree(flag: bool, world: int, device: torch.device) -> bool:
     """Rank 0's decision, made the same on every rank (collectives must match)."""
     if world == 1:
@@ -229,8 +234,9 @@ class _Worker:
         log_dir = self.debug.get("batch_log")
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
         self.step_times: list[float] = []
+        self.step_cpu: list[float] = []  # process CPU time per step: robust to a busy machine
         self.window: list[dict] = []
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
     def batches(self):
         import ray.train
@@ -267,9 +273,10 @@ class _Worker:
         self.optimizer.step()
         self.scheduler.step()
         self.state.step = batch["step"] + 1
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.step_times.append(now - self.last)
-        self.last = now
+        self.step_cpu.append(cpu - self.last_cpu)
+        self.last, self.last_cpu = now, cpu
         metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
                    "train/pairs_per_s": self.cfg.batch.batch_size / self.step_times[-1],
                    "train/mode_is_mono": float(batch["mode"] in ("mono", "english"))}
@@ -321,10 +328,10 @@ class _Worker:
         travels with it (and in ``final_metrics.json`` for the driver).
         """
         st, tc = self.state, self.cfg.train
-        timed = sorted(self.step_times[KEEP_STEP_TIMES:] or self.step_times)
         summary = {"step": st.step, "stopped_early": st.stopped_early,
                    "best_val_loss": st.best_val_loss, "best_step": st.best_step,
-                   "step_time_median_s": timed[len(timed) // 2] if timed else float("nan"),
+                   "step_time_median_s": _median(self.step_times[KEEP_STEP_TIMES:] or self.step_times),
+                   "step_cpu_median_s": _median(self.step_cpu[KEEP_STEP_TIMES:] or self.step_cpu),
                    "steps_this_attempt": len(self.step_times)}
         if self.rank == 0:
             self.mlflow.flush()
