@@ -93,13 +93,13 @@ class TrainState:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainState":
+    def from_json(cls, text: str) -> TrainState:
         d = json.loads(text)
         d["best_val_loss"] = math.inf if d.get("best_val_loss") is None else d["best_val_loss"]
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
-def prepare_run_dir(train_cfg: "TrainConfig") -> tuple[RunPaths, bool]:
+def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
     """Create or reopen the run folder; return its paths and whether an earlier run is continued.
 
     Raises:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rayhybrid.config import ConfigError, explain, load_config
 
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rayhybrid {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - library errors carry user-facing messages
+    except Exception as exc:
         from rayhybrid.datamodel import DataError
         from rayhybrid.tracking import TrackingError
 

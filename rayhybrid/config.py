@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -45,7 +45,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
@@ -68,7 +68,7 @@ class DataConfig:
     split_by: Literal["article", "group"] = _f("article", "Unit of the train/dev/test split.")
     train_fraction: float = _f(0.75, "Share of articles/groups used for training.")
     dev_fraction: float = _f(0.0, "Share of articles/groups used as the dev split (after train).")
-    split_seed: Optional[int] = _f(None, "None: split in file order (first articles train); "
+    split_seed: int | None = _f(None, "None: split in file order (first articles train); "
                                    "an int shuffles articles/groups with that seed first.")
     max_query_length: int = _f(64, "Tokens kept per query.")
     max_passage_length: int = _f(128, "Tokens kept per passage.")
@@ -88,8 +88,8 @@ class BatchConfig:
         "uniform", "How languages / language pairs are drawn: uniform or p ~ n^(1/T).")
     temperature: float = _f(1.0, "T for temperature sampling (1 = proportional to data size).")
     seed: int = _f(0, "Seed of the batch plan; the plan is a pure function of (seed, epoch, step).")
-    steps_per_epoch: Optional[int] = _f(None, "Steps per epoch; None = number of units // batch_size.")
-    materialize: Optional[bool] = _f(
+    steps_per_epoch: int | None = _f(None, "Steps per epoch; None = number of units // batch_size.")
+    materialize: bool | None = _f(
         None, "Ray Data stream: true tokenizes every planned batch before training starts (needs no "
         "CPU beside the training workers); false streams during training (needs a spare CPU per "
         "worker for its tokenizer actor); null: materialize when the stream has at most 500k pairs "
@@ -136,7 +136,7 @@ class TrainConfig:
     max_failures: int = _f(0, "Ray Train FailureConfig: restarts from the last checkpoint.")
     log_every: int = _f(10, "Every N steps: send the buffered per-step metrics to MLflow and "
                         "ray.train.report their means.")
-    threads_per_worker: Optional[int] = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")
+    threads_per_worker: int | None = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,7 @@ __all__ = [
 
 # ISO 639-1 codes we accept (the XQuAD-R / MLQA-R / MIRACL languages and other common ones).
 KNOWN_LANGUAGES = frozenset(
-    "af am ar az be bg bn bs ca cs cy da de el en eo es et eu fa fi fr ga gl gu he hi hr hu hy id "
-    "is it ja jv ka kk km kn ko ku ky la lo lt lv mk ml mn mr ms my ne nl no or pa pl ps pt ro ru "
-    "sa sd si sk sl so sq sr su sv sw ta te th tl tr ug uk ur uz vi xh yi yo zh zu".split()
+    ["af", "am", "ar", "az", "be", "bg", "bn", "bs", "ca", "cs", "cy", "da", "de", "el", "en", "eo", "es", "et", "eu", "fa", "fi", "fr", "ga", "gl", "gu", "he", "hi", "hr", "hu", "hy", "id", "is", "it", "ja", "jv", "ka", "kk", "km", "kn", "ko", "ku", "ky", "la", "lo", "lt", "lv", "mk", "ml", "mn", "mr", "ms", "my", "ne", "nl", "no", "or", "pa", "pl", "ps", "pt", "ro", "ru", "sa", "sd", "si", "sk", "sl", "so", "sq", "sr", "su", "sv", "sw", "ta", "te", "th", "tl", "tr", "ug", "uk", "ur", "uz", "vi", "xh", "yi", "yo", "zh", "zu"]
 )
 
 
@@ -107,7 +105,7 @@ class EvalTask:
     queries: list[Query]
     candidates: list[Candidate]
     qrels: dict[str, dict[str, int]]  # query id -> {candidate id: relevance}
-    report: "LoadReport" = field(default_factory=lambda: LoadReport(""))
+    report: LoadReport = field(default_factory=lambda: LoadReport(""))
 
     @property
     def languages(self) -> list[str]:
@@ -127,7 +125,7 @@ class LoadReport:
         if example and len(self.examples.setdefault(kind, [])) < keep:
             self.examples[kind].append(example)
 
-    def merge(self, other: "LoadReport") -> None:
+    def merge(self, other: LoadReport) -> None:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: max(0, 3 - len(self.examples.get(k, [])))])

