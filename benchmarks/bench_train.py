@@ -103,7 +103,7 @@ def plain_loop(cfg, batches: list[dict], threads: int) -> tuple[list[float], lis
         _, loss = info_nce(q, p, tau=tc.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
         opt.step()
         sched.step()
         now, cpu = time.perf_counter(), time.process_time()

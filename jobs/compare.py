@@ -24,7 +24,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     table = compare(cfg)
     print(table.to_markdown())
-    return 1 if all(row.get("error") for row in table.rows) else 0
+    return 1 if table.all_failed else 0
 
 
 if __name__ == "__main__":

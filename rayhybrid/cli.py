@@ -71,16 +71,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rayhybrid.compare import compare
 
     cfg = load_config(args.config, args.overrides)
-    print(compare(cfg).to_markdown())
-    return 0
+    table = compare(cfg)
+    print(table.to_markdown())
+    return 1 if table.all_failed else 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from rayhybrid.tuning import run_tune
 
     cfg = load_config(args.config, args.overrides)
-    print(run_tune(cfg).to_markdown())
-    return 0
+    table = run_tune(cfg)
+    print(table.to_markdown())
+    return 1 if table.all_failed else 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:

@@ -46,10 +46,11 @@ def parse_strategies(cfg: Config) -> list[StrategySpec]:
         raise ConfigError("strategies is empty: nothing to compare; e.g. strategies=[mono,cross,hybrid]")
     specs, seen = [], set()
     for i, text in enumerate(cfg.strategies):
-        m = re.fullmatch(r"\s*hybrid\s*[(:]\s*([-+0-9.eE]+)\s*\)?\s*", text)
+        # hybrid(0.25) or hybrid:0.25 (the form that needs no quotes in YAML lists)
+        m = re.fullmatch(r"\s*hybrid\s*(?:\(\s*([-+0-9.eE]+)\s*\)|:\s*([-+0-9.eE]+))\s*", text)
         if m:
             try:
-                alpha = float(m.group(1))
+                alpha = float(m.group(1) or m.group(2))
             except ValueError:
                 alpha = float("nan")
             if not 0.0 <= alpha <= 1.0:

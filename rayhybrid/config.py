@@ -133,7 +133,7 @@ class TrainConfig:
     run_name: str = _f("rayhybrid", "Run name; a folder under storage_path.")
     resume: bool = _f(False, "Continue the run of this name from its latest checkpoint.")
     overwrite: bool = _f(False, "Allow a new run to replace an existing run folder of the same name.")
-    max_failures: int = _f(0, "Ray Train FailureConfig: restarts from the last checkpoint.")
+    max_failures: int = _f(0, "Ray Train FailureConfig: restarts from the last checkpoint (-1: no limit).")
     log_every: int = _f(10, "Every N steps: send the buffered per-step metrics to MLflow and "
                         "ray.train.report their means.")
     threads_per_worker: int | None = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")

@@ -76,6 +76,11 @@ class ResultsTable:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def all_failed(self) -> bool:
+        """True when the table has rows and every one carries an error (jobs then exit 1)."""
+        return bool(self.rows) and all(r.get("error") for r in self.rows)
+
     def to_markdown(self, digits: int = 3) -> str:
         """GitHub markdown, floats rounded to ``digits`` places (rank distances to 0.1)."""
         lines = [f"**{self.title}**", ""] if self.title else []

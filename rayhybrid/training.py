@@ -88,6 +88,9 @@ def check_train_config(cfg: Config) -> None:
     if min(t.eval_every, t.checkpoint_every, t.early_stopping_patience) < 0 or t.log_every < 1:
         problems.append("train.eval_every, checkpoint_every, early_stopping_patience must be >= 0 "
                         "and train.log_every >= 1")
+    if t.max_failures < -1:
+        problems.append(f"train.max_failures must be >= 0 (or -1: restart without limit), got "
+                        f"{t.max_failures}")
     if t.early_stopping_patience and not t.eval_every:
         problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
     if t.eval_every and cfg.data.dev_fraction <= 0:

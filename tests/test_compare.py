@@ -20,16 +20,18 @@ SMALL = REPO / "configs" / "small.yaml"
 
 
 def test_strategies_are_parsed_and_share_budget_and_seed():
-    cfg = load_config(SMALL, ["strategies=[mono, cross, hybrid, 'hybrid(0.25)', mixed, english]"])
+    cfg = load_config(SMALL, ["strategies=[mono, cross, hybrid, 'hybrid(0.25)', mixed, english, 'hybrid:0.75']"])
     specs = parse_strategies(cfg)
-    assert [s.label for s in specs] == ["mono", "cross", "hybrid(0.5)", "hybrid(0.25)", "mixed", "english"]
+    assert [s.label for s in specs] == ["mono", "cross", "hybrid(0.5)", "hybrid(0.25)", "mixed", "english",
+                                       "hybrid(0.75)"]
     configs = [strategy_config(cfg, s) for s in specs]
-    assert [c.batch.strategy for c in configs] == ["mono", "cross", "hybrid", "hybrid", "mixed", "english"]
+    assert [c.batch.strategy for c in configs] == ["mono", "cross", "hybrid", "hybrid", "mixed", "english",
+                                                    "hybrid"]
     assert configs[3].batch.alpha == 0.25
     for c in configs:  # the same budget and seed for every strategy; own run name and outputs
         assert (c.train.max_steps, c.batch.batch_size, c.batch.seed, c.train.lr) == (
             cfg.train.max_steps, cfg.batch.batch_size, cfg.batch.seed, cfg.train.lr)
-    assert len({c.train.run_name for c in configs}) == len({c.eval.output_dir for c in configs}) == 6
+    assert len({c.train.run_name for c in configs}) == len({c.eval.output_dir for c in configs}) == 7
 
 
 @pytest.mark.parametrize("strategies, fragment", [
@@ -37,6 +39,8 @@ def test_strategies_are_parsed_and_share_budget_and_seed():
     ("[mono, crosss]", "strategies[1] = 'crosss': expected one of"),
     ("['hybrid(1.5)']", "alpha must be in [0, 1]"),
     ("[mono, mono]", "mono is listed twice"),
+    ("['hybrid(0.3']", "expected one of"),
+    ("['hybrid(0.3:']", "expected one of"),
 ])
 def test_bad_strategies_are_refused(strategies, fragment):
     with pytest.raises(ConfigError) as info:
@@ -96,3 +100,33 @@ def test_compare_two_strategies_table_equals_mlflow(ray_local, tmp_path, tiny_mo
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "comparison_heatmap.png"} <= artifacts
+
+
+def test_cli_exits_non_zero_when_every_strategy_fails(tmp_path, capsys, monkeypatch, xquad_dir):
+    """A comparison whose every row is an error is a failed job (exit 1), not a table of blanks."""
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    status = main(["compare", "--config", str(SMALL), f"data.path={xquad_dir}",
+                   "data.languages=[de, es]", "strategies=[english]",
+                   f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path / 'runs'}",
+                   f"eval.output_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "| english |" in out and "English" in out  # the row carries the plan's error
+    runs = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("small").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["FAILED"]
+
+
+def test_all_failed_needs_rows_and_an_error_in_each():
+    table = ResultsTable(columns=["strategy", "error"])
+    assert not table.all_failed  # an empty table is not a failure of every row
+    table.add({"strategy": "mono", "error": "BatchPlanError: no English"})
+    assert table.all_failed
+    table.add({"strategy": "cross", "error": ""})
+    assert not table.all_failed

@@ -268,6 +268,7 @@ def test_early_stopping_keeps_the_best_model(ray_local, root, xquad_dir, tiny_mo
     ("batch.batch_size=4000", ConfigError, "larger than"),
     ("train.eval_every=5", ConfigError, "needs a dev split"),
     ("train.early_stopping_patience=2", ConfigError, "needs train.eval_every"),
+    ("train.max_failures=-2", ConfigError, "train.max_failures must be >= 0"),
     ("model.name=no-such-org/no-such-model-xyz", ModelError, "neither a local folder nor available"),
 ])
 def test_bad_settings_fail_in_the_driver_before_ray(override, error, message, tmp_path, xquad_dir,

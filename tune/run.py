@@ -6,7 +6,8 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
         -- python tune/run.py --config configs/paper_xlmr.yaml tune.storage_path=/mnt/shared/tune
 
-Same as ``rayhybrid tune``; prints the results table, exits non-zero on failure.
+Same as ``rayhybrid tune``; prints the results table, exits non-zero on failure (or when every
+trial failed).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     if args.space:  # the space first, the command line's overrides win
         cfg = load_config(args.config, [*SPACES[args.space], *args.overrides])
-    print(run_tune(cfg).to_markdown())
-    return 0
+    table = run_tune(cfg)
+    print(table.to_markdown())
+    return 1 if table.all_failed else 0
 
 
 if __name__ == "__main__":
