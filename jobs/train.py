@@ -4,7 +4,8 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
         -- python jobs/train.py --config configs/paper_xlmr.yaml train.storage_path=/mnt/shared/runs
 
-Same as ``rayhybrid train``; prints the run summary; exits non-zero on failure
+Same as ``rayhybrid train`` (training, then the evaluation of ``eval.tasks`` when
+``eval.at_end_of_training``); prints the run summary; exits non-zero on failure
 (2: config error, 1: anything else).
 """
 
@@ -19,9 +20,10 @@ from rayhybrid.config import Config
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.training import train
+    from rayhybrid.training import train_and_evaluate
 
-    print(train(cfg).summary(), flush=True)
+    result, _ = train_and_evaluate(cfg)  # eval.at_end_of_training: evaluated into the same run
+    print(result.summary(), flush=True)
     return 0
 
 

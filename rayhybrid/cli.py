@@ -52,10 +52,10 @@ def _cmd_batches(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rayhybrid.training import train
+    from rayhybrid.training import train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    result, _ = train_and_evaluate(cfg)  # the evaluation prints its own headline per task
     print(result.summary())
     return 0
 

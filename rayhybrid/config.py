@@ -171,7 +171,7 @@ class EvalConfig:
         "auto", "OPENBLAS_CORETYPE of the shard actors (their numpy / faiss BLAS kernels). auto: "
         "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
         "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.")
-    at_end_of_training: bool = _f(True, "Evaluate the final model at the end of `train`.")
+    at_end_of_training: bool = _f(True, "`rayhybrid train` / jobs/train.py: evaluate eval.tasks with the final model, into the training's MLflow run (tasks are loaded before training, so a bad task fails first).")
 
 
 @dataclass(frozen=True)

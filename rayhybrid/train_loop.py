@@ -68,9 +68,12 @@ class _Mlflow:
     mid-run costs one message and a spill file, never the training run.
     """
 
-    def __init__(self, spec: dict | None, spill_path: Path):
+    def __init__(self, spec: dict | None, spill_path: Path, resumed: bool = False):
         self.client = self.run_id = self.guard = None
         self.buffer: list = []
+        # After a restart from a checkpoint, steps between that checkpoint and the crash were
+        # already sent: per key, the last step the run holds, so no step is logged twice.
+        self.resumed, self.sent_up_to = resumed, {}
         if spec:
             from mlflow.tracking import MlflowClient
 
@@ -84,7 +87,19 @@ class _Mlflow:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if step > self._sent_up_to(k)]
+
+    def _sent_up_to(self, key: str) -> int:
+        if not self.resumed:
+            return -1
+        if key not in self.sent_up_to:
+            try:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.sent_up_to[key] = max((m.step for m in history), default=-1)
+            except Exception:  # noqa: BLE001 - the store's failure shows at the next flush
+                self.sent_up_to[key] = -1
+        return self.sent_up_to[key]
 
     def flush(self) -> None:
         if self.client is not None and self.buffer:
@@ -230,7 +245,7 @@ class _Worker:
         self.model = ray.train.torch.prepare_model(model)  # DDP when world > 1
         self.model.train()
         self.mlflow = _Mlflow(loop_config.get("mlflow") if self.rank == 0 else None,
-                              self.paths.mlflow_unsent)
+                              self.paths.mlflow_unsent, resumed=state is not None)
         log_dir = self.debug.get("batch_log")
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
         self.step_times: list[float] = []

@@ -318,6 +318,35 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
                        metrics=metrics, resumed=resumed)
 
 
+def train_and_evaluate(cfg: Config) -> tuple[TrainResult, dict[str, float]]:
+    """``rayhybrid train`` / ``jobs/train.py``: train, then evaluate the final model.
+
+    With ``eval.at_end_of_training`` and at least one ``eval.tasks`` entry, the tasks are
+    loaded before training starts (a missing or malformed task folder fails in seconds, not
+    after the run), and the exported model is evaluated into the training's MLflow run, so
+    one run holds the training curves and the mono / cross / multilingual metrics.
+
+    Returns:
+        The training result and the flat evaluation metrics (empty when not evaluated).
+
+    Raises:
+        Everything :func:`train` and :func:`rayhybrid.evaluation.evaluate` raise.
+    """
+    tasks = None
+    if cfg.eval.at_end_of_training and cfg.eval.tasks:
+        from rayhybrid.corpus import load_eval_task
+        from rayhybrid.evaluation.run import check_settings
+
+        check_settings(cfg.eval.settings)
+        tasks = [load_eval_task(t, cfg.data) for t in cfg.eval.tasks]
+    result = train(cfg)
+    if tasks is None:
+        return result, {}
+    from rayhybrid.evaluation.run import evaluate
+
+    return result, evaluate(cfg, str(result.model_dir), tasks=tasks, run_id=result.mlflow_run_id)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]

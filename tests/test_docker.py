@@ -224,7 +224,7 @@ def test_job_commands_name_existing_scripts_and_valid_configs(name):
             i = rest.index("--config")
             config = _repo_path(rest[i + 1])
             rest = rest[:i] + rest[i + 2:]
-            assert config.is_file(), f"{name}: config {rest} does not exist"
+            assert config.is_file(), f"{name}: config {config} does not exist"
         overrides = [a for a in rest if "=" in a and not a.startswith("-")]
         try:
             load_config(config, overrides)

@@ -71,16 +71,20 @@ def tiny_overrides(root: Path, xquad_dir: Path, name: str, uri: str, *extra: str
             "train.max_steps=4", "train.log_every=1", "train.num_workers=1",
             "train.cpus_per_worker=1", f"train.storage_path={root / 'runs'}",
             f"train.run_name={name}", f"tracking.tracking_uri={uri}",
-            "tracking.experiment=server", *extra]
+            "tracking.experiment=server", "eval.at_end_of_training=false", *extra]
 
 
 def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xquad_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.training import train
+    from rayhybrid.training import train_and_evaluate
 
-    cfg = load_config(None, tiny_overrides(tmp_path, xquad_dir, "to-server", mlflow_server.url))
-    result = train(cfg)
+    # What `rayhybrid train` runs: training, then the held-out evaluation into the same run.
+    cfg = load_config(None, tiny_overrides(
+        tmp_path, xquad_dir, "to-server", mlflow_server.url, "eval.at_end_of_training=true",
+        f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: [en, de]}}]",
+        "eval.top_k=20", f"eval.output_dir={tmp_path / 'out'}"))
+    result, evaluated = train_and_evaluate(cfg)
 
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(result.mlflow_run_id)
@@ -91,9 +95,15 @@ def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xqu
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == sorted({m.step for m in losses}) and len(losses) == 4
     assert all(m.value > 0 for m in losses)
+    # The end-of-training evaluation's numbers are the run's, as the summary file has them.
+    summary = json.loads((tmp_path / "out" / "xquad_r" / "summary.json").read_text())
+    for key in ("multi/map@20", "cross/map@20", "bias/rank_distance"):
+        assert run.data.metrics[f"xquad_r/{key}".replace("@", "_at_")] == pytest.approx(
+            evaluated[f"xquad_r/{key}"]) == pytest.approx(summary["metrics"][key]), key
+    assert run.data.tags["rayhybrid.eval_status"] == "finished"
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model"} <= top, top
+    assert {"config.yaml", "model", "eval"} <= top, top
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
     assert "config.json" in model_files and any(f.endswith(".safetensors") for f in model_files)
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))

@@ -187,7 +187,13 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
     # A new sweep of the same name is refused; tune.resume=true continues it.
     with pytest.raises(TuneError, match="tune.resume=true"):
         run_tune(cfg)
+    # What the finished trials wrote: a rerun of their training would rewrite these files.
+    written = {p: p.stat().st_mtime_ns for pattern in ("**/final_model/model.safetensors",
+                                                       "**/trial_results/*.json")
+               for p in tmp_path.glob(pattern)}
+    assert len(written) >= 2 * len(done_before), sorted(map(str, written))
     table = run_tune(apply_overrides(cfg, {"tune.resume": True}))
+    assert {p: p.stat().st_mtime_ns for p in written} == written, "a finished trial was rerun"
 
     assert len(table) == 3 and table.column("alpha") == [0.0, 0.5, 1.0], table.to_markdown()
     assert table.column("status") == ["finished"] * 3, table.to_markdown()
