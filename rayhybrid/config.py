@@ -125,7 +125,11 @@ class TrainConfig:
     num_workers: int = _f(1, "Ray Train workers (DDP processes).")
     use_gpu: bool = _f(False, "One GPU per worker; NCCL backend.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 autocast (CPU or GPU) or fp32.")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "fp32", "bf16 autocast (CPU or GPU), fp32, or auto: bf16 where the device has bf16 units "
+        "(CUDA GPUs that support it; CPUs with AVX512-BF16 / AMX), else fp32 (CPUs without them "
+        "emulate bf16, several times slower). The choice is the run's MLflow tag "
+        "train.precision_used.")
     eval_every: int = _f(0, "Validation loss on the dev split every N steps; 0 disables.")
     early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 disables.")
     checkpoint_every: int = _f(0, "Checkpoint every N steps; 0: only at the end.")

@@ -10,6 +10,7 @@ step per global step of the stream, with validation, checkpoints and MLflow logg
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -101,14 +102,51 @@ class _Mlflow:
                 self.sent_up_to[key] = -1
         return self.sent_up_to[key]
 
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.guard.call(f"set tag {key}", self.client.set_tag, self.run_id, key, value)
+
     def flush(self) -> None:
         if self.client is not None and self.buffer:
             self.guard.log_metrics(self.client, self.run_id, self.buffer)
             self.buffer = []
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16, AMX or Arm BF16).
+
+    Without them PyTorch emulates bf16 on the CPU, several times slower than fp32 (measured on
+    an AVX-512 Xeon without AVX512-BF16: README, benchmarks). Linux only; elsewhere False.
+    """
+    try:
+        return cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def cpuinfo_has_bf16(text: str) -> bool:
+    """Whether a ``/proc/cpuinfo`` text lists a bf16 matmul unit (x86 ``flags`` or Arm
+    ``Features``)."""
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")) and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``train.precision`` for this device: ``auto`` is bf16 where the device has bf16 units
+    (a CUDA GPU that supports it, a CPU per :func:`cpu_has_native_bf16`), else fp32."""
+    if precision != "auto":
+        return precision
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16":
+    if resolve_precision(cfg.train.precision, device.type) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -246,6 +284,11 @@ class _Worker:
         self.model.train()
         self.mlflow = _Mlflow(loop_config.get("mlflow") if self.rank == 0 else None,
                               self.paths.mlflow_unsent, resumed=state is not None)
+        self.precision = resolve_precision(tc.precision, self.device.type)
+        if self.rank == 0:
+            log.info("precision %s (train.precision=%s) on %s", self.precision, tc.precision,
+                     self.device)
+            self.mlflow.tag("train.precision_used", self.precision)
         log_dir = self.debug.get("batch_log")
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
         self.step_times: list[float] = []

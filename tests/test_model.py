@@ -148,3 +148,18 @@ def test_bf16_autocast_step_on_cpu(tiny_model_dir, tiny_model_cfg):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     grads = [t.grad for t in model.parameters() if t.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("flags\t\t: fpu sse avx2 avx512f avx512bw", False),  # AVX-512 Xeon: bf16 emulated
+    ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni", True),  # Zen 4/5, Cooper Lake
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids
+    ("Features\t: fp asimd sve bf16 i8mm", True),  # Arm v8.6
+    ("processor\t: 0", False),
+])
+def test_precision_auto_follows_the_cpu_bf16_units(flags, native):
+    from rayhybrid.train_loop import cpuinfo_has_bf16, resolve_precision
+
+    assert cpuinfo_has_bf16(f"processor\t: 0\n{flags}\n") is native
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")

@@ -83,6 +83,7 @@ def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
     run = runs[0]
     assert run.info.run_id == reference.mlflow_run_id
     assert run.data.params["train.tau"] == "0.05" and run.data.params["batch.strategy"] == "hybrid"
+    assert run.data.tags["train.precision_used"] == "fp32"  # the precision the workers ran
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, 2 * N + 1))
     for key in ("train/lr", "train/pairs_per_s", "train/mode_is_mono", "train/grad_norm"):
