@@ -112,7 +112,7 @@ class _Mlflow:
             self.buffer = []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16, AMX or Arm BF16).
 
@@ -145,14 +145,15 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def _autocast(cfg: Config, device: torch.device):
-    if resolve_precision(cfg.train.precision, device.type) == "bf16":
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast for a resolved ``precision`` (see :func:`resolve_precision`), else none."""
+    if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world: int,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, precision: str) -> dict[str, float]:
     """Loss and in-batch accuracy of the fixed dev batches (global batches split over ranks)."""
     model.eval()
     losses, accs = [], []
@@ -164,7 +165,7 @@ def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world
                                    (passages, cfg.data.max_passage_length)):
                 tok = tokenizer(list(texts[rank * n:(rank + 1) * n]), padding=True, truncation=True,
                                 max_length=max_len, return_tensors="pt").to(device)
-                with _autocast(cfg, device):
+                with _autocast(precision, device):
                     embs.append(model(tok["input_ids"], tok["attention_mask"]).float())
             loss, _ = info_nce(*embs, tau=cfg.train.tau, rank=rank, world_size=world,
                                symmetric=cfg.train.symmetric)
@@ -318,7 +319,7 @@ class _Worker:
             with open(self.batch_log, "a") as fh:
                 fh.write(json.dumps({"step": batch["step"], "pid": os.getpid(),
                                      "group": batch["group"]}) + "\n")
-        with _autocast(self.cfg, dev):
+        with _autocast(self.precision, dev):
             q = self.model(batch["q_input_ids"].to(dev), batch["q_attention_mask"].to(dev))
             p = self.model(batch["p_input_ids"].to(dev), batch["p_attention_mask"].to(dev))
         loss, backward_loss = info_nce(q, p, tau=tc.tau, rank=self.rank, world_size=self.world,
@@ -355,7 +356,7 @@ class _Worker:
         """Validation loss/accuracy, best-model export, early-stopping bookkeeping, extra metrics."""
         st, tc = self.state, self.cfg.train
         val = _validate(self.model, self.tokenizer, self.cfg, self.val_batches, self.rank,
-                        self.world, self.device)
+                        self.world, self.device, self.precision)
         if _agree(val["val_loss"] < st.best_val_loss, self.world, self.device):
             st.best_val_loss, st.best_step, st.bad_evals = val["val_loss"], st.step, 0
             if self.rank == 0:
