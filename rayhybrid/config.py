@@ -64,7 +64,13 @@ class DataConfig:
                    "File, folder or dataset name. ${VAR} and ${VAR:-default} are expanded.")
     languages: tuple[str, ...] = _f((), "Languages to use; empty means every language found.")
     hf_split: str = _f("train", "Split to read from a Hugging Face dataset.")
-    with_context: bool = _f(False, "LAReQA: passage is the answer sentence followed by its paragraph.")
+    with_context: bool = _f(False, "LAReQA: passage is the answer sentence followed by its "
+                            "paragraph (LAReQA's 'sentence + context' variant), in training and "
+                            "evaluation alike.")
+    with_title: bool = _f(True, "BEIR / MIRACL: passage is title + ' ' + text, as BEIR encodes it, "
+                          "in training and evaluation alike. LAReQA defines no passage title "
+                          "(XQuAD-R's article titles are English in every language), so it has "
+                          "no effect there.")
     split_by: Literal["article", "group"] = _f("article", "Unit of the train/dev/test split.")
     train_fraction: float = _f(0.75, "Share of articles/groups used for training.")
     dev_fraction: float = _f(0.0, "Share of articles/groups used as the dev split (after train).")
@@ -176,6 +182,26 @@ class EvalConfig:
         "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
         "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.")
     at_end_of_training: bool = _f(True, "`rayhybrid train` / jobs/train.py: evaluate eval.tasks with the final model, into the training's MLflow run (tasks are loaded before training, so a bad task fails first).")
+    save_embeddings: bool = _f(False, "Write embeddings.npz (query and candidate embeddings in "
+                               "task order, with their ids; no pickle) beside the summary, for "
+                               "re-scoring with another tool.")
+    bootstrap_samples: int = _f(1000, "Bootstrap resamples of parallel items (all language "
+                                "versions of a question together) for the intervals of every "
+                                "macro metric and the rank distance; >= 1.")
+    ci_level: float = _f(0.95, "Confidence level of the bootstrap intervals, in (0, 1).")
+    bootstrap_seed: int = _f(0, "Seed of the bootstrap resampling (and of the paired tests).")
+    permutations: int = _f(1000, "Paired randomization test (compare / tune tables): number of "
+                           "random swaps of the two runs' items; >= 1.")
+
+    def __post_init__(self) -> None:
+        if self.bootstrap_samples < 1:
+            raise ConfigError(f"eval.bootstrap_samples: expected an integer >= 1, got "
+                              f"{self.bootstrap_samples}")
+        if not 0.0 < self.ci_level < 1.0:
+            raise ConfigError(f"eval.ci_level: expected a number in (0, 1), got {self.ci_level}")
+        if self.permutations < 1:
+            raise ConfigError(f"eval.permutations: expected an integer >= 1, got "
+                              f"{self.permutations}")
 
 
 @dataclass(frozen=True)
@@ -227,6 +253,18 @@ class Config:
     tune: TuneConfig = _f(TuneConfig(), "Ray Tune.")
     strategies: tuple[str, ...] = _f(("mono", "cross", "hybrid", "mixed", "english"),
                                      "compare: strategies to train and evaluate.")
+    seeds: tuple[int, ...] = _f((0,), "compare: train every strategy once per seed (batch.seed "
+                                "and the model's initialisation); the table reports mean +- sd "
+                                "across seeds beside the query-level interval.")
+    baseline: str = _f("", "compare / tune: the row every other row is tested against (a "
+                       "strategy of `strategies`, e.g. 'mono' or 'hybrid(0.5)'; tune: an alpha "
+                       "such as '0.5'); empty: the first row.")
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds: expected at least one seed, e.g. [0, 1, 2]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
 
 
 # --------------------------------------------------------------------------- coercion

@@ -21,6 +21,7 @@ __all__ = [
     "ParallelItem",
     "Query",
     "check_language",
+    "passage_text",
 ]
 
 # ISO 639-1 codes we accept (the XQuAD-R / MLQA-R / MIRACL languages and other common ones).
@@ -86,11 +87,40 @@ class Query:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One retrievable passage.
+
+    ``title`` is set only by formats that define a passage title (BEIR / MIRACL); LAReQA
+    candidates have none (XQuAD-R's article titles are the English page names in every
+    language, so encoding them would leak the article across languages). ``article`` is
+    the split unit the candidate came from (LAReQA article key), never encoded.
+    """
+
     id: str
     lang: str
     text: str
     context: str = ""
     title: str = ""
+    article: str = ""
+
+    def passage(self, with_context: bool = False, with_title: bool = True) -> str:
+        """The text encoded for this candidate (see :func:`passage_text`)."""
+        return passage_text(self.text, self.context, self.title, with_context=with_context,
+                            with_title=with_title)
+
+
+def passage_text(text: str, context: str = "", title: str = "", *, with_context: bool = False,
+                 with_title: bool = True) -> str:
+    """The one recipe for the text of a passage, in training and in evaluation alike.
+
+    ``text`` is the passage (a LAReQA answer sentence, a BEIR document text);
+    ``with_context`` appends its paragraph (LAReQA's "sentence + context" variant);
+    ``with_title`` puts a format-defined title in front, as BEIR does (``title + " " +
+    text``). Only formats that define titles pass one; LAReQA passes none.
+    """
+    out = f"{title} {text}" if with_title and title else text
+    if with_context and context:
+        out = f"{out} {context}"
+    return out
 
 
 @dataclass

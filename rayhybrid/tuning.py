@@ -105,7 +105,9 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
         try:
             dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings, 20,
                                       max_query_length=c.data.max_query_length,
-                                      max_passage_length=c.data.max_passage_length)
+                                      max_passage_length=c.data.max_passage_length,
+                                      with_context=c.data.with_context,
+                                      with_title=c.data.with_title)
         finally:
             model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)

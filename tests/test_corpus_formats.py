@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,8 +164,8 @@ def test_beir_task(tmp_path: Path) -> None:
     assert task.report.counts == {"qrels_unknown_candidate": 1, "query_without_qrels": 1}
     train = load_training_data(DataConfig(format="beir", path=str(folder), languages=("de",),
                                           split_by="group", train_fraction=1.0), "train")
-    assert [(p.group, p.passage) for p in train.pairs] == [("0", "doc 0"), ("0", "doc 3"),
-                                                           ("1", "doc 1")]
+    assert [(p.group, p.passage) for p in train.pairs] == [("0", "T0 doc 0"), ("0", "T3 doc 3"),
+                                                           ("1", "T1 doc 1")]
 
 
 @pytest.mark.parametrize("files, pattern", [
@@ -249,3 +250,22 @@ def test_task_from_pairs() -> None:
     assert [q.id for q in task.queries] == ["q:de:g2"]
     assert {c.text for c in task.candidates} == {"p a", "p c"}
     assert [task.qrels["q:de:g2"]] == [{"c:de:1": 1}]
+
+
+def test_beir_passages_are_title_and_text(tmp_path: Path) -> None:
+    """BEIR encodes ``title + " " + text``; the knob turns it off; training pairs and
+    evaluation candidates share the recipe. Expected texts come from the raw file."""
+    from rayhybrid.evaluation.run import candidate_texts
+
+    folder = _beir(tmp_path / "miracl-de")
+    raw = {row["_id"]: row for row in map(json.loads, (folder / "corpus.jsonl").read_text()
+                                          .splitlines())}
+    task = load_beir_task(folder, "de")
+    assert candidate_texts(task) == [f"{r['title']} {r['text']}" for r in raw.values()]
+    assert candidate_texts(task, with_title=False) == [r["text"] for r in raw.values()]
+    cfg = DataConfig(format="beir", path=str(folder), languages=("de",), split_by="group",
+                     train_fraction=1.0)
+    pairs = load_training_data(cfg, "train").pairs
+    assert [p.passage for p in pairs] == ["T0 doc 0", "T3 doc 3", "T1 doc 1"]
+    pairs = load_training_data(replace(cfg, with_title=False), "train").pairs
+    assert [p.passage for p in pairs] == ["doc 0", "doc 3", "doc 1"]

@@ -129,8 +129,8 @@ def test_training_and_eval_never_share_articles(xquad_dir: Path, monkeypatch) ->
     train_articles = {it.article for it in train.items}
     assert len(train_articles) == 34 and train.languages == tuple(LANGS)
     assert not train_articles & {it.article for it in dev.items}
-    test_titles = {c.title for c in test.candidates}
-    assert test_titles and not train_articles & test_titles
+    test_articles = {c.article for c in test.candidates}
+    assert test_articles and not train_articles & test_articles
     train_qids = {it.id for it in train.items}
     assert not train_qids & {q.id.split(":", 2)[2] for q in test.queries}
     full = load_eval_task(TaskConfig(part="all", languages=("en",)), data_cfg)
@@ -195,9 +195,11 @@ def test_partly_parallel_folder(tmp_path: Path, small) -> None:
     with pytest.raises(DataError, match=r"de\.json: question ids disagree with en\.json: 3 missing"):
         load_lareqa_items(folder, require_parallel=True)
     sub = load_lareqa_task(folder, articles=[data["en"]["data"][1]["title"]])
-    assert {c.title for c in sub.candidates} == {data["en"]["data"][1]["title"],
-                                                 "de-" + data["en"]["data"][1]["title"],
-                                                 "es-" + data["en"]["data"][1]["title"]}
+    # One article key (the English title) in every language; the translated titles are
+    # never part of a candidate.
+    assert {c.article for c in sub.candidates} == {data["en"]["data"][1]["title"]}
+    assert {c.lang for c in sub.candidates} == {"de", "en", "es"}
+    assert not any(c.title for c in sub.candidates)
 
 
 def test_answer_in_gap_goes_to_next_sentence(tmp_path: Path, small) -> None:
@@ -293,3 +295,37 @@ def test_split_by_question_keeps_train_questions_out_of_test(xquad_dir: Path, mo
     assert not train_qids & test_qids
     # The candidate pool stays whole (every sentence of every article).
     assert len(test.candidates) == 1180 + 1196 and set(test.qrels) == {q.id for q in test.queries}
+
+
+# --------------------------------------------------------------------------- encoded texts
+
+
+def test_candidate_texts_are_the_files_sentences(xquad_dir: Path) -> None:
+    """The encoded LAReQA candidate is the file's sentence (LAReQA, XTREME-R, the paper),
+    or sentence + paragraph with ``with_context``; never the article title. Recomputed
+    here from the raw JSON, not through the loader's own structures."""
+    from rayhybrid.evaluation.run import candidate_texts
+
+    langs = ("de", "en", "th")
+    task = load_lareqa_task(xquad_dir, langs)
+    expected, expected_ctx = [], []
+    for lang in sorted(langs, key=lambda x: (x != "en", x)):  # the loader's language order
+        raw = json.loads((xquad_dir / f"{lang}.json").read_text(encoding="utf-8"))
+        for article in raw["data"]:
+            for para in article["paragraphs"]:
+                expected += para["sentences"]
+                expected_ctx += [f"{s} {para['context']}" for s in para["sentences"]]
+    assert candidate_texts(task) == expected
+    assert candidate_texts(task, with_context=True) == expected_ctx
+    # with_title has nothing to add: LAReQA defines no passage title.
+    assert candidate_texts(task, with_title=True) == expected
+    # Training positives are built by the same recipe.
+    items, _ = load_lareqa_items(xquad_dir, langs)
+    cand_text = {c.id: c.text for c in task.candidates}
+    items_ctx, _ = load_lareqa_items(xquad_dir, langs, with_context=True)
+    ctx_of = {c.text: c.passage(with_context=True) for c in task.candidates}
+    for item, item_ctx in zip(items[:200], items_ctx[:200]):
+        rel = task.qrels[f"q:en:{item.id}"]
+        en_sentence = next(cand_text[c] for c in rel if c.startswith("c:en:"))
+        assert item.positives["en"] == (en_sentence,)
+        assert item_ctx.positives["en"] == (ctx_of[en_sentence],)

@@ -33,6 +33,7 @@ def xquad_eval(ray_local, xquad_dir, minilm_dir, tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(None, [f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp}/out",
                              "eval.top_k=20", "eval.full_depth_runs=true",
+                             "eval.save_embeddings=true", "eval.bootstrap_samples=200",
                              f"model.name={minilm_dir}", "eval.batch_size=64"])
     # As at the end of training: log into a run someone else opened (and will close).
     client = MlflowClient(uri)
@@ -159,3 +160,103 @@ def test_cli_task_needs_data(capsys):
 
     assert main(["evaluate", "--task", "lareqa"]) == 2
     assert "--task and --data go together" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- first principles
+
+
+def _raw_lareqa(xquad_dir: Path, langs: list[str], n_articles: int):
+    """Candidates (id -> (lang, sentence)) and qrels from the raw JSON, by the LAReQA definition:
+    every sentence is a candidate; a question's relevant candidate in each language is the
+    sentence whose break span [begin, end) holds that language's answer start."""
+    cands, answer = {}, collections.defaultdict(dict)
+    for lang in langs:
+        data = json.loads((xquad_dir / f"{lang}.json").read_text(encoding="utf-8"))["data"]
+        for ai, article in enumerate(data[:n_articles]):
+            for pi, para in enumerate(article["paragraphs"]):
+                for si, sent in enumerate(para["sentences"]):
+                    cands[f"c:{lang}:{ai}:{pi}:{si}"] = (lang, sent)
+                for qa in para["qas"]:
+                    start = qa["answers"][0]["answer_start"]
+                    si = next(i for i, (b, e) in enumerate(para["sentence_breaks"]) if b <= start < e)
+                    # Surrounding whitespace of a question is not part of it (the loader strips).
+                    answer[qa["id"]][lang] = (qa["question"].strip(), f"c:{lang}:{ai}:{pi}:{si}")
+    queries = {f"q:{lang}:{qid}": (lang, text) for qid, per in answer.items()
+               for lang, (text, _) in per.items()}
+    qrels = {f"q:{lang}:{qid}": {c for _, c in per.values()} for qid, per in answer.items()
+             for lang in per}
+    return cands, queries, qrels
+
+
+def _brute_force(q: np.ndarray, c: np.ndarray, cand_ids: list[str], rel: set[str],
+                 langs: set[str]) -> list[tuple[int, str]]:
+    """(1-based rank, id) of the relevant candidates, best first, after a full sort of the pool
+    of ``langs`` by score (float64 products rounded to float32, as the shards score), ties
+    by candidate id in reverse lexicographic order (trec_eval)."""
+    scores = (c.astype(np.float64) @ q.astype(np.float64)).astype(np.float32)
+    ranked = sorted((i for i, cid in enumerate(cand_ids) if cid.split(":")[1] in langs),
+                    key=lambda i: cand_ids[i], reverse=True)
+    ranked.sort(key=lambda i: -float(scores[i]))  # stable: equal scores keep the id order
+    return [(r + 1, cand_ids[i]) for r, i in enumerate(ranked) if cand_ids[i] in rel]
+
+
+def _ap(ranks: list[int], k: int | None = None) -> float:
+    hits = [(i + 1) / r for i, r in enumerate(ranks) if k is None or r <= k]
+    return sum(hits) / (len(ranks) if k is None else min(len(ranks), k))
+
+
+def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
+    """Encoding actors, language shards, merge and rank counting against a plain evaluation
+    written here from the definitions: raw JSON, full sort, ranks, AP, rank distance."""
+    cands, queries, qrels = _raw_lareqa(xquad_dir, LANGS, 4)
+    task = xquad_eval["task"]
+    assert {c.id: (c.lang, c.text) for c in task.candidates} == cands
+    assert {q.id: (q.lang, q.text) for q in task.queries} == queries
+    assert {k: set(v) for k, v in task.qrels.items()} == qrels
+    emb = np.load(xquad_eval["folder"] / "embeddings.npz", allow_pickle=False)
+    q_row = {qid: i for i, qid in enumerate(emb["query_ids"].tolist())}
+    cand_ids = emb["candidate_ids"].tolist()
+    assert set(cand_ids) == set(cands)
+    per_cell: dict[tuple[str, str], list[dict[str, float]]] = collections.defaultdict(list)
+    distances: dict[str, list[float]] = collections.defaultdict(list)
+    for qid, (qlang, _) in queries.items():
+        qv = emb["queries"][q_row[qid]]
+        for pool in [*LANGS, "all"]:
+            langs = set(LANGS) if pool == "all" else {pool}
+            found = _brute_force(qv, emb["candidates"], cand_ids, qrels[qid], langs)
+            ranks = [r for r, _ in found]
+            cell = ("multi", qlang) if pool == "all" else (
+                ("mono", qlang) if pool == qlang else ("cross", f"{qlang}-{pool}"))
+            per_cell[cell].append({"map": _ap(ranks), "map@20": _ap(ranks, 20),
+                                   "mrr": 1 / ranks[0],
+                                   "r@1": sum(r <= 1 for r in ranks) / len(ranks),
+                                   "r@10": sum(r <= 10 for r in ranks) / len(ranks)})
+            if pool == "all":  # rank distance: worst minus best of the per-language best ranks
+                best: dict[str, int] = {}
+                for r, cid in found:
+                    best.setdefault(cid.split(":")[1], r)
+                distances[qlang].append(max(best.values()) - min(best.values()))
+    metrics = xquad_eval["metrics"]
+    for setting in ("mono", "cross", "multi"):
+        cells = {cell: vals for (s, cell), vals in per_cell.items() if s == setting}
+        for name in ("map", "map@20", "mrr", "r@1", "r@10"):
+            means = {cell: float(np.mean([v[name] for v in vals])) for cell, vals in cells.items()}
+            for cell, value in means.items():
+                assert abs(metrics[f"xquad_r/{setting}/{cell}/{name}"] - value) < 1e-9
+            assert abs(metrics[f"xquad_r/{setting}/{name}"] - np.mean(list(means.values()))) < 1e-9
+    macro = np.mean([np.mean(d) for d in distances.values()])
+    pooled = [d for ds in distances.values() for d in ds]
+    assert abs(metrics["xquad_r/bias/rank_distance"] - macro) < 1e-9
+    assert abs(metrics["xquad_r/bias/rank_distance_micro"] - np.mean(pooled)) < 1e-9
+    assert abs(metrics["xquad_r/bias/rank_distance_median"] - np.median(pooled)) < 1e-9
+    # The per-query file holds the same values, cell by cell.
+    rows = (xquad_eval["folder"] / "per_query_multi.tsv").read_text().splitlines()
+    head = rows[0].split("\t")
+    got: dict[str, list[float]] = collections.defaultdict(list)
+    for line in rows[1:]:
+        f = dict(zip(head, line.split("\t")))
+        got[f["cell"]].append(float(f["map"]))
+    assert set(got) == set(LANGS)
+    for cell, vals in got.items():
+        assert sorted(vals) == pytest.approx(sorted(v["map"] for v in per_cell[("multi", cell)]),
+                                             abs=1e-12)

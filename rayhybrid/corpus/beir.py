@@ -18,6 +18,7 @@ from rayhybrid.datamodel import (
     Pair,
     Query,
     check_language,
+    passage_text,
 )
 
 __all__ = ["load_beir_pairs", "load_beir_task", "read_beir_folder"]
@@ -132,8 +133,11 @@ def load_beir_task(folder: str | Path, language: str, split: str = "test",
 
 
 def load_beir_pairs(folder: str | Path, language: str, split: str = "train",
-                    ) -> tuple[list, list[Pair], LoadReport]:
+                    with_title: bool = True) -> tuple[list, list[Pair], LoadReport]:
     """Training pairs (query, judged-relevant passage) from a BEIR folder; group = query id.
+
+    The passage text is built by :func:`~rayhybrid.datamodel.passage_text` (title + text
+    with ``with_title``), the recipe the evaluation encodes candidates with.
 
     Returns:
         ``([], pairs, report)``, the shape of the other pair loaders.
@@ -143,7 +147,8 @@ def load_beir_pairs(folder: str | Path, language: str, split: str = "train",
     """
     lang = check_language(language, f"{folder}: language tag")
     corpus, queries, qrels, report = read_beir_folder(folder, split)
-    pairs = [Pair(query=queries[qid][0], passage=corpus[cid][0], query_lang=lang,
+    pairs = [Pair(query=queries[qid][0], query_lang=lang,
+                  passage=passage_text(corpus[cid][0], title=corpus[cid][1], with_title=with_title),
                   passage_lang=lang, group=qid)
              for qid, rel in qrels.items() for cid, score in rel.items() if score > 0]
     if not pairs:

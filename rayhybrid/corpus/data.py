@@ -88,7 +88,8 @@ def _load_source(data_cfg: DataConfig) -> tuple[list[ParallelItem], list[Pair], 
         if len(data_cfg.languages) != 1:
             raise DataError(f"data.languages: a beir training folder needs exactly one language "
                             f"tag, got {list(data_cfg.languages)}")
-        return (*load_beir_pairs(path, data_cfg.languages[0], data_cfg.hf_split), None)
+        return (*load_beir_pairs(path, data_cfg.languages[0], data_cfg.hf_split,
+                                 data_cfg.with_title), None)
     raise DataError(f"data.format: unknown format {fmt!r}; expected lareqa, beir, jsonl, parquet, "
                     "hf or hf_disk")
 

@@ -41,6 +41,7 @@ from rayhybrid.datamodel import (
     ParallelItem,
     Query,
     check_language,
+    passage_text,
 )
 
 __all__ = ["LareqaFolder", "lareqa_article_keys", "lareqa_split_units", "load_lareqa_items",
@@ -214,7 +215,7 @@ def load_lareqa_items(folder: str | Path, languages: Sequence[str] = (), with_co
             para = lf.paragraphs[q.article][q.paragraph]
             sent = para.sentences[q.sentence]
             queries[lang] = q.text
-            positives[lang] = (f"{sent} {para.context}" if with_context else sent,)
+            positives[lang] = (passage_text(sent, para.context, with_context=with_context),)
             article = article or parsed.article_keys[(lang, q.article)]
         items.append(ParallelItem(id=qid, queries=queries, positives=positives, article=article))
     return items, report
@@ -250,12 +251,15 @@ def load_lareqa_task(folder: str | Path, languages: Sequence[str] = (), name: st
     candidates: list[Candidate] = []
     for lang, lf in files.items():
         for ai, paras in enumerate(lf.paragraphs):
-            if keep is not None and parsed.article_keys[(lang, ai)] not in keep:
+            article = parsed.article_keys[(lang, ai)]
+            if keep is not None and article not in keep:
                 continue
             for para in paras:
+                # The candidate is the sentence (its paragraph as context), never the title:
+                # XQuAD-R titles are English in every language (a cross-lingual leak).
                 candidates.extend(
                     Candidate(f"c:{lang}:{ai}:{para.index}:{si}", lang, sent, para.context,
-                              lf.titles[ai]) for si, sent in enumerate(para.sentences))
+                              article=article) for si, sent in enumerate(para.sentences))
     queries: list[Query] = []
     qrels: dict[str, dict[str, int]] = {}
     for lang, lf in files.items():

@@ -26,7 +26,8 @@ __all__ = ["evaluate_in_process"]
 def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: ModelConfig,
                         settings: Sequence[str] = ("mono", "cross", "multi"), top_k: int = 20,
                         *, max_query_length: int = 64, max_passage_length: int = 128,
-                        batch_size: int = 64, metrics: Sequence[str] = LAREQA_METRICS
+                        batch_size: int = 64, metrics: Sequence[str] = LAREQA_METRICS,
+                        with_context: bool = False, with_title: bool = True,
                         ) -> dict[str, float]:
     """Encode ``task`` with ``model`` and return flat metrics without a task prefix.
 
@@ -56,7 +57,8 @@ def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: M
     q_emb = encode_texts(module, tokenizer, [q.text for q in task.queries],
                          prefix=model_cfg.query_prefix, max_length=max_query_length,
                          batch_size=batch_size, device=device)
-    c_emb = encode_texts(module, tokenizer, candidate_texts(task), prefix=model_cfg.passage_prefix,
+    c_emb = encode_texts(module, tokenizer, candidate_texts(task, with_context, with_title),
+                         prefix=model_cfg.passage_prefix,
                          max_length=max_passage_length, batch_size=batch_size, device=device)
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])

@@ -32,7 +32,8 @@ Language bias (multilingual setting only, Huang et al. 2023 as used by Elmahdy e
   best-ranked and worst-ranked language in the full pool. Averaged over the queries of a
   query language, then macro-averaged over languages; lower is better. Queries with
   relevant candidates in fewer than two languages have no distance: they are excluded
-  and counted (``bias/excluded``).
+  and counted (``bias/excluded``). ``rank_distance_micro`` is the mean over all queries,
+  ``rank_distance_median`` their median.
 - ``share@k/<Y>``: the share of the multilingual top-k that is in candidate language Y,
   averaged over queries per query language, then macro-averaged.
 """
@@ -161,6 +162,11 @@ def bias_metrics(distances: dict[str, np.ndarray], shares: dict[str, dict[str, n
             per_lang[lang] = float(ok.mean())
             out[f"bias/rank_distance/{lang}"] = per_lang[lang]
     out["bias/rank_distance"] = macro(list(per_lang.values()))
+    # Micro (mean over all queries) and median beside the macro: with unequal query counts
+    # per language, or a long tail of far-apart languages, the three tell different stories.
+    pooled = np.concatenate([d[~np.isnan(d)] for d in distances.values()] or [np.zeros(0)])
+    out["bias/rank_distance_micro"] = float(pooled.mean()) if len(pooled) else float("nan")
+    out["bias/rank_distance_median"] = float(np.median(pooled)) if len(pooled) else float("nan")
     out["bias/excluded"] = float(excluded)
     cand_langs = sorted({c for s in shares.values() for c in s})
     for c in cand_langs:

@@ -29,6 +29,7 @@ from rayhybrid.datamodel import EvalTask
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.metrics import BEIR_METRICS, LAREQA_METRICS, summarize
 from rayhybrid.evaluation.retrieval import CandidateIndex, Retrieval, check_settings, run_settings
+from rayhybrid.evaluation.uncertainty import interval_metrics, per_query_tables, write_per_query
 
 if TYPE_CHECKING:
     from rayhybrid.config import Config, TaskConfig
@@ -44,15 +45,12 @@ def mlflow_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def candidate_texts(task: EvalTask, with_context: bool = False) -> list[str]:
-    """Text encoded for each candidate: title (BEIR) + text (+ its paragraph if asked)."""
-    out = []
-    for c in task.candidates:
-        text = f"{c.title} {c.text}" if c.title else c.text
-        if with_context and c.context:
-            text = f"{text} {c.context}"
-        out.append(text)
-    return out
+def candidate_texts(task: EvalTask, with_context: bool = False, with_title: bool = True,
+                    ) -> list[str]:
+    """Text encoded for each candidate, by the recipe training passages use
+    (:func:`~rayhybrid.datamodel.passage_text`): the LAReQA sentence (+ its paragraph with
+    ``with_context``), or a BEIR document's title + text."""
+    return [c.passage(with_context, with_title) for c in task.candidates]
 
 
 class _Tracker:
@@ -168,9 +166,17 @@ def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
     start = time.perf_counter()
     (q_emb, c_emb), encode_s = encode_with_ray(
         [([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
-         (candidate_texts(task, cfg.data.with_context), cfg.model.passage_prefix,
+         (candidate_texts(task, cfg.data.with_context, cfg.data.with_title),
+          cfg.model.passage_prefix,
           cfg.data.max_passage_length)],
         cfg.model, model_path, batch_size=cfg.eval.batch_size, workers=cfg.eval.encode_workers)
+    folder = Path(cfg.eval.output_dir).expanduser() / task.name
+    if cfg.eval.save_embeddings:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Plain arrays (unicode ids, float32), so np.load needs no pickle to read them back.
+        np.savez(folder / "embeddings.npz", queries=q_emb, candidates=c_emb,
+                 query_ids=np.array([q.id for q in task.queries], dtype=str),
+                 candidate_ids=np.array([c.id for c in task.candidates], dtype=str))
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
     shards = {lang: (c_emb[row_of_key[keys]], keys) for lang, keys in cands.shard_keys().items()}
@@ -182,16 +188,25 @@ def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
     search_s = time.perf_counter() - search_start
     names = BEIR_METRICS if fmt == "beir" else LAREQA_METRICS
     metrics, counts = summarize(retrieval.blocks, cands.langs, names, cfg.eval.top_k)
-    folder = Path(cfg.eval.output_dir).expanduser() / task.name
+    tables = per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, names)
+    intervals = interval_metrics(tables, samples=cfg.eval.bootstrap_samples,
+                                 level=cfg.eval.ci_level, seed=cfg.eval.bootstrap_seed)
+    for key, ci in intervals.items():  # interval ends of every macro figure, as metrics too
+        metrics[f"{key}/ci_low"], metrics[f"{key}/ci_high"] = ci["low"], ci["high"]
     timing = {"encode_s": encode_s, "search_s": search_s, "total_s": time.perf_counter() - start}
+    files = write_per_query(tables, folder)
     summary = _write_outputs(task, retrieval, metrics, counts, folder, model_path or cfg.model.name,
-                             timing)
+                             timing, files, {"level": cfg.eval.ci_level, "resampled":
+                                             "parallel items (all language versions together)",
+                                             "samples": cfg.eval.bootstrap_samples,
+                                             "values": intervals})
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     return metrics, summary, folder
 
 
 def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, float],
-                   counts: dict, folder: Path, model: str, timing: dict[str, float]) -> dict:
+                   counts: dict, folder: Path, model: str, timing: dict[str, float],
+                   files: dict[str, str], intervals: dict[str, Any]) -> dict:
     from rayhybrid.evaluation.outputs import (
         plot_heatmap,
         plot_per_language,
@@ -199,7 +214,6 @@ def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, floa
         write_trec,
     )
 
-    files: dict[str, str] = {}
     tag = f"rayhybrid_{Path(model).name}"
     for setting, blocks in retrieval.blocks.items():
         run_path, qrels_path = write_trec(blocks, setting, retrieval.query_ids,
@@ -218,7 +232,8 @@ def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, floa
         "languages": langs,
         "queries": {lang: sum(q.lang == lang for q in task.queries) for lang in langs},
         "candidates": {lang: sum(c.lang == lang for c in task.candidates) for lang in langs},
-        "metrics": metrics, "cells": counts, "timing_s": timing, "files": files,
+        "metrics": metrics, "intervals": intervals, "cells": counts, "timing_s": timing,
+        "files": files,
         "load_report": task.report.summary(),
     }
     write_summary(summary, folder / "summary.json")
@@ -275,7 +290,9 @@ def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
                          f"{metrics[f'{setting}/map@20']:.4f}  R@1 {metrics[f'{setting}/r@1']:.4f}  "
                          f"R@10 {metrics[f'{setting}/r@10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}")
     if "bias/rank_distance" in metrics:
-        lines.append(f"  rank distance {metrics['bias/rank_distance']:.1f}")
+        lines.append(f"  rank distance {metrics['bias/rank_distance']:.1f} (macro), "
+                     f"{metrics['bias/rank_distance_micro']:.1f} (micro), "
+                     f"{metrics['bias/rank_distance_median']:.1f} (median)")
     return "\n".join(lines)
 
 
