@@ -12,20 +12,23 @@ fails gets a row with its error; the others still run.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
 
 from rayhybrid.config import Config, ConfigError, config_to_dict, resolve_path
+from rayhybrid.evaluation.uncertainty import Column, comparison_stats, format_cell
 from rayhybrid.results import ResultsTable, plot_heatmap
 
-__all__ = ["StrategySpec", "compare", "parse_strategies", "strategy_config"]
+__all__ = ["StrategySpec", "baseline_label", "compare", "display_table", "parse_strategies",
+           "strategy_config"]
 
 _PLAIN = ("mono", "cross", "mixed", "english", "hybrid")
-_LOWER_IS_BETTER = ("rank_distance",)
 
 
 class StrategySpec(NamedTuple):
@@ -72,92 +75,201 @@ def parse_strategies(cfg: Config) -> list[StrategySpec]:
     return specs
 
 
-def strategy_config(cfg: Config, spec: StrategySpec) -> Config:
-    """``cfg`` with the strategy's batches and its own run name; budget and seed untouched."""
+def strategy_config(cfg: Config, spec: StrategySpec, seed: int | None = None) -> Config:
+    """``cfg`` with the strategy's batches and its own run name; budget untouched.
+
+    With ``seed`` (a comparison over several seeds) the batch plan and dropout use that seed
+    and the run name and outputs get a ``_s<seed>`` / ``seed<seed>`` suffix.
+    """
     from rayhybrid.tuning_space import apply_overrides
 
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.label).strip("_")
-    return apply_overrides(cfg, {
+    overrides: dict[str, Any] = {
         "batch.strategy": spec.strategy,
         "batch.alpha": spec.alpha,
         "train.run_name": f"{cfg.train.run_name}_{slug}",
         "eval.output_dir": str(Path(cfg.eval.output_dir) / "compare" / slug),
         # The comparison evaluates each model itself, once, after training.
         "eval.at_end_of_training": False,
-    })
+    }
+    if seed is not None:
+        overrides["batch.seed"] = seed
+        overrides["train.run_name"] += f"_s{seed}"
+        overrides["eval.output_dir"] = str(Path(overrides["eval.output_dir"]) / f"seed{seed}")
+    return apply_overrides(cfg, overrides)
 
 
-def _metric_columns(cfg: Config) -> list[tuple[str, str]]:
-    """(column, summary key) pairs: per task mono / cross / multi mAP@20, nDCG@10, rank distance."""
+def baseline_label(cfg: Config, specs: list[StrategySpec]) -> str:
+    """The row the others are tested against: ``cfg.baseline`` (parsed like a strategy) or
+    the first strategy.
+
+    Raises:
+        ConfigError: the baseline is not one of the compared strategies.
+    """
+    if cfg.baseline == "":
+        return specs[0].label
+    text = cfg.baseline if isinstance(cfg.baseline, str) else f"hybrid({cfg.baseline})"
+    try:
+        (spec,) = parse_strategies(replace(cfg, strategies=(text,)))
+    except ConfigError as exc:
+        raise ConfigError(f"baseline = {cfg.baseline!r}: {exc}") from None
+    if spec.label not in [s.label for s in specs]:
+        raise ConfigError(f"baseline = {cfg.baseline!r} is not a row of the table; expected one "
+                          f"of {', '.join(s.label for s in specs)}")
+    return spec.label
+
+
+def _metric_columns(cfg: Config) -> list[Column]:
+    """Per task: mono / cross / multi mAP (the paper's headline) and mAP@20, nDCG@10 for
+    BEIR tasks, and the rank distance (lower is better)."""
     cols = []
+    names = [("mAP", "map"), ("mAP@20", "map@20")]
     for task in cfg.eval.tasks:
         prefix = f"{task.name} " if len(cfg.eval.tasks) > 1 else ""
-        for setting in ("mono", "cross", "multi"):
-            if setting in cfg.eval.settings:
-                cols.append((f"{prefix}{setting} mAP@20", f"{task.name}/{setting}/map@20"))
-        if task.format == "beir":
+        for label, metric in names + ([("nDCG@10", "ndcg@10")] if task.format == "beir" else []):
             for setting in ("mono", "cross", "multi"):
                 if setting in cfg.eval.settings:
-                    cols.append((f"{prefix}{setting} nDCG@10", f"{task.name}/{setting}/ndcg@10"))
+                    cols.append(Column(f"{prefix}{setting} {label}", task.name, setting, metric))
         if "multi" in cfg.eval.settings:
-            cols.append((f"{prefix}rank distance", f"{task.name}/bias/rank_distance"))
+            cols.append(Column(f"{prefix}rank distance", task.name, "bias", "rank_distance",
+                               lower_is_better=True))
     return cols
 
 
-def _run_one(cfg: Config, spec: StrategySpec, parent_run_id: str | None) -> dict[str, Any]:
-    """Train and evaluate one strategy; returns its row (metric columns keyed by summary key)."""
+def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
+    """Train and evaluate one (strategy, seed) config; returns its summary and MLflow run."""
     from rayhybrid.evaluation.run import evaluate
     from rayhybrid.training import train
 
-    scfg = strategy_config(cfg, spec)
     start = time.perf_counter()
-    result = train(scfg, parent_run_id=parent_run_id)
-    summary = evaluate(scfg, str(result.model_dir), run_id=result.mlflow_run_id)
+    result = train(cfg, parent_run_id=parent_run_id)
+    summary = evaluate(cfg, str(result.model_dir), run_id=result.mlflow_run_id)
     return {"mlflow_run_id": result.mlflow_run_id or "", "summary": summary,
             "minutes": (time.perf_counter() - start) / 60.0}
 
 
 def compare(cfg: Config) -> ResultsTable:
-    """Train and evaluate every strategy of ``cfg.strategies``; return the comparison table.
+    """Train and evaluate every strategy of ``cfg.strategies`` once per seed of
+    ``cfg.seeds``; return the comparison table.
 
-    Outputs go to ``<eval.output_dir>/compare/``: ``comparison.md``, ``comparison.csv``,
-    ``comparison_heatmap.png`` (strategies x metrics) and ``cross_heatmaps.png`` (X->Y
-    mAP@20 per strategy), all logged to the parent MLflow run.
+    Each metric column holds the mean over seeds; beside it (``<column> sd``, ``... low``,
+    ``... high``, ``... p``, ``... p_holm``) the sd over seeds, the 95 % item-bootstrap
+    interval of the seed-averaged figure and the paired randomization test against the
+    baseline row (Holm-corrected across rows), all recomputable from the per-query files.
+    Outputs go to ``<eval.output_dir>/compare/``: ``comparison.md`` (cells ``mean ± sd [low,
+    high] *``), ``comparison.csv`` (every number at full precision),
+    ``comparison_heatmap.png`` and ``cross_heatmaps.png``, all logged to the parent MLflow run.
 
     Raises:
-        ConfigError: invalid strategies (before anything starts).
+        ConfigError: invalid strategies or baseline (before anything starts).
     """
     from rayhybrid.results import finish_parent_run, start_parent_run
 
     specs = parse_strategies(cfg)
+    baseline = baseline_label(cfg, specs)
+    seeds: list[int | None] = list(cfg.seeds) if cfg.seeds else [None]  # None: batch.seed
     for spec in specs:  # type-check every strategy's config before the first run starts
-        strategy_config(cfg, spec)
+        for seed in seeds:
+            strategy_config(cfg, spec, seed)
     columns = _metric_columns(cfg)
     parent = start_parent_run(cfg, f"compare_{cfg.train.run_name}", {"rayhybrid.job": "compare"},
-                              {"compare.strategies": ",".join(s.label for s in specs)})
-    table = ResultsTable(columns=["strategy", "alpha"] + [c for c, _ in columns]
-                         + ["minutes", "mlflow_run_id", "error"],
-                         title=_title(cfg))
+                              {"compare.strategies": ",".join(s.label for s in specs),
+                               "compare.seeds": ",".join(str(s) for s in cfg.seeds or
+                                                         (cfg.batch.seed,)),
+                               "compare.baseline": baseline})
+    extra = [f"{c.name} {k}" for c in columns for k in _STAT_COLUMNS]
+    table = ResultsTable(columns=["strategy", "alpha", "seeds"] + [c.name for c in columns]
+                         + ["minutes", "mlflow_run_id", "error"] + extra, title=_title(cfg))
     summaries: dict[str, dict[str, float]] = {}
+    folders: dict[str, list[Path]] = {}
+    n_runs = len(specs) * len(seeds)
     for i, spec in enumerate(specs):
-        print(f"[rayhybrid compare] {i + 1}/{len(specs)}: {spec.label}", flush=True)
         row: dict[str, Any] = {"strategy": spec.label,
                                "alpha": spec.alpha if spec.strategy == "hybrid" else None}
-        try:
-            out = _run_one(cfg, spec, parent)
-        except Exception as exc:  # noqa: BLE001 - one failed strategy must not lose the others
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            print(f"[rayhybrid compare] {spec.label} failed: {row['error']}", flush=True)
-        else:
-            summaries[spec.label] = out["summary"]
-            row.update({col: _float(out["summary"].get(key)) for col, key in columns})
-            row.update(minutes=out["minutes"], mlflow_run_id=out["mlflow_run_id"], error="")
+        ids, errors, minutes = [], [], 0.0
+        for j, seed in enumerate(seeds):
+            scfg = strategy_config(cfg, spec, seed)
+            print(f"[rayhybrid compare] {i * len(seeds) + j + 1}/{n_runs}: {spec.label}"
+                  + ("" if seed is None else f" seed {seed}"), flush=True)
+            try:
+                out = _run_one(scfg, parent)
+            except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                msg = str(exc).strip()
+                errors.append(f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}")
+                print(f"[rayhybrid compare] {spec.label} failed: {errors[-1]}", flush=True)
+                continue
+            summaries.setdefault(spec.label, out["summary"])
+            folders.setdefault(spec.label, []).append(Path(resolve_path(scfg.eval.output_dir)))
+            ids.append(out["mlflow_run_id"])
+            minutes += out["minutes"]
+        row.update(seeds=len(ids), minutes=minutes, mlflow_run_id=",".join(ids),
+                   error="; ".join(errors))
         table.add(row)
-    paths = _write_outputs(cfg, table, columns, summaries)
+    _fill_statistics(cfg, table, columns, folders, baseline)
+    paths = _write_outputs(cfg, table, columns, summaries, baseline)
     finish_parent_run(cfg, parent, paths, failed=sum(1 for r in table.rows if r.get("error")),
-                      total=len(table))
+                      total=len(table), metrics=_interval_metrics(table, columns))
     print(f"[rayhybrid compare] table and heatmaps in {paths['markdown'].parent}", flush=True)
     return table
+
+
+_STAT_COLUMNS = ("sd", "low", "high", "diff", "diff_low", "diff_high", "p", "p_holm")
+
+
+def _fill_statistics(cfg: Config, table: ResultsTable, columns: list[Column],
+                     folders: dict[str, list[Path]], baseline: str) -> None:
+    """Mean over seeds, sd, intervals and tests into each row (from the per-query files)."""
+    if not folders:
+        return
+    if baseline not in folders:  # the baseline failed: intervals, but nothing to test against
+        print(f"[rayhybrid compare] baseline {baseline} has no result: no significance tests",
+              flush=True)
+    stats = comparison_stats(folders, columns, baseline if baseline in folders else next(
+        iter(folders)), samples=cfg.eval.bootstrap_samples, level=cfg.eval.ci_level,
+        permutations=cfg.eval.permutations, seed=cfg.eval.bootstrap_seed)
+    for row in table.rows:
+        for col in columns:
+            cell = stats.get(row["strategy"], {}).get(col.name)
+            if not cell:
+                continue
+            if baseline not in folders:
+                cell = {k: v for k, v in cell.items() if not k.startswith(("diff", "p"))}
+            row[col.name] = cell["mean"]
+            row.update({f"{col.name} {k}": cell[k] for k in _STAT_COLUMNS if k in cell})
+
+
+def _interval_metrics(table: ResultsTable, columns: list[Column]) -> dict[str, float]:
+    """Parent-run metrics: every row's figure and its interval ends (MLflow-safe names)."""
+    out = {}
+    for row in table.rows:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["strategy"]).strip("_")
+        for col in columns:
+            key = col.name.replace(" ", "_").replace("@", "_at_")
+            for suffix, name in (("", col.name), ("_ci_low", f"{col.name} low"),
+                                 ("_ci_high", f"{col.name} high")):
+                value = row.get(name)
+                if isinstance(value, float) and not math.isnan(value):
+                    out[f"compare/{slug}/{key}{suffix}"] = value
+    return out
+
+
+def display_table(table: ResultsTable, columns: list[Column], baseline: str) -> ResultsTable:
+    """The table as people read it: ``mean ± sd [low, high] marker`` per cell."""
+    shown = ResultsTable(columns=["strategy", "seeds"] + [c.name for c in columns] + ["error"],
+                         title=table.title)
+    for row in table.rows:
+        out = {"strategy": row["strategy"] + (" (baseline)" if row["strategy"] == baseline
+                                              else ""),
+               "seeds": row.get("seeds"), "error": row.get("error") or ""}
+        for col in columns:
+            if row.get(col.name) is None:
+                continue
+            cell = {"mean": row[col.name], **{k: row.get(f"{col.name} {k}") for k in
+                                              ("sd", "low", "high", "p_holm")}}
+            cell = {k: (float("nan") if v is None else v) for k, v in cell.items()}
+            out[col.name] = format_cell(cell)
+        shown.add(out)
+    return shown
 
 
 def _float(value: Any) -> float | None:
@@ -166,21 +278,29 @@ def _float(value: Any) -> float | None:
 
 def _title(cfg: Config) -> str:
     tasks = ", ".join(f"{t.name} ({t.part})" for t in cfg.eval.tasks)
+    seeds = cfg.seeds or (cfg.batch.seed,)
     return (f"{cfg.model.name}, {cfg.train.max_steps} steps x batch {cfg.batch.batch_size}, "
-            f"seed {cfg.batch.seed}; zero-shot on {tasks}")
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; zero-shot on "
+            f"{tasks}")
 
 
-def _write_outputs(cfg: Config, table: ResultsTable, columns: list[tuple[str, str]],
-                   summaries: dict[str, dict[str, float]]) -> dict[str, Path]:
+def _write_outputs(cfg: Config, table: ResultsTable, columns: list[Column],
+                   summaries: dict[str, dict[str, float]], baseline: str) -> dict[str, Path]:
     out = Path(resolve_path(cfg.eval.output_dir)).expanduser() / "compare"
     paths = dict(table.write(out, "comparison"))
-    ok = [r for r in table.rows if not r.get("error")]
+    level = f"{cfg.eval.ci_level:.0%}"
+    paths["markdown"].write_text(
+        display_table(table, columns, baseline).to_markdown() + "\n\n"
+        f"Cells: mean over seeds ± sd over seeds (when more than one) [{level} bootstrap interval "
+        "over parallel items of the seed-averaged figure]; * / ** : differs from the baseline "
+        "row with Holm-corrected p < 0.05 / 0.01 (paired randomization test over items).\n")
+    ok = [r for r in table.rows if r.get("seeds")]
     if ok:
-        names = [c for c, _ in columns]
+        names = [c.name for c in columns]
         paths["heatmap"] = plot_heatmap(
             [[r.get(c) for c in names] for r in ok], [r["strategy"] for r in ok], names,
             out / "comparison_heatmap.png", title=table.title,
-            lower_is_better=[c.endswith(_LOWER_IS_BETTER) for c in names])
+            lower_is_better=[c.lower_is_better for c in columns])
         cross = _cross_heatmaps(cfg, summaries, out / "cross_heatmaps.png")
         if cross is not None:
             paths["cross_heatmaps"] = cross

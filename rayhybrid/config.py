@@ -253,17 +253,19 @@ class Config:
     tune: TuneConfig = _f(TuneConfig(), "Ray Tune.")
     strategies: tuple[str, ...] = _f(("mono", "cross", "hybrid", "mixed", "english"),
                                      "compare: strategies to train and evaluate.")
-    seeds: tuple[int, ...] = _f((0,), "compare: train every strategy once per seed (batch.seed "
-                                "and the model's initialisation); the table reports mean +- sd "
-                                "across seeds beside the query-level interval.")
-    baseline: str = _f("", "compare / tune: the row every other row is tested against (a "
-                       "strategy of `strategies`, e.g. 'mono' or 'hybrid(0.5)'; tune: an alpha "
-                       "such as '0.5'); empty: the first row.")
+    seeds: tuple[int, ...] | None = _f(None, "compare: train every strategy once per seed (the "
+                                       "batch plan and dropout; a tiny model's initialisation "
+                                       "too), e.g. [0, 1, 2]; the table reports mean +- sd "
+                                       "across seeds beside the item-bootstrap interval. null: "
+                                       "once, with batch.seed.")
+    baseline: str | float = _f("", "compare / tune: the row every other row is tested against "
+                               "(compare: a strategy of `strategies`, e.g. mono or hybrid(0.5); "
+                               "tune: an alpha of the sweep such as 0.5); empty: the first row.")
 
     def __post_init__(self) -> None:
-        if not self.seeds:
+        if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: expected at least one seed, e.g. [0, 1, 2]")
-        if len(set(self.seeds)) != len(self.seeds):
+        if self.seeds and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
 
 

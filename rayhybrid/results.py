@@ -137,9 +137,25 @@ class ResultsTable:
 # --------------------------------------------------------------------------- plots
 
 
+def _ys(rows: Sequence[dict[str, Any]], col: str) -> list[float]:
+    return [float("nan") if r.get(col) is None else r[col] for r in rows]
+
+
+def _yerr(rows: Sequence[dict[str, Any]], col: str) -> list[list[float]] | None:
+    """Asymmetric error bars from ``<col> low`` / ``<col> high`` (None when absent)."""
+    if not any(r.get(f"{col} low") is not None for r in rows):
+        return None
+    ys = _ys(rows, col)
+    return [[y - (r.get(f"{col} low") if r.get(f"{col} low") is not None else y)
+             for y, r in zip(ys, rows)],
+            [(r.get(f"{col} high") if r.get(f"{col} high") is not None else y) - y
+             for y, r in zip(ys, rows)]]
+
+
 def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: str | None,
                   path: str | Path, *, group_by: Sequence[str] = (), title: str = "") -> Path:
-    """Two panels against ``x``: quality metrics (left) and rank distance (right).
+    """Two panels against ``x``: quality metrics (left) and rank distance (right), with
+    error bars where the rows carry ``<column> low`` / ``<column> high`` interval ends.
 
     Args:
         table: rows holding ``x``, the quality columns and ``bias``.
@@ -166,14 +182,14 @@ def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: st
         xs = [r[x] for r in rows]
         suffix = "" if not group_by else " (" + ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) + ")"
         for qi, (label, col) in enumerate(quality.items()):
-            ys = [r.get(col) if r.get(col) is not None else float("nan") for r in rows]
-            axes[0][0].plot(xs, ys, marker=markers[qi % len(markers)],
-                            linestyle=["-", "--", ":", "-."][gi % 4], color=f"C{qi}",
-                            label=label + suffix)
+            axes[0][0].errorbar(xs, _ys(rows, col), yerr=_yerr(rows, col),
+                                marker=markers[qi % len(markers)], capsize=3,
+                                linestyle=["-", "--", ":", "-."][gi % 4], color=f"C{qi}",
+                                label=label + suffix)
         if bias:
-            ys = [r.get(bias) if r.get(bias) is not None else float("nan") for r in rows]
-            axes[0][1].plot(xs, ys, marker="o", linestyle=["-", "--", ":", "-."][gi % 4],
-                            color="C3", label="rank distance" + suffix)
+            axes[0][1].errorbar(xs, _ys(rows, bias), yerr=_yerr(rows, bias), marker="o",
+                                capsize=3, linestyle=["-", "--", ":", "-."][gi % 4], color="C3",
+                                label="rank distance" + suffix)
     axes[0][0].set_xlabel(x)
     axes[0][0].set_ylabel("mAP@20")
     axes[0][0].set_title("retrieval quality (higher is better)")

@@ -24,7 +24,7 @@ from rayhybrid.tuning_space import (
     parse_objective,
 )
 
-__all__ = ["close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
+__all__ = ["add_significance", "close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
 
 PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
 DONE_KEY = "trial_done"  # in the last result of a trial whose training returned
@@ -104,6 +104,52 @@ def collect_table(grid: Any, cfg: Config, axes: dict[str, list[Any]]) -> Results
                + ["objective", "best_objective", "mlflow_run_id", "error"])
     title = f"tune {cfg.tune.name}: objective {objective.name} ({objective.mode}) on the dev split"
     return ResultsTable(columns=columns, rows=rows, title=title)
+
+
+def add_significance(table: ResultsTable, cfg: Config, exp_dir: Path) -> None:
+    """Intervals of every trial's dev figures and paired tests against the baseline trial.
+
+    The baseline is the first trial whose alpha equals ``cfg.baseline`` (or the first trial
+    with dev values). Values come from the per-query files each trial wrote at its latest
+    validation point, i.e. the figures its row shows. Adds ``dev <metric> low / high / p /
+    p_holm`` columns.
+
+    Raises:
+        TuneError: ``cfg.baseline`` names an alpha no trial has.
+    """
+    from rayhybrid.evaluation.uncertainty import Column, comparison_stats
+    from rayhybrid.tuning import TuneError, baseline_alpha
+
+    folders = {}
+    for row in table.rows:
+        folder = exp_dir / "train_runs" / f"{cfg.tune.name}_{row['trial']}" / "dev"
+        if row.get("objective") is not None and any(folder.glob("per_query_*.tsv")):
+            folders[row["trial"]] = [folder]
+    if not folders:
+        return
+    alpha = baseline_alpha(cfg)
+    if alpha is not None:
+        base = next((r["trial"] for r in table.rows if r.get("alpha") == alpha
+                     and r["trial"] in folders), None)
+        if base is None:
+            raise TuneError(f"baseline = {cfg.baseline!r}: no trial with alpha {alpha:g} has "
+                            "dev values; alphas: " + ", ".join(
+                                f"{r.get('alpha')}" for r in table.rows))
+    else:
+        base = next(iter(folders))
+    columns = [Column(f"dev {k}", "", *k.split("/"), lower_is_better=k.startswith("bias"))
+               for k in DEV_COLUMNS]
+    stats = comparison_stats(folders, columns, base, samples=cfg.eval.bootstrap_samples,
+                             level=cfg.eval.ci_level, permutations=cfg.eval.permutations,
+                             seed=cfg.eval.bootstrap_seed)
+    for row in table.rows:
+        row["baseline"] = row["trial"] == base
+        for col in columns:
+            cell = stats.get(row["trial"], {}).get(col.name, {})
+            row.update({f"{col.name} {k}": cell[k] for k in ("low", "high", "p", "p_holm")
+                        if k in cell})
+    table.columns += ["baseline"] + [f"{c.name} {k}" for c in columns
+                                     for k in ("low", "high", "p", "p_holm")]
 
 
 def _trial_id_from_path(path: str | None) -> str:

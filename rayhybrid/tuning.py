@@ -32,7 +32,7 @@ from rayhybrid.tuning_space import (
     search_axes,
 )
 
-__all__ = ["TuneError", "dev_report_fn", "dev_task", "run_tune", "search_axes", "trial_config"]
+__all__ = ["TuneError", "baseline_alpha", "dev_per_query_dir", "dev_report_fn", "dev_task", "run_tune", "search_axes", "trial_config"]
 
 
 # --------------------------------------------------------------------------- trials
@@ -83,6 +83,14 @@ def dev_task(cfg: Config) -> Any:
     return task_from_items("dev", data.items, data.pairs, cfg.data.languages)
 
 
+def dev_per_query_dir(cfg: Config) -> Path:
+    """Where a trial keeps the per-query dev values of its latest validation point (the
+    values its table row shows), for the paired tests between trials."""
+    from rayhybrid.config import resolve_path
+
+    return Path(resolve_path(cfg.train.storage_path)).expanduser() / cfg.train.run_name / "dev"
+
+
 def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
     """The hook rank 0 calls at every validation point (``train(extra_report_fn=...)``).
 
@@ -107,7 +115,8 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
                                       max_query_length=c.data.max_query_length,
                                       max_passage_length=c.data.max_passage_length,
                                       with_context=c.data.with_context,
-                                      with_title=c.data.with_title)
+                                      with_title=c.data.with_title,
+                                      per_query_dir=dev_per_query_dir(c))
         finally:
             model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)
@@ -192,6 +201,36 @@ def _check_restore(cfg: Config, exp_dir: Path) -> bool:
     return cfg.tune.resume
 
 
+def baseline_alpha(cfg: Config) -> float | None:
+    """The alpha of ``cfg.baseline`` (``0.5`` or ``hybrid(0.5)``); None when unset.
+
+    Raises:
+        TuneError: not a number.
+    """
+    if cfg.baseline == "":
+        return None
+    try:
+        return float(str(cfg.baseline).removeprefix("hybrid(").removesuffix(")"))
+    except ValueError:
+        raise TuneError(f"baseline = {cfg.baseline!r}: tune compares trials by alpha; expected "
+                        "an alpha such as 0.5") from None
+
+
+def _check_baseline(cfg: Config, axes: dict[str, list[Any]]) -> None:
+    """``baseline`` must be an alpha of the sweep (before any trial starts).
+
+    Raises:
+        TuneError: not a number, or not among the swept alphas.
+    """
+    alpha = baseline_alpha(cfg)
+    if alpha is None:
+        return
+    alphas = axes.get("batch.alpha", [cfg.batch.alpha])
+    if cfg.tune.search == "grid" and alpha not in alphas:
+        raise TuneError(f"baseline = {cfg.baseline!r} is not a row of the sweep; expected one "
+                        f"of the alphas {alphas}")
+
+
 def _scheduler(cfg: Config) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
@@ -226,6 +265,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     from ray import tune
 
     from rayhybrid.tune_report import (
+        add_significance,
         close_trial_runs,
         collect_table,
         finish_parent,
@@ -235,6 +275,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     from rayhybrid.tuning_space import param_space
 
     axes = search_axes(cfg)
+    _check_baseline(cfg, axes)
     space, search_alg, num_samples = param_space(cfg, axes)
     exp_dir = _exp_dir(cfg)
     if not ray.is_initialized():
@@ -261,6 +302,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
                                       callbacks=list(callbacks)))
     grid = tuner.fit()
     table = collect_table(grid, cfg, axes)
+    add_significance(table, cfg, exp_dir)
     close_trial_runs(cfg, parent_run_id, table)
     paths = write_outputs(table, cfg, axes)
     finish_parent(cfg, parent_run_id, table, paths)

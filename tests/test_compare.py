@@ -7,8 +7,12 @@ checks every number of the table against the nested MLflow runs.
 
 from __future__ import annotations
 
+import collections
+import csv
+import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rayhybrid.compare import parse_strategies, strategy_config
@@ -48,17 +52,42 @@ def test_bad_strategies_are_refused(strategies, fragment):
     assert fragment in str(info.value)
 
 
-def test_cli_bad_strategy_exits_before_training(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("override, fragment", [
+    ("strategies=[mono, bogus]", "strategies[1] = 'bogus'"),
+    ("baseline=mixed", "baseline = 'mixed' is not a row of the table; expected one of mono, cross"),
+    ("baseline=hybrid(0.3)", "baseline = 'hybrid(0.3)' is not a row"),
+    ("seeds=[]", "seeds: expected at least one seed"),
+    ("eval.bootstrap_samples=0", "eval.bootstrap_samples: expected an integer >= 1, got 0"),
+    ("eval.bootstrap_samples=-5", "eval.bootstrap_samples: expected an integer >= 1, got -5"),
+    ("eval.permutations=0", "eval.permutations: expected an integer >= 1"),
+])
+def test_cli_bad_compare_input_exits_before_training(tmp_path, capsys, monkeypatch, override,
+                                                     fragment):
     from rayhybrid.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["compare", "--config", str(SMALL), "strategies=[mono, bogus]"]) == 2
-    assert "strategies[1] = 'bogus'" in capsys.readouterr().err
+    assert main(["compare", "--config", str(SMALL), "strategies=[mono, cross]", override]) == 2
+    assert fragment in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def _macro_from_file(path: Path, metric: str) -> tuple[float, dict[str, dict[str, float]]]:
+    """Macro figure of a per-query file recomputed with csv and plain means, plus per item
+    and cell the values (for the test's own permutation test)."""
+    rows = list(csv.DictReader(path.open(), delimiter="\t"))
+    cells: dict[str, list[float]] = collections.defaultdict(list)
+    for r in rows:
+        cells[r["cell"]].append(float(r[metric]))
+    values = {(r["qid"], r["cell"]): float(r[metric]) for r in rows}
+    return statistics.mean(statistics.mean(v) for v in cells.values()), values
+
+
 @pytest.mark.slow
-def test_compare_two_strategies_table_equals_mlflow(ray_local, tmp_path, tiny_model_dir, xquad_dir):
+def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
+        ray_local, tmp_path, tiny_model_dir, xquad_dir):
+    """2 strategies x 2 seeds: every figure of the table is recomputed here from the
+    per-query files (mean and sd over seeds, the paired test against the baseline, Holm,
+    the markers) and from the nested MLflow runs."""
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.compare import compare
@@ -71,33 +100,77 @@ def test_compare_two_strategies_table_equals_mlflow(ray_local, tmp_path, tiny_mo
         "train.precision=fp32", "train.cpus_per_worker=1", f"train.storage_path={tmp_path / 'runs'}",
         "train.run_name=cmp", f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp_path / 'out'}",
         f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: {langs}}}]",
-        "eval.top_k=20", "strategies=[mono, cross]"])
+        "eval.top_k=20", "strategies=[mono, cross]", "seeds=[0, 1]", "baseline=mono",
+        "eval.bootstrap_samples=300", "eval.permutations=2000"])
     table = compare(cfg)
 
     assert table.column("strategy") == ["mono", "cross"], table.to_markdown()
-    assert all(not e for e in table.column("error")), table.to_markdown()
+    assert all(not e for e in table.column("error")) and table.column("seeds") == [2, 2]
     client = MlflowClient(uri)
-    columns = {"mono mAP@20": "xquad_r/mono/map_at_20", "cross mAP@20": "xquad_r/cross/map_at_20",
-               "multi mAP@20": "xquad_r/multi/map_at_20", "rank distance": "xquad_r/bias/rank_distance"}
-    parents = set()
+    columns = {"mono mAP@20": ("mono", "map@20"), "cross mAP@20": ("cross", "map@20"),
+               "multi mAP": ("multi", "map"), "rank distance": ("bias", "rank_distance")}
+    parents, seed_values = set(), {}
+    out = tmp_path / "out" / "compare"
     for row in table.rows:
-        run = client.get_run(row["mlflow_run_id"])
-        assert run.data.params["batch.strategy"] == row["strategy"]
-        assert run.data.params["train.max_steps"] == "3" and run.data.params["batch.seed"] == "0"
-        parents.add(run.data.tags.get("mlflow.parentRunId"))
-        for col, key in columns.items():
-            assert row[col] is not None and row[col] == run.data.metrics[key], (row["strategy"], col)
-    assert len(parents) == 1 and None not in parents  # both nested under one parent run
+        run_ids = row["mlflow_run_id"].split(",")
+        assert len(run_ids) == 2
+        for seed, run_id in zip((0, 1), run_ids):
+            run = client.get_run(run_id)
+            assert run.data.params["batch.strategy"] == row["strategy"]
+            assert run.data.params["batch.seed"] == str(seed)
+            parents.add(run.data.tags.get("mlflow.parentRunId"))
+            for col, (setting, metric) in columns.items():
+                folder = out / row["strategy"] / f"seed{seed}" / "xquad_r"
+                value, per_row = _macro_from_file(folder / f"per_query_{setting}.tsv", metric)
+                seed_values[(row["strategy"], col, seed)] = per_row
+                key = ("xquad_r/bias/rank_distance" if setting == "bias"
+                       else f"xquad_r/{setting}/{metric.replace('@', '_at_')}")
+                assert run.data.metrics[key] == pytest.approx(value, abs=1e-9), (row, col)
+                seed_values[(row["strategy"], col, seed, "figure")] = value
+        for col in columns:
+            figures = [seed_values[(row["strategy"], col, s, "figure")] for s in (0, 1)]
+            assert row[col] == pytest.approx(statistics.mean(figures), abs=1e-9)
+            assert row[f"{col} sd"] == pytest.approx(statistics.stdev(figures), abs=1e-9)
+            assert row[f"{col} low"] <= row[col] <= row[f"{col} high"]
+    assert len(parents) == 1 and None not in parents  # all four nested under one parent run
+    mono, cross = table.rows
+    assert all(mono.get(f"{c} p") is None for c in columns)  # the baseline is not tested
+    for col, (setting, metric) in columns.items():
+        # The test's own paired randomization test over items on the seed-averaged rows.
+        avg = {name: {k: statistics.mean(seed_values[(name, col, s)][k] for s in (0, 1))
+                      for k in seed_values[(name, col, 0)]} for name in ("mono", "cross")}
+        cell_size = collections.Counter(cell for (_, cell) in avg["mono"])
+        n_cells = len(cell_size)
+        contrib = {name: collections.defaultdict(float) for name in avg}
+        for name, vals in avg.items():
+            for (qid, cell), v in vals.items():
+                contrib[name][qid.split(":", 2)[2]] += v / cell_size[cell] / n_cells
+        items = sorted(contrib["mono"])
+        d = np.array([contrib["cross"][i] - contrib["mono"][i] for i in items])
+        assert d.sum() == pytest.approx(cross[col] - mono[col], abs=1e-9)
+        signs = np.random.default_rng(7).choice([-1.0, 1.0], size=(20000, len(d)))
+        p_ref = float(np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-12))
+        assert cross[f"{col} p"] == pytest.approx(p_ref, abs=0.03), col
+        assert cross[f"{col} p_holm"] == cross[f"{col} p"]  # one tested row: Holm changes nothing
+        assert cross[f"{col} diff"] == pytest.approx(cross[col] - mono[col], abs=1e-9)
+    markdown = (out / "comparison.md").read_text()
+    assert "| mono (baseline) | 2 |" in markdown
+    cross_line = next(line for line in markdown.splitlines() if line.startswith("| cross |"))
+    for i, col in enumerate(table.columns[3:3 + 7]):
+        cell = cross_line.split(" | ")[2 + i]
+        p = cross.get(f"{col} p_holm")
+        want = "" if p is None else ("**" if p < 0.01 else "*" if p < 0.05 else "")
+        assert cell.endswith(f"] {want}" if want else "]"), (col, cell, p)
+        assert f"{cross[col]:.3f}" in cell or f"{cross[col]:.0f}" in cell
+    back = ResultsTable.from_csv(out / "comparison.csv")
+    assert back.column("mono mAP@20") == table.column("mono mAP@20")  # full precision in the CSV
+    for png in ("comparison_heatmap.png", "cross_heatmaps.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     parent = client.get_run(parents.pop())
     assert parent.info.status == "FINISHED"
     assert parent.data.params["compare.strategies"] == "mono,cross"
-
-    out = tmp_path / "out" / "compare"
-    back = ResultsTable.from_csv(out / "comparison.csv")
-    assert back.column("mono mAP@20") == table.column("mono mAP@20")  # full precision in the CSV
-    assert "| mono |" in (out / "comparison.md").read_text()
-    for png in ("comparison_heatmap.png", "cross_heatmaps.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    assert parent.data.params["compare.seeds"] == "0,1"
+    assert parent.data.metrics["compare/cross/mono_mAP_at_20_ci_low"] == cross["mono mAP@20 low"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "comparison_heatmap.png"} <= artifacts
 

@@ -260,3 +260,92 @@ def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
     for cell, vals in got.items():
         assert sorted(vals) == pytest.approx(sorted(v["map"] for v in per_cell[("multi", cell)]),
                                              abs=1e-12)
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def _tables_from(task, q_emb: np.ndarray, c_emb: np.ndarray):
+    from rayhybrid.evaluation.metrics import LAREQA_METRICS
+    from rayhybrid.evaluation.retrieval import CandidateIndex, LocalShards, run_settings
+    from rayhybrid.evaluation.search import ShardSearcher
+    from rayhybrid.evaluation.uncertainty import per_query_tables
+
+    cands = CandidateIndex.from_task(task)
+    row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
+    pool = LocalShards({lang: ShardSearcher(lang, c_emb[row_of_key[keys]], keys)
+                        for lang, keys in cands.shard_keys().items()})
+    retrieval = run_settings(pool, task, q_emb, top_k=20)
+    return per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, LAREQA_METRICS)
+
+
+def test_paired_test_and_interval_tell_a_real_difference_from_none(xquad_eval):
+    """The model against a copy whose candidate embeddings are shuffled (a broken model by
+    construction): significant, interval of the difference away from zero. The model against
+    itself: p = 1 and an interval that holds zero."""
+    from rayhybrid.evaluation.uncertainty import bootstrap, paired_test, read_per_query
+
+    emb = np.load(xquad_eval["folder"] / "embeddings.npz", allow_pickle=False)
+    task = xquad_eval["task"]
+    model = read_per_query(xquad_eval["folder"])
+    shuffled = _tables_from(task, emb["queries"],
+                            np.random.default_rng(0).permutation(emb["candidates"]))
+    again = _tables_from(task, emb["queries"], emb["candidates"])
+    for setting, metric in (("mono", "map@20"), ("multi", "map"), ("bias", "rank_distance")):
+        assert again[setting].aggregate(metric) == pytest.approx(model[setting].aggregate(metric))
+        if setting != "bias":  # a broken model ranks badly, not necessarily with more bias
+            p = paired_test(model[setting], shuffled[setting], metric, permutations=500)
+            diff, lo, hi = bootstrap(model[setting], metric, samples=300, other=shuffled[setting])
+            assert p < 0.01 and lo > 0, (setting, metric, p, diff, lo, hi)
+        assert paired_test(model[setting], again[setting], metric) == 1.0
+        d0, lo0, hi0 = bootstrap(model[setting], metric, samples=300, other=again[setting])
+        assert d0 == 0.0 and lo0 <= 0.0 <= hi0
+
+
+def test_bootstrap_interval_resamples_items(xquad_eval):
+    """The interval of the library against a plain loop written here: resample question ids
+    with replacement, recompute the macro average over cells; ends agree to within the
+    Monte-Carlo error of 2,000 resamples."""
+    import csv
+
+    from rayhybrid.evaluation.uncertainty import bootstrap, read_per_query
+
+    rows = list(csv.DictReader((xquad_eval["folder"] / "per_query_mono.tsv").open(),
+                               delimiter="\t"))
+    items = sorted({r["qid"].split(":", 2)[2] for r in rows})
+    by_item = collections.defaultdict(list)
+    for r in rows:
+        by_item[r["qid"].split(":", 2)[2]].append((r["cell"], float(r["map@20"])))
+    rng = np.random.default_rng(123)
+    boot = []
+    for _ in range(2000):
+        cells = collections.defaultdict(list)
+        for it in rng.choice(items, len(items)):
+            for cell, v in by_item[it]:
+                cells[cell].append(v)
+        boot.append(np.mean([np.mean(v) for v in cells.values()]))
+    ref_lo, ref_hi = np.percentile(boot, [2.5, 97.5])
+    value, lo, hi = bootstrap(read_per_query(xquad_eval["folder"])["mono"], "map@20",
+                              samples=2000)
+    assert value == pytest.approx(xquad_eval["metrics"]["xquad_r/mono/map@20"], abs=1e-12)
+    width = ref_hi - ref_lo
+    assert width > 0 and abs(lo - ref_lo) < 0.1 * width and abs(hi - ref_hi) < 0.1 * width
+    # The job's own interval ends are metrics too (200 resamples in this fixture).
+    m = xquad_eval["metrics"]
+    assert m["xquad_r/mono/map@20/ci_low"] < value < m["xquad_r/mono/map@20/ci_high"]
+    assert (m["xquad_r/bias/rank_distance_median/ci_low"]
+            <= m["xquad_r/bias/rank_distance_median"]
+            <= m["xquad_r/bias/rank_distance_median/ci_high"])
+
+
+def test_holm_and_bad_bootstrap_input():
+    from rayhybrid.evaluation import EvaluationError
+    from rayhybrid.evaluation.uncertainty import PerQuery, bootstrap, holm
+
+    # Holm by hand: sorted p 0.01, 0.02, 0.04 times 3, 2, 1, made monotone.
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, float("nan")])[0] == 0.5
+    t = PerQuery("mono", np.array(["q:en:a"], dtype=object), np.array(["en"], dtype=object),
+                 {"map": np.array([1.0])})
+    with pytest.raises(EvaluationError, match="samples must be >= 1"):
+        bootstrap(t, "map", samples=0)

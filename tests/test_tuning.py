@@ -110,6 +110,15 @@ def test_cli_refuses_bad_space_before_starting_anything(tmp_path, capsys, monkey
     assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_baseline_not_in_the_sweep_is_refused_before_starting(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status = main(["tune", "--config", str(TUNE_SMALL), "tune.alphas=[0.0, 0.5]", "baseline=0.3",
+                   f"tune.storage_path={tmp_path / 'tune'}"])
+    assert status == 1
+    assert "baseline = 0.3 is not a row of the sweep" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_tradeoff_plot_and_table_round_trip(tmp_path):
     table = ResultsTable(columns=["trial", "alpha", "dev mono/map@20", "dev bias/rank_distance", "error"])
     for i, a in enumerate((0.0, 0.5, 1.0)):
@@ -120,6 +129,9 @@ def test_tradeoff_plot_and_table_round_trip(tmp_path):
     assert back.column("alpha") == [0.0, 0.5, 1.0, 0.25]
     assert back.column("dev mono/map@20")[:3] == table.column("dev mono/map@20")[:3]
     assert "ModelError: no such model" in table.to_markdown()
+    for row in table.rows[:3]:  # interval ends draw error bars
+        row["dev mono/map@20 low"], row["dev mono/map@20 high"] = (row["dev mono/map@20"] - 0.01,
+                                                                   row["dev mono/map@20"] + 0.02)
     png = plot_tradeoff(table, "alpha", {"mono": "dev mono/map@20"}, "dev bias/rank_distance",
                         tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,7 +189,7 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
     from rayhybrid.tuning import run_tune
 
     cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.0, 0.5, 1.0]",
-                       "tune.name=sweep")
+                       "tune.name=sweep", "baseline=0.5", "eval.bootstrap_samples=200")
     marker = tmp_path / "interrupted"
     first = run_tune(cfg, callbacks=[InterruptAfterFirstTrial(marker)])
     assert marker.exists(), "the sweep ended without being interrupted"
@@ -216,6 +228,25 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
         assert 0.0 <= row["dev mono/map@20"] <= 1.0 and row["dev bias/rank_distance"] >= 0
         if row["trial"] in done_before:  # finished before the interruption: never rerun
             assert len(mine) == 1
+    # Intervals and paired tests against the baseline alpha, from each trial's per-query
+    # dev file: its macro figure (recomputed here with plain means) is the row's figure.
+    assert [r["baseline"] for r in table.rows] == [False, True, False]
+    for row in table.rows:
+        folder = Path(cfg.tune.storage_path) / "sweep" / "train_runs" / f"sweep_{row['trial']}"
+        lines = (folder / "dev" / "per_query_multi.tsv").read_text().splitlines()
+        head = lines[0].split("\t")
+        cells: dict[str, list[float]] = {}
+        for line in lines[1:]:
+            f = dict(zip(head, line.split("\t")))
+            cells.setdefault(f["cell"], []).append(float(f["map@20"]))
+        macro = sum(sum(v) / len(v) for v in cells.values()) / len(cells)
+        assert macro == pytest.approx(row["dev multi/map@20"], abs=1e-9)
+        for col in ("dev mono/map@20", "dev multi/map@20", "dev bias/rank_distance"):
+            assert row[f"{col} low"] <= row[col] <= row[f"{col} high"], (row, col)
+            if row["baseline"]:
+                assert row.get(f"{col} p") is None
+            else:
+                assert 0.0 <= row[f"{col} p"] <= row[f"{col} p_holm"] <= 1.0
     client = MlflowClient(cfg.tracking.tracking_uri)
     assert client.get_run(parent).info.status == "FINISHED"
     out = Path(cfg.eval.output_dir) / "tune_sweep"

@@ -8,6 +8,7 @@ with in-process shards (:class:`~rayhybrid.evaluation.retrieval.LocalShards`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from rayhybrid.datamodel import EvalTask
 from rayhybrid.evaluation.metrics import LAREQA_METRICS, summarize
 from rayhybrid.evaluation.retrieval import CandidateIndex, LocalShards, run_settings
 from rayhybrid.evaluation.search import ShardSearcher
+from rayhybrid.evaluation.uncertainty import per_query_tables, write_per_query
 
 if TYPE_CHECKING:
     from rayhybrid.config import ModelConfig
@@ -28,13 +30,16 @@ def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: M
                         *, max_query_length: int = 64, max_passage_length: int = 128,
                         batch_size: int = 64, metrics: Sequence[str] = LAREQA_METRICS,
                         with_context: bool = False, with_title: bool = True,
-                        ) -> dict[str, float]:
+                        per_query_dir: str | Path | None = None) -> dict[str, float]:
     """Encode ``task`` with ``model`` and return flat metrics without a task prefix.
 
     Keys: ``mono/map@20``, ``cross/map@20``, ``multi/map@20``, ``bias/rank_distance`` and
     the rest of :func:`~rayhybrid.evaluation.metrics.summarize` (per cell, macro, counts).
     Top-k is clamped to the smallest shard (a dev split can be small); full-depth metrics
     do not depend on it.
+
+    With ``per_query_dir`` the per-query values are written there too
+    (:func:`~rayhybrid.evaluation.uncertainty.write_per_query`).
 
     Leaves the model in eval mode (the caller restores training mode).
 
@@ -69,4 +74,7 @@ def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: M
     k = max(1, min(top_k, min(pool.sizes().values())))
     retrieval = run_settings(pool, task, q_emb, settings, k)
     out, _ = summarize(retrieval.blocks, cands.langs, metrics, k)
+    if per_query_dir is not None:  # so that runs (Tune trials) can be compared item by item
+        write_per_query(per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs,
+                                         metrics), per_query_dir)
     return out

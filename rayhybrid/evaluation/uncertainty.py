@@ -33,8 +33,9 @@ import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
 
-__all__ = ["PerQuery", "bootstrap", "holm", "item_of", "paired_test", "per_query_tables",
-           "read_per_query", "write_per_query"]
+__all__ = ["Column", "PerQuery", "bootstrap", "comparison_stats", "format_cell", "holm",
+           "item_of", "marker", "mean_table", "paired_test", "per_query_tables", "read_per_query",
+           "write_per_query"]
 
 AGGREGATES = ("macro", "micro", "median")
 
@@ -304,3 +305,129 @@ def interval_metrics(tables: dict[str, PerQuery], *, samples: int, level: float 
                 suffix = "" if how == "macro" else f"_{how}"
                 out[f"{setting}/{metric}{suffix}"] = {"value": v, "low": lo, "high": hi}
     return out
+
+
+# --------------------------------------------------------------------------- comparison tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: a macro figure of one task's setting (``bias`` for rank distance)."""
+
+    name: str  # e.g. "mono mAP@20"
+    task: str
+    setting: str
+    metric: str
+    lower_is_better: bool = False
+
+
+def mean_table(tables: Sequence[PerQuery]) -> PerQuery:
+    """Per-row means over runs (seeds) of the same task, rows aligned by (query, cell).
+
+    Macro, micro figures are linear in the rows, so the figure of the mean table is the mean
+    of the runs' figures; its bootstrap interval is that of the seed-averaged figure.
+
+    Raises:
+        EvaluationError: the runs hold different (query, cell) rows.
+    """
+    first = tables[0]
+    if len(tables) == 1:
+        return first
+    keys = list(zip(first.qids.tolist(), first.cells.tolist()))
+    values = {m: np.zeros(len(keys)) for m in first.values}
+    for t in tables:
+        pos = {k: i for i, k in enumerate(zip(t.qids.tolist(), t.cells.tolist()))}
+        if set(pos) != set(keys):
+            raise EvaluationError(f"{t.setting}: runs of one row hold different queries; seeds "
+                                  "must be evaluated on the same task")
+        order = np.array([pos[k] for k in keys])
+        for m in values:
+            values[m] += t.values[m][order] / len(tables)
+    return PerQuery(first.setting, first.qids, first.cells, values)
+
+
+def comparison_stats(runs: dict[str, Sequence[str | Path]], columns: Sequence[Column],
+                     baseline: str, *, samples: int, level: float = 0.95, permutations: int = 1000,
+                     seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Statistics of every row and column of a comparison table.
+
+    Args:
+        runs: row label -> evaluation output folders, one per seed (each holding
+            ``<task>/per_query_<setting>.tsv``).
+        columns: the figures to report.
+        baseline: the row every other row is tested against.
+        samples, level: bootstrap resamples and confidence level.
+        permutations: paired randomization test swaps.
+        seed: bootstrap / permutation seed.
+
+    Returns:
+        label -> column name -> ``mean`` (over seeds), ``sd`` (over seeds, NaN for one seed),
+        ``low`` / ``high`` (item bootstrap of the seed-averaged figure), ``seeds``, and for
+        rows other than the baseline ``diff`` / ``diff_low`` / ``diff_high`` (paired
+        bootstrap), ``p`` (randomization test over items) and ``p_holm`` (Holm-corrected
+        across the rows of the column).
+
+    Raises:
+        EvaluationError: the baseline is not a row, or runs disagree on their queries.
+    """
+    if baseline not in runs:
+        raise EvaluationError(f"baseline {baseline!r} is not a row of the table; rows: "
+                              + ", ".join(runs))
+    cache: dict[Path, dict[str, PerQuery]] = {}
+
+    def tables(folder: Path) -> dict[str, PerQuery]:  # a failed run wrote none: no tables
+        if folder not in cache:
+            cache[folder] = read_per_query(folder) if any(folder.glob("per_query_*.tsv")) else {}
+        return cache[folder]
+
+    out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in runs}
+    for col in columns:
+        means: dict[str, PerQuery] = {}
+        for label, folders in runs.items():
+            tabs = [t[col.setting] for t in (tables(Path(f) / col.task) for f in folders)
+                    if col.setting in t]
+            if not tabs:
+                continue
+            figures = [t.aggregate(col.metric) for t in tabs]
+            means[label] = mean_table(tabs)
+            _, low, high = bootstrap(means[label], col.metric, samples=samples, level=level,
+                                     seed=seed)
+            out[label][col.name] = {"mean": float(np.mean(figures)), "seeds": len(figures),
+                                    "sd": float(np.std(figures, ddof=1)) if len(figures) > 1
+                                    else float("nan"), "low": low, "high": high}
+        others = [label for label in means if label != baseline]
+        if baseline not in means:
+            continue
+        pvals = []
+        for label in others:
+            _, dlo, dhi = bootstrap(means[label], col.metric, samples=samples, level=level,
+                                    seed=seed, other=means[baseline])
+            stats = out[label][col.name]
+            stats.update(diff=stats["mean"] - out[baseline][col.name]["mean"], diff_low=dlo,
+                         diff_high=dhi, p=paired_test(means[label], means[baseline], col.metric,
+                                                      permutations=permutations, seed=seed))
+            pvals.append(stats["p"])
+        for label, p_adj in zip(others, holm(pvals)):
+            out[label][col.name]["p_holm"] = p_adj
+    return out
+
+
+def marker(stats: dict[str, float]) -> str:
+    """Significance marker of a cell: ``**`` (Holm p < 0.01), ``*`` (< 0.05), else empty."""
+    p = stats.get("p_holm", float("nan"))
+    return "" if math.isnan(p) else ("**" if p < 0.01 else "*" if p < 0.05 else "")
+
+
+def format_cell(stats: dict[str, float] | None, digits: int = 3) -> str:
+    """``0.397 ± 0.004 [0.371, 0.420] *``: mean over seeds, sd over seeds (when more than
+    one), item-bootstrap interval and the significance marker against the baseline."""
+    if not stats:
+        return ""
+    big = abs(stats["mean"]) >= 10
+    f = (lambda v: f"{v:.0f}") if big else (lambda v: f"{v:.{digits}f}")
+    text = f(stats["mean"])
+    if not math.isnan(stats.get("sd", float("nan"))):
+        text += f" ± {f(stats['sd'])}"
+    text += f" [{f(stats['low'])}, {f(stats['high'])}]"
+    mark = marker(stats)
+    return f"{text} {mark}" if mark else text
