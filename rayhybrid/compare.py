@@ -163,7 +163,7 @@ def compare(cfg: Config) -> ResultsTable:
     Raises:
         ConfigError: invalid strategies or baseline (before anything starts).
     """
-    from rayhybrid.results import finish_parent_run, start_parent_run
+    from rayhybrid.tracking import finish_parent_run, start_parent_run
 
     specs = parse_strategies(cfg)
     baseline = baseline_label(cfg, specs)

@@ -1,4 +1,10 @@
-"""MLflow tracking: where runs go, and what happens when the server is down.
+"""MLflow tracking: the one module that talks to MLflow.
+
+Where runs go and what happens when the server is down (:func:`resolve_tracking_uri`), the
+client (:func:`mlflow_client`: nothing else in rayhybrid creates one), experiments, runs,
+params and metrics, the guarded step writer of the training workers and the parent runs of
+``compare`` / ``tune``. MLflow's client already splits ``log_batch`` into requests the server
+accepts (100 params / tags, 1000 metrics), so nothing here chunks.
 
 Only rank 0 / the driver calls into this module (side effects on one process).
 mlflow is imported inside the functions so that importing rayhybrid stays fast.
@@ -11,15 +17,17 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rayhybrid.config import TrackingConfig
+    from rayhybrid.config import Config, TrackingConfig
 
-__all__ = ["TrackingError", "TrackingGuard", "default_tracking_uri", "get_experiment_id",
-           "log_params_flat", "resend_unsent", "resolve_tracking_uri"]
+__all__ = ["StepLogger", "TrackingError", "TrackingGuard", "child_runs", "config_params",
+           "create_run", "default_tracking_uri", "finish_parent_run", "get_experiment_id",
+           "log_metrics", "log_params", "log_params_flat", "mlflow_client", "resend_unsent",
+           "resolve_tracking_uri", "start_parent_run"]
 
 
 class TrackingError(RuntimeError):
@@ -61,6 +69,16 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
+def mlflow_client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` for ``tracking_uri``: the only place rayhybrid creates one."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+# --------------------------------------------------------------------------- experiments, runs
+
+
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten a nested dict to ``a.b.c`` keys with string values (MLflow params)."""
     out: dict[str, str] = {}
@@ -73,6 +91,13 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def config_params(cfg: Config) -> dict[str, str]:
+    """The whole config as flat MLflow params (``train.lr``, ``batch.alpha``, ...)."""
+    from rayhybrid.config import config_to_dict
+
+    return log_params_flat(config_to_dict(cfg))
+
+
 def get_experiment_id(tracking_uri: str, name: str) -> str:
     """Id of MLflow experiment ``name`` at ``tracking_uri``, created if missing.
 
@@ -80,9 +105,7 @@ def get_experiment_id(tracking_uri: str, name: str) -> str:
     beside the database file, not to ``./mlruns`` of whatever the working directory is
     (Ray workers and drivers may run elsewhere); ``mlflow ui`` finds them there.
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -97,6 +120,80 @@ def get_experiment_id(tracking_uri: str, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    """Log ``params`` in one ``log_batch`` (the client splits it into requests of 100)."""
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log ``metrics`` at ``step`` in one ``log_batch`` (split by the client into requests of
+    1000)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str, *,
+               tags: Mapping[str, str] | None = None,
+               params: Mapping[str, str] | None = None) -> str:
+    """Create a run in ``experiment`` (created if missing, :func:`get_experiment_id`), log
+    ``params``; returns the run id."""
+    client = mlflow_client(tracking_uri)
+    run_id = client.create_run(get_experiment_id(tracking_uri, experiment), run_name=run_name,
+                               tags=dict(tags or {})).info.run_id
+    if params:
+        log_params(client, run_id, params)
+    return run_id
+
+
+def child_runs(client: Any, parent_run_id: str) -> list[Any]:
+    """The runs nested under ``parent_run_id``, oldest first."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+
+
+# --------------------------------------------------------------------------- parent runs
+
+
+def start_parent_run(cfg: Config, run_name: str, tags: dict[str, str],
+                     params: dict[str, str] | None = None) -> str | None:
+    """Create the parent MLflow run that a job's training runs nest under; returns its id.
+
+    The full config is logged as params. None when tracking is disabled.
+
+    Raises:
+        TrackingError: the tracking server is down and ``tracking.on_unavailable`` is fail.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    return create_run(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
+                      tags=tags, params={**config_params(cfg), **(params or {})})
+
+
+def finish_parent_run(cfg: Config, run_id: str | None, paths: dict[str, Path], *, failed: int,
+                      total: int, metrics: dict[str, float] | None = None,
+                      status: str | None = None) -> None:
+    """Log a job's output files and counts to its parent run and close it.
+
+    Status: FINISHED, FAILED when every child failed, or ``status`` when given.
+    """
+    if run_id is None:
+        return
+    client = mlflow_client(resolve_tracking_uri(cfg.tracking))
+    for path in paths.values():
+        client.log_artifact(run_id, str(path))
+    log_metrics(client, run_id, {**(metrics or {}), "runs/failed": failed, "runs/total": total})
+    client.set_terminated(run_id, status or ("FAILED" if total and failed == total else "FINISHED"))
+
+
+# --------------------------------------------------------------------------- a failing store
 
 
 class TrackingGuard:
@@ -146,15 +243,11 @@ class TrackingGuard:
         return False
 
     def log_metrics(self, client: Any, run_id: str, metrics: Sequence[Any]) -> bool:
-        """``client.log_batch`` of MLflow ``Metric`` objects in chunks; False if the store failed."""
-        sent = True
-        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-            chunk = list(metrics[i:i + 900])
-            records = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
-                       for m in chunk]
-            sent = self.call("log metrics", client.log_batch, run_id, metrics=chunk,
-                             records=records) and sent
-        return sent
+        """``client.log_batch`` of MLflow ``Metric`` objects; False if the store failed."""
+        records = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+                   for m in metrics]
+        return self.call("log metrics", client.log_batch, run_id, metrics=list(metrics),
+                         records=records)
 
     def _spill(self, records: Sequence[dict]) -> None:
         if not records or self.spill_path is None:
@@ -162,6 +255,53 @@ class TrackingGuard:
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spill_path, "a") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in records)
+
+
+class StepLogger:
+    """Rank 0's writer of step metrics into the driver-created run; buffers, sends every flush.
+
+    Calls go through :class:`TrackingGuard`: a tracking server that dies mid-run costs one
+    message and a spill file, never the training run. ``spec`` is ``{"tracking_uri",
+    "run_id"}`` (None: every call is a no-op, as on the other ranks).
+    """
+
+    def __init__(self, spec: dict | None, spill_path: Path, resumed: bool = False):
+        self.client = self.run_id = self.guard = None
+        self.buffer: list = []
+        # After a restart from a checkpoint, steps between that checkpoint and the crash were
+        # already sent: per key, the last step the run holds, so no step is logged twice.
+        self.resumed, self.sent_up_to = resumed, {}
+        if spec:
+            self.client, self.run_id = mlflow_client(spec["tracking_uri"]), spec["run_id"]
+            self.guard = TrackingGuard(spec["tracking_uri"], spill_path=spill_path)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if step > self._sent_up_to(k)]
+
+    def _sent_up_to(self, key: str) -> int:
+        if not self.resumed:
+            return -1
+        if key not in self.sent_up_to:
+            try:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.sent_up_to[key] = max((m.step for m in history), default=-1)
+            except Exception:  # noqa: BLE001 - the store's failure shows at the next flush
+                self.sent_up_to[key] = -1
+        return self.sent_up_to[key]
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.guard.call(f"set tag {key}", self.client.set_tag, self.run_id, key, value)
+
+    def flush(self) -> None:
+        if self.client is not None and self.buffer:
+            self.guard.log_metrics(self.client, self.run_id, self.buffer)
+            self.buffer = []
 
 
 def resend_unsent(spill_path: Path, tracking_uri: str, run_id: str) -> int:
@@ -174,7 +314,6 @@ def resend_unsent(spill_path: Path, tracking_uri: str, run_id: str) -> int:
         MlflowException: the store still cannot be reached (the file is kept).
     """
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     path = Path(spill_path)
     if not path.is_file():
@@ -182,8 +321,6 @@ def resend_unsent(spill_path: Path, tracking_uri: str, run_id: str) -> int:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     metrics = [Metric(r["key"], float(r["value"]), int(r.get("timestamp") or time.time() * 1000),
                       int(r.get("step", 0))) for r in recs]
-    client = MlflowClient(tracking_uri)
-    for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    mlflow_client(tracking_uri).log_batch(run_id, metrics=metrics)
     path.rename(path.with_name(path.name + ".sent"))
     return len(metrics)

@@ -33,6 +33,7 @@ from rayhybrid.checkpointing import (
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import export_model, load_biencoder, unwrap_model
+from rayhybrid.tracking import StepLogger
 
 __all__ = ["build_optimizer", "build_scheduler", "train_loop_per_worker"]
 
@@ -60,56 +61,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
         return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class _Mlflow:
-    """Rank 0's MLflow writer for the driver-created run; buffers and sends every flush.
-
-    Calls go through :class:`rayhybrid.tracking.TrackingGuard`: a tracking server that dies
-    mid-run costs one message and a spill file, never the training run.
-    """
-
-    def __init__(self, spec: dict | None, spill_path: Path, resumed: bool = False):
-        self.client = self.run_id = self.guard = None
-        self.buffer: list = []
-        # After a restart from a checkpoint, steps between that checkpoint and the crash were
-        # already sent: per key, the last step the run holds, so no step is logged twice.
-        self.resumed, self.sent_up_to = resumed, {}
-        if spec:
-            from mlflow.tracking import MlflowClient
-
-            from rayhybrid.tracking import TrackingGuard
-
-            self.client, self.run_id = MlflowClient(spec["tracking_uri"]), spec["run_id"]
-            self.guard = TrackingGuard(spec["tracking_uri"], spill_path=spill_path)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                            if step > self._sent_up_to(k)]
-
-    def _sent_up_to(self, key: str) -> int:
-        if not self.resumed:
-            return -1
-        if key not in self.sent_up_to:
-            try:
-                history = self.client.get_metric_history(self.run_id, key)
-                self.sent_up_to[key] = max((m.step for m in history), default=-1)
-            except Exception:  # noqa: BLE001 - the store's failure shows at the next flush
-                self.sent_up_to[key] = -1
-        return self.sent_up_to[key]
-
-    def tag(self, key: str, value: str) -> None:
-        if self.client is not None:
-            self.guard.call(f"set tag {key}", self.client.set_tag, self.run_id, key, value)
-
-    def flush(self) -> None:
-        if self.client is not None and self.buffer:
-            self.guard.log_metrics(self.client, self.run_id, self.buffer)
-            self.buffer = []
 
 
 @functools.cache
@@ -283,8 +234,8 @@ class _Worker:
         self.state.world_size = self.world  # a resume may use another number of workers
         self.model = ray.train.torch.prepare_model(model)  # DDP when world > 1
         self.model.train()
-        self.mlflow = _Mlflow(loop_config.get("mlflow") if self.rank == 0 else None,
-                              self.paths.mlflow_unsent, resumed=state is not None)
+        self.mlflow = StepLogger(loop_config.get("mlflow") if self.rank == 0 else None,
+                                 self.paths.mlflow_unsent, resumed=state is not None)
         self.precision = resolve_precision(tc.precision, self.device.type)
         if self.rank == 0:
             log.info("precision %s (train.precision=%s) on %s", self.precision, tc.precision,

@@ -180,13 +180,11 @@ def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resum
     if not cfg.tracking.enabled:
         return None
     import yaml
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
-    from rayhybrid.tracking import get_experiment_id, log_params_flat, resolve_tracking_uri
+    from rayhybrid.tracking import config_params, create_run, mlflow_client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     run_id = read_run_file(paths).get("mlflow_run_id") if resumed else None
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if run_id:  # params are immutable in MLflow: a resumed run keeps its first config's params
@@ -194,12 +192,8 @@ def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resum
         client.log_text(run_id, config_yaml, f"config_resumed_{os.getpid()}.yaml")
     else:
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run = client.create_run(get_experiment_id(uri, cfg.tracking.experiment),
-                                run_name=cfg.train.run_name, tags=tags)
-        run_id = run.info.run_id
-        params = [Param(k, v) for k, v in log_params_flat(config_to_dict(cfg)).items()]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params
-            client.log_batch(run_id, params=params[i:i + 100])
+        run_id = create_run(uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags,
+                            params=config_params(cfg))
         client.log_text(run_id, config_yaml, "config.yaml")
         write_run_file(paths, mlflow_run_id=run_id, tracking_uri=uri)
     return {"tracking_uri": uri, "run_id": run_id}
@@ -209,11 +203,9 @@ def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: st
     """Model artifact, final metrics, run status; a failing store costs a message, not the run."""
     if spec is None:
         return
-    from mlflow.tracking import MlflowClient
+    from rayhybrid.tracking import TrackingGuard, mlflow_client
 
-    from rayhybrid.tracking import TrackingGuard
-
-    client, run_id = MlflowClient(spec["tracking_uri"]), spec["run_id"]
+    client, run_id = mlflow_client(spec["tracking_uri"]), spec["run_id"]
     guard = TrackingGuard(spec["tracking_uri"], spill_path=paths.mlflow_unsent)
     if status == "FINISHED" and paths.final_model.is_dir():
         guard.call("log the model", client.log_artifacts, run_id, str(paths.final_model), "model")

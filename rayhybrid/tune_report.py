@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 from rayhybrid.config import Config, config_to_dict, resolve_path
-from rayhybrid.results import ResultsTable, finish_parent_run, plot_tradeoff, start_parent_run
+from rayhybrid.results import ResultsTable, plot_tradeoff
+from rayhybrid.tracking import (
+    child_runs,
+    finish_parent_run,
+    mlflow_client,
+    resolve_tracking_uri,
+    start_parent_run,
+)
 from rayhybrid.tuning_space import (
     AXIS_NAMES,
     OBJECTIVE_KEY,
@@ -223,12 +230,8 @@ def start_parent(cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restori
         return None
     marker = exp_dir / PARENT_RUN_FILE
     if restoring and marker.is_file():
-        from mlflow.tracking import MlflowClient
-
-        from rayhybrid.tracking import resolve_tracking_uri
-
         run_id = marker.read_text().strip()
-        MlflowClient(resolve_tracking_uri(cfg.tracking)).update_run(run_id, status="RUNNING")
+        mlflow_client(resolve_tracking_uri(cfg.tracking)).update_run(run_id, status="RUNNING")
         return run_id
     run_id = start_parent_run(cfg, f"tune_{cfg.tune.name}",
                               {"rayhybrid.job": "tune", "rayhybrid.tune.name": cfg.tune.name},
@@ -247,17 +250,9 @@ def close_trial_runs(cfg: Config, parent_run_id: str | None, table: ResultsTable
     """
     if parent_run_id is None:
         return
-    from mlflow.tracking import MlflowClient
-
-    from rayhybrid.tracking import resolve_tracking_uri
-
-    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=10000)
+    client = mlflow_client(resolve_tracking_uri(cfg.tracking))
     by_name: dict[str, Any] = {}
-    for run in children:
+    for run in child_runs(client, parent_run_id):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")
         by_name[run.info.run_name] = run

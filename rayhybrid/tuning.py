@@ -165,11 +165,9 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     final = {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir),
              "step": result.metrics.get("step"), "trial_done": 1}
     if result.mlflow_run_id:
-        from mlflow.tracking import MlflowClient
+        from rayhybrid.tracking import mlflow_client, resolve_tracking_uri
 
-        from rayhybrid.tracking import resolve_tracking_uri
-
-        logged = MlflowClient(resolve_tracking_uri(tcfg.tracking)).get_run(result.mlflow_run_id)
+        logged = mlflow_client(resolve_tracking_uri(tcfg.tracking)).get_run(result.mlflow_run_id)
         final.update({k.removeprefix("val/"): v for k, v in logged.data.metrics.items()
                       if k.startswith("val/" + DEV_PREFIX) and k != "val/" + STEP_KEY})
     done_file.parent.mkdir(parents=True, exist_ok=True)

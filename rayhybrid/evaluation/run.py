@@ -60,36 +60,28 @@ class _Tracker:
         self.client, self.run_id, self.own = None, run_id, run_id is None
         if not cfg.tracking.enabled:
             return
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        from rayhybrid.config import config_to_dict
-        from rayhybrid.tracking import log_params_flat, resolve_tracking_uri
+        from rayhybrid.tracking import (
+            config_params,
+            create_run,
+            mlflow_client,
+            resolve_tracking_uri,
+        )
 
         uri = resolve_tracking_uri(cfg.tracking)
-        self.client = MlflowClient(uri)
+        self.client = mlflow_client(uri)
         if run_id is None:
-            run = self.client.create_run(_experiment_id(self.client, uri, cfg.tracking.experiment),
-                                         run_name=f"evaluate_{Path(model).name}",
-                                         tags={"rayhybrid.job": "evaluate"})
-            self.run_id = run.info.run_id
-            params = log_params_flat(config_to_dict(cfg))
-            params["eval.model"] = model
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.run_id = create_run(uri, cfg.tracking.experiment, f"evaluate_{Path(model).name}",
+                                     tags={"rayhybrid.job": "evaluate"},
+                                     params={**config_params(cfg), "eval.model": model})
         self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")
 
     def log(self, metrics: dict[str, float], folder: Path, artifact_path: str) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from rayhybrid.tracking import log_metrics
 
-        now = int(time.time() * 1000)
-        items = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()
-                 if not np.isnan(v)]  # NaN (no cell) is not logged
-        for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        log_metrics(self.client, self.run_id, {mlflow_key(k): v for k, v in metrics.items()
+                                               if not np.isnan(v)})  # NaN (no cell): not logged
         with tempfile.TemporaryDirectory() as tmp:
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 if path.stat().st_size > _GZIP_ABOVE:  # e.g. the cross run of a whole corpus
@@ -117,15 +109,6 @@ class _Tracker:
         except Exception as log_exc:  # noqa: BLE001 - never hide the original error
             print(f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}",
                   flush=True)
-
-
-def _experiment_id(client: Any, uri: str, name: str) -> str:
-    try:
-        from rayhybrid.tracking import get_experiment_id
-    except ImportError:  # older tracking module: plain get-or-create
-        exp = client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else client.create_experiment(name)
-    return get_experiment_id(uri, name)
 
 
 def _ensure_ray() -> None:
