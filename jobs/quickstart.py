@@ -4,26 +4,14 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
         -- python jobs/quickstart.py train.storage_path=/mnt/shared/runs
 
-Same as ``rayhybrid quickstart``; exits non-zero on failure.
+``rayhybrid quickstart`` as a script (:func:`rayhybrid.cli.job_main`); exits non-zero on failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from _common import run_job
-
-from rayhybrid.config import Config
-
-
-def run(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.quickstart import quickstart
-
-    return quickstart(cfg)
-
+from rayhybrid.cli import job_main
 
 if __name__ == "__main__":
-    default = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    sys.exit(run_job(run, __doc__, default_config=str(default)))
+    sys.exit(job_main("quickstart", __doc__))

@@ -4,28 +4,17 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
         -- python jobs/train.py --config configs/paper_xlmr.yaml train.storage_path=/mnt/shared/runs
 
-Same as ``rayhybrid train`` (training, then the evaluation of ``eval.tasks`` when
-``eval.at_end_of_training``); prints the run summary; exits non-zero on failure
+``rayhybrid train`` as a script (:func:`rayhybrid.cli.job_main`: the same parsing, exit
+statuses and error lines): training, then the evaluation of ``eval.tasks`` when
+``eval.at_end_of_training``; prints the run summary; exits non-zero on failure
 (2: config error, 1: anything else).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from _common import run_job
-
-from rayhybrid.config import Config
-
-
-def run(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.training import train_and_evaluate
-
-    result, _ = train_and_evaluate(cfg)  # eval.at_end_of_training: evaluated into the same run
-    print(result.summary(), flush=True)
-    return 0
-
+from rayhybrid.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(run_job(run, __doc__))
+    sys.exit(job_main("train", __doc__))

@@ -1,30 +1,46 @@
-"""The ``rayhybrid`` command line: parse arguments, load the config, call one library function.
+"""The front door: the ``rayhybrid`` command line and the ``jobs/`` / ``tune/`` scripts.
 
-This is the only module with argparse; every subcommand is a thin shell over a
-library function so that ``jobs/`` and tests call the same code.
+This is the only module with argparse. Every command is: parse ``--config`` and
+``key=value`` overrides, load the config, call one library function, turn the outcome into
+an exit status (:func:`execute`). ``rayhybrid train ...`` and ``python jobs/train.py ...``
+run the same :data:`COMMANDS` entry through the same :func:`execute`, so they parse alike,
+exit alike and print the same error lines; only the name in those lines differs.
+
+Exit status: 0 success, 2 config error (one line ``<prog>: config error: ...``), 1 any other
+error (one line ``<prog>: error: <Type>: ...``, plus the traceback when it is a bug rather
+than bad input), 130 interrupted. ``ray job submit`` marks a job FAILED exactly when its
+entrypoint exits non-zero and shows what it printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rayhybrid.config import ConfigError, explain, load_config
+from rayhybrid.config import ConfigError, explain, load_config, shipped_config
+
+if TYPE_CHECKING:
+    from rayhybrid.config import Config
+
+__all__ = ["COMMANDS", "Command", "build_parser", "execute", "job_main", "main", "run_job"]
 
 EPILOG = """\
 Overrides are key=value pairs with dotted keys, values parsed as YAML, e.g.
   rayhybrid train --config configs/quickstart.yaml train.max_steps=50 batch.alpha=0.3
 `rayhybrid config --explain` lists every key with its default and meaning."""
 
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file (defaults apply to anything it omits).")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="Config overrides, e.g. train.lr=1e-4 data.languages=[en,de].")
+Body = Callable[["Config", argparse.Namespace], "int | None"]
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------- the commands
+
+
+def _cmd_config(cfg: Config, args: argparse.Namespace) -> int:
     import yaml
 
     from rayhybrid.config import config_to_dict
@@ -38,122 +54,248 @@ def _cmd_config(args: argparse.Namespace) -> int:
         for key, default, help_text in explain():
             print(f"{key} = {default}\n    {help_text}")
         return 0
-    cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
-def _cmd_batches(args: argparse.Namespace) -> int:
+def _args_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--explain", action="store_true", help="List every key, its default and meaning.")
+    p.add_argument("--markdown", action="store_true", help="With --explain: as a Markdown table.")
+
+
+def _cmd_batches(cfg: Config, args: argparse.Namespace) -> int:
     from rayhybrid.stream import show_batches
 
-    cfg = load_config(args.config, args.overrides)
     print(show_batches(cfg, n=args.show, texts=args.texts, start_step=args.start_step))
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from rayhybrid.training import train_and_evaluate
-
-    cfg = load_config(args.config, args.overrides)
-    result, _ = train_and_evaluate(cfg)  # the evaluation prints its own headline per task
-    print(result.summary())
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from rayhybrid.evaluation.run import evaluate_cli
-
-    cfg = load_config(args.config, args.overrides)
-    return evaluate_cli(cfg, model=args.model, task=args.task, data=args.data)
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from rayhybrid.compare import compare
-
-    cfg = load_config(args.config, args.overrides)
-    table = compare(cfg)
-    print(table.to_markdown())
-    return 1 if table.all_failed else 0
-
-
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from rayhybrid.tuning import run_tune
-
-    cfg = load_config(args.config, args.overrides)
-    table = run_tune(cfg)
-    print(table.to_markdown())
-    return 1 if table.all_failed else 0
-
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from rayhybrid.quickstart import default_config_path, quickstart
-
-    cfg = load_config(args.config or default_config_path(), args.overrides)
-    return quickstart(cfg)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rayhybrid", description="Hybrid batch training and multilingual retrieval evaluation on Ray.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(fn=fn)
-        return p
-
-    p = add("config", _cmd_config, "Print the resolved config, or explain every key.")
-    _add_config_args(p)
-    p.add_argument("--explain", action="store_true", help="List every key, its default and meaning.")
-    p.add_argument("--markdown", action="store_true", help="With --explain: as a Markdown table.")
-
-    p = add("batches", _cmd_batches, "Print the planned hybrid batches the trainer will get.")
-    _add_config_args(p)
+def _args_batches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=int, default=5, help="Number of batches to print (default 5).")
     p.add_argument("--texts", type=int, default=2, help="Example pairs printed per batch (default 2).")
     p.add_argument("--start-step", type=int, default=0, help="First step to print (default 0).")
 
-    p = add("train", _cmd_train, "Fine-tune a bi-encoder with Ray Train on the hybrid batch stream.")
-    _add_config_args(p)
 
-    p = add("evaluate", _cmd_evaluate,
-            "Evaluate an encoder: mono / cross / multilingual retrieval and language bias.")
-    _add_config_args(p)
+def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.training import train_and_evaluate
+
+    result, _ = train_and_evaluate(cfg)  # the evaluation prints its own headline per task
+    print(result.summary(), flush=True)
+    return 0
+
+
+def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.evaluation.run import evaluate_cli
+
+    return evaluate_cli(cfg, model=args.model, task=args.task, data=args.data)
+
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="Model folder or name (default: model.name of the config).")
     p.add_argument("--task", "-t", help="Task format: lareqa or beir (default: eval.tasks of the config).")
-    p.add_argument("--data", "-d", help="Task folder (with --task).")
+    p.add_argument("--data", "-d", help="Task folder (with --task); evaluated whole.")
 
-    p = add("compare", _cmd_compare, "Train and evaluate every batch strategy under one budget.")
-    _add_config_args(p)
 
-    p = add("tune", _cmd_tune, "Ray Tune search over the mixing ratio alpha (dev split).")
-    _add_config_args(p)
+def _cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.compare import compare
 
-    p = add("quickstart", _cmd_quickstart,
-            "Train on the XQuAD-R training split, evaluate on held-out articles, log to MLflow.")
-    _add_config_args(p)
+    table = compare(cfg)
+    print(table.to_markdown(), flush=True)
+    return 1 if table.all_failed else 0
+
+
+def _cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.tuning import run_tune
+
+    table = run_tune(cfg)
+    print(table.to_markdown(), flush=True)
+    return 1 if table.all_failed else 0
+
+
+def _args_tune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", help="Search space applied over --config before the overrides: a "
+                   "name from configs/spaces/ (alpha, alpha_fine, alpha_lr, alpha_lr_tau, random) "
+                   "or a YAML file (default: the config's tune section).")
+
+
+def _cmd_quickstart(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.quickstart import quickstart
+
+    return quickstart(cfg)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of the front door.
+
+    Attributes:
+        run: the body, ``run(cfg, args) -> exit status or None`` (None means 0).
+        help: one line for ``--help``.
+        add_args: adds the command's own options.
+        default_config: shipped config (``configs/<name>``) used when ``--config`` is omitted;
+            None: the schema's defaults.
+    """
+
+    run: Body
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    default_config: str | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "config": Command(_cmd_config, "Print the resolved config, or explain every key.",
+                      _args_config),
+    "batches": Command(_cmd_batches, "Print the planned hybrid batches the trainer will get.",
+                       _args_batches),
+    "train": Command(_cmd_train, "Fine-tune a bi-encoder with Ray Train on the hybrid batch "
+                     "stream (then evaluate eval.tasks when eval.at_end_of_training)."),
+    "evaluate": Command(_cmd_evaluate, "Evaluate an encoder: mono / cross / multilingual "
+                        "retrieval and language bias.", _args_evaluate, "evaluate_xquad_r.yaml"),
+    "compare": Command(_cmd_compare, "Train and evaluate every batch strategy under one budget."),
+    "tune": Command(_cmd_tune, "Ray Tune search over the mixing ratio alpha (dev split).",
+                    _args_tune),
+    "quickstart": Command(_cmd_quickstart, "Train on the XQuAD-R training split, evaluate on "
+                          "held-out articles, log to MLflow.", default_config="quickstart.yaml"),
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> None:
+    shown = f"configs/{default_config}" if default_config else "the schema's defaults"
+    p.add_argument("--config", "-c", help=f"YAML config file (default: {shown}; defaults apply "
+                   "to anything it omits).")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="Config overrides, e.g. train.lr=1e-4 data.languages=[en,de].")
+    p.set_defaults(default_config=default_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rayhybrid`` parser: one subcommand per :data:`COMMANDS` entry."""
+    parser = argparse.ArgumentParser(
+        prog="rayhybrid", description="Hybrid batch training and multilingual retrieval evaluation on Ray.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_args(p, command.default_config)
+        if command.add_args is not None:
+            command.add_args(p)
+        p.set_defaults(fn=command.run)
     return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The config of a parsed command line: ``--config`` (or the command's shipped default),
+    then ``--space``, then the overrides.
+
+    Raises:
+        ConfigError: bad file, key, type or value; unknown search space.
+        FileNotFoundError: no ``--config`` and the shipped default is not found.
+    """
+    path = args.config
+    if path is None and getattr(args, "default_config", None):
+        path = shipped_config(args.default_config)
+    layers = []
+    space = getattr(args, "space", None)
+    if space:
+        if Path(space).is_file():
+            layers.append(Path(space))
+        else:
+            try:
+                layers.append(shipped_config(f"spaces/{space}.yaml"))
+            except FileNotFoundError:
+                raise ConfigError(f"--space {space}: no such file, and no configs/spaces/"
+                                  f"{space}.yaml") from None
+    return load_config(path, args.overrides, layers=layers)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _user_facing(exc: BaseException) -> bool:
+    """Errors whose message says what to change (no traceback needed)."""
+    from rayhybrid.cluster import JobError
+    from rayhybrid.datamodel import DataError
+    from rayhybrid.tracking import TrackingError
+
+    # ModelError, TrainingError, EvaluationError, TuneError and BatchPlanError derive from
+    # ValueError.
+    return isinstance(exc, (DataError, TrackingError, JobError, ValueError, FileNotFoundError,
+                            PermissionError))
+
+
+def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
+    """Load the config of ``args``, call ``run(cfg, args)``; return the exit status.
+
+    Args:
+        prog: the name error lines start with (``rayhybrid train``, ``jobs/train.py``).
+        run: the command's body.
+        args: parsed arguments (``config``, ``overrides`` and the command's own options).
+
+    Returns:
+        The body's status (None: 0), 2 for a config error, 1 for any other error, 130 when
+        interrupted; errors are printed to stderr as one line.
+    """
+    from rayhybrid.cluster import path_warnings
+
+    try:
+        cfg = _load(args)
+        for warning in path_warnings(cfg):
+            print(f"{prog}: warning: {warning}", file=sys.stderr, flush=True)
+        status = run(cfg, args)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - any failure must become a non-zero exit status
+        # Library errors (bad data, model, run folder, tracking server) carry a message that
+        # says what to change; anything else is a bug and keeps its traceback.
+        if not _user_facing(exc):
+            traceback.print_exc()
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return int(status or 0)
+
+
+def run_job(run: Body, description: str = "", *, default_config: str | None = None,
+            add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+            argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """One command as a script of its own: parse like the CLI, then :func:`execute`.
+
+    Args:
+        run: the body, ``run(cfg, args) -> exit status or None``.
+        description: ``--help`` text (the script's docstring).
+        default_config: shipped config (``configs/<name>``) used without ``--config``.
+        add_args: adds the command's own options.
+        argv: arguments (default ``sys.argv[1:]``).
+        prog: name in usage and error lines (default ``jobs/<script name>``).
+    """
+    prog = prog or f"jobs/{Path(sys.argv[0]).name}"
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(parser, default_config)
+    if add_args is not None:
+        add_args(parser)
+    return execute(prog, run, parser.parse_args(argv))
+
+
+def job_main(command: str, description: str = "", *, argv: Sequence[str] | None = None,
+             prog: str | None = None) -> int:
+    """``python jobs/<command>.py ...``: the CLI's ``command``, run by :func:`run_job`."""
+    c = COMMANDS[command]
+    return run_job(c.run, description or c.help, default_config=c.default_config,
+                   add_args=c.add_args, argv=argv, prog=prog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rayhybrid`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.fn(args) or 0)
-    except ConfigError as exc:
-        print(f"rayhybrid {args.command}: config error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from rayhybrid.datamodel import DataError
-        from rayhybrid.tracking import TrackingError
-
-        if isinstance(exc, (DataError, FileNotFoundError, PermissionError, ValueError,
-                            TrackingError)):
-            print(f"rayhybrid {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    return execute(f"rayhybrid {args.command}", args.fn, args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ __all__ = [
     "explain",
     "load_config",
     "resolve_path",
+    "shipped_config",
 ]
 
 
@@ -385,28 +386,48 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML config file and apply ``key=value`` overrides.
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every non-mapping value of a nested mapping."""
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *,
+                layers: typing.Sequence[str | os.PathLike] = ()) -> Config:
+    """Load a YAML config file, then YAML layers over it, then ``key=value`` overrides.
 
     Args:
         path: YAML file; None starts from the defaults.
         overrides: ``section.key=value`` strings; values are parsed as YAML
             (``train.lr=1e-4``, ``data.languages=[en,de]``).
+        layers: YAML files whose keys replace those of ``path`` (a search space of
+            ``configs/spaces/``); the overrides still win.
 
     Raises:
         ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong type.
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    data: dict = _read_yaml(path) if path is not None else {}
+    for layer in layers:
+        for key, value in _leaves(_read_yaml(layer)):
+            _set_dotted(data, key, value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -428,6 +449,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def shipped_config(name: str) -> Path:
+    """``configs/<name>`` of the working directory, else of the source checkout.
+
+    Raises:
+        FileNotFoundError: neither exists (pass ``--config``).
+    """
+    here = Path.cwd() / "configs" / name
+    beside_package = Path(__file__).resolve().parents[1] / "configs" / name
+    for candidate in (here, beside_package):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"configs/{name} not found in {Path.cwd()} or "
+                            f"{beside_package.parents[1]}; run from the repository root or pass "
+                            "--config")
 
 
 def resolve_path(text: str) -> str:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["default_config_path", "format_table", "quickstart", "ui_command"]
 
-CONFIG_NAME = "configs/quickstart.yaml"
+CONFIG_NAME = "quickstart.yaml"  # in configs/
 SETTINGS = (("mono", "mono X→X"), ("cross", "cross X→Y"), ("multi", "multi X→all"))
 METRICS = (("map", "mAP"), ("map@20", "mAP@20"), ("r@1", "R@1"))
 
@@ -32,13 +32,9 @@ def default_config_path() -> Path:
     Raises:
         FileNotFoundError: neither exists (pass ``--config``).
     """
-    here = Path.cwd() / CONFIG_NAME
-    beside_package = Path(__file__).resolve().parents[1] / CONFIG_NAME
-    for path in (here, beside_package):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{CONFIG_NAME} not found in {Path.cwd()} or {beside_package.parent.parent}; "
-                            "run from the repository root or pass --config")
+    from rayhybrid.config import shipped_config
+
+    return shipped_config(CONFIG_NAME)
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -268,11 +268,11 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayhybrid.cluster import ensure_ray
     from rayhybrid.stream import build_train_datasets, train_data_config
     from rayhybrid.train_loop import FINAL_METRICS, train_loop_per_worker
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     start = latest_checkpoint(paths)[0] if resumed else 0  # the workers restore the same one
     datasets = build_train_datasets(cfg, data, model_path, nw, start_step=start)
     mlflow_spec = _start_mlflow(cfg, paths, parent_run_id, resumed)

@@ -259,9 +259,9 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     """
     import os
 
-    import ray
     from ray import tune
 
+    from rayhybrid.cluster import ensure_ray
     from rayhybrid.tune_report import (
         add_significance,
         close_trial_runs,
@@ -276,8 +276,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     _check_baseline(cfg, axes)
     space, search_alg, num_samples = param_space(cfg, axes)
     exp_dir = _exp_dir(cfg)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     restoring = _check_restore(cfg, exp_dir)
     parent_run_id = start_parent(cfg, exp_dir, axes, restoring)
     # Reports between validation points carry no dev metric; Tune must not reject them.

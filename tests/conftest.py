@@ -38,10 +38,10 @@ def ray_local():
     """One real local Ray for the whole session, 2 CPUs like CI."""
     import ray
 
+    from rayhybrid.cluster import ensure_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=True)  # the jobs' environment
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -40,22 +40,14 @@ class Head:
     workdir: Path  # where the jobs write (storage, outputs, MLflow store)
 
 
-def _import_common():
-    sys.path.insert(0, str(JOBS))
-    try:
-        import _common
-    finally:
-        sys.path.remove(str(JOBS))
-    return _common
-
-
 # --------------------------------------------------------------------------- no cluster needed
 
 
 def test_bad_config_exits_2_with_the_key_before_touching_ray(capsys):
-    common = _import_common()
+    from rayhybrid.cli import run_job
+
     calls = []
-    status = common.run_job(lambda cfg, args: calls.append(cfg), "doc",
+    status = run_job(lambda cfg, args: calls.append(cfg), "doc",
                             argv=["--config", str(REPO / "configs" / "quickstart.yaml"), "train.nope=1"])
     err = capsys.readouterr().err
     assert status == 2 and not calls
@@ -63,13 +55,14 @@ def test_bad_config_exits_2_with_the_key_before_touching_ray(capsys):
 
 
 def test_library_error_exits_1_with_the_message(capsys, monkeypatch):
-    common = _import_common()
-    monkeypatch.setattr(common, "connect", lambda: None)
+    from rayhybrid import cli, cluster
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda **kwargs: None)
 
     def boom(cfg, args):
         raise FileNotFoundError("no such folder: /nowhere/xquad-r")
 
-    status = common.run_job(boom, "doc", argv=["--config", str(REPO / "configs" / "quickstart.yaml")])
+    status = cli.run_job(boom, "doc", argv=["--config", str(REPO / "configs" / "quickstart.yaml")])
     err = capsys.readouterr().err
     assert status == 1
     assert "error: FileNotFoundError: no such folder: /nowhere/xquad-r" in err
@@ -78,24 +71,25 @@ def test_library_error_exits_1_with_the_message(capsys, monkeypatch):
     def bug(cfg, args):
         raise KeyError("internal")
 
-    status = common.run_job(bug, "doc", argv=["--config", str(REPO / "configs" / "quickstart.yaml")])
+    status = cli.run_job(bug, "doc", argv=["--config", str(REPO / "configs" / "quickstart.yaml")])
     err = capsys.readouterr().err
     assert status == 1 and "Traceback" in err and "error: KeyError" in err
 
 
 def test_dashboard_url_in_ray_address_is_explained(monkeypatch):
-    common = _import_common()
     import ray
 
+    from rayhybrid import cluster
+
     if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process: connect() would return early")
+        pytest.skip("Ray already initialised in this process: ensure_ray() would return early")
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    with pytest.raises(common.JobError, match="dashboard .*ray job submit"):
-        common.connect()
+    with pytest.raises(cluster.JobError, match="dashboard .*ray job submit"):
+        cluster.ensure_ray()
 
 
 def test_relative_outputs_in_a_submitted_job_are_warned_about(monkeypatch):
-    common = _import_common()
+    from rayhybrid import cluster as common
     from rayhybrid.config import load_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml")

@@ -198,7 +198,7 @@ def _repo_path(p: str) -> Path:
     return REPO / re.sub(r"^/home/ray/rayhybrid/", "", p)
 
 
-# Scripts with a default --config (jobs/_common.run_job(default_config=...)).
+# Scripts with a default --config (rayhybrid.cli.COMMANDS[...].default_config).
 DEFAULT_CONFIGS = {"quickstart.py": REPO / "configs" / "quickstart.yaml",
                    "evaluate.py": REPO / "configs" / "evaluate_xquad_r.yaml"}
 CLUSTER_FILES = ["cluster.yaml", "rayjob.yaml", "README.md", "Dockerfile"]

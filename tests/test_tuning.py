@@ -59,6 +59,30 @@ def test_bad_search_space_is_refused_with_the_key(override, fragment):
     assert fragment in str(info.value)
 
 
+SPACES = sorted((REPO / "configs" / "spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda p: p.stem)
+def test_every_shipped_search_space_is_valid(space):
+    """Each search space of configs/spaces/, over the tune config, passes the full validation."""
+    cfg = load_config(TUNE_SMALL, layers=[space])
+    axes = search_axes(cfg)
+    assert axes["batch.alpha"] == list(cfg.tune.alphas)
+    param_space(cfg, axes)
+
+
+def test_space_then_overrides_on_the_command_line():
+    from rayhybrid.cli import _load, build_parser
+
+    args = build_parser().parse_args(["tune", "--config", str(TUNE_SMALL), "--space", "alpha_lr",
+                                      "tune.lrs=[2e-5, 5e-5]"])
+    cfg = _load(args)
+    assert cfg.tune.alphas == (0.0, 0.25, 0.5, 0.75, 1.0)  # from the space
+    assert cfg.tune.lrs == (2e-5, 5e-5)  # the command line wins
+    with pytest.raises(ConfigError, match="--space nope"):
+        _load(build_parser().parse_args(["tune", "--space", "nope"]))
+
+
 def test_extra_grid_values_are_type_checked_up_front():
     with pytest.raises(ConfigError, match="batch.batch_size: expected int"):
         search_axes(small("tune.extra_grid=['batch.batch_size=[16, big]']"))

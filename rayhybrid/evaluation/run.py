@@ -111,14 +111,6 @@ class _Tracker:
                   flush=True)
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Joins RAY_ADDRESS / a running `ray start` cluster, else starts a local Ray.
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-
-
 def _task_format(cfg: Config, name: str) -> str:
     return next((t.format for t in cfg.eval.tasks if t.name == name), "lareqa")
 
@@ -240,6 +232,7 @@ def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTas
     Raises:
         EvaluationError, DataError, ModelError: bad input (the MLflow run is marked FAILED).
     """
+    from rayhybrid.cluster import ensure_ray
     from rayhybrid.corpus import load_eval_task
 
     check_settings(cfg.eval.settings)
@@ -247,7 +240,7 @@ def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTas
     tracker = _Tracker(cfg, run_id, model)
     out: dict[str, float] = {}
     try:
-        _ensure_ray()
+        ensure_ray()
         pending = list(tasks) if tasks is not None else [load_eval_task(t, cfg.data)
                                                          for t in cfg.eval.tasks]
         for task in pending:
