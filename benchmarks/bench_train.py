@@ -4,12 +4,12 @@
     python benchmarks/bench_train.py --steps 40 --precision bf16 --out bench_train.json
 
 Both loops run in this one invocation on the same XQuAD-R hybrid batches (the stream
-:func:`rayhybrid.training.train` builds: same seed, same padded shapes), the same model
+:func:`rayhybrid.train.driver.train` builds: same seed, same padded shapes), the same model
 (``--model``, default the pip-installed MiniLM-L6), AdamW + warm-up/linear decay, InfoNCE,
 gradient clipping, and the same thread count (``--threads``, the Ray worker gets that
 many CPUs and ``torch.set_num_threads``):
 
-- ``ray train``: :func:`rayhybrid.training.train` with 1 worker (data from the Ray Data
+- ``ray train``: :func:`rayhybrid.train.driver.train` with 1 worker (data from the Ray Data
   shard, ``ray.train.report`` every ``--log-every`` steps, MLflow logging from rank 0 into a
   temporary SQLite store); its median step time is measured inside the worker;
 - ``plain``: the same steps in this process from batches held in memory (no Ray, no data
@@ -85,7 +85,7 @@ def plain_loop(cfg, batches: list[dict], threads: int) -> tuple[list[float], lis
     """The same optimisation steps without Ray; per-step wall and process CPU times."""
     from rayhybrid.loss import info_nce
     from rayhybrid.model import load_biencoder, resolve_model_path
-    from rayhybrid.train_loop import build_optimizer, build_scheduler
+    from rayhybrid.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from rayhybrid.model import load_biencoder, resolve_model_path
-    from rayhybrid.training import train
+    from rayhybrid.train.driver import train
 
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -77,7 +77,7 @@ def _args_batches(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.training import train_and_evaluate
+    from rayhybrid.train.driver import train_and_evaluate
 
     result, _ = train_and_evaluate(cfg)  # the evaluation prints its own headline per task
     print(result.summary(), flush=True)

@@ -139,7 +139,7 @@ def _metric_columns(cfg: Config) -> list[Column]:
 def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
     """Train and evaluate one (strategy, seed) config; returns its summary and MLflow run."""
     from rayhybrid.evaluation.run import evaluate
-    from rayhybrid.training import train
+    from rayhybrid.train.driver import train
 
     start = time.perf_counter()
     result = train(cfg, parent_run_id=parent_run_id)

@@ -97,7 +97,7 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
     """
     from rayhybrid.evaluation.run import evaluate
     from rayhybrid.tracking import resolve_tracking_uri
-    from rayhybrid.training import train
+    from rayhybrid.train.driver import train
 
     start = time.perf_counter()
     # Resolve once up front: a server that is down fails (or falls back) before any work,

@@ -1,7 +1,7 @@
 """Ray Tune over the mixing ratio alpha (optionally learning rate and tau), scored on the dev split.
 
 Ray Train V2 layout (DESIGN.md, "Ray versions"): every Tune trial runs a small driver
-function that calls :func:`rayhybrid.training.train`, which builds the ``TorchTrainer``;
+function that calls :func:`rayhybrid.train.driver.train`, which builds the ``TorchTrainer``;
 Ray Tune's ``TuneReportCallback`` forwards what rank 0 reports to Tune. At every
 validation point rank 0 also retrieves on the dev split (the articles after the training
 ones, never the test split) and adds ``dev/...`` metrics and the objective to its report,
@@ -148,7 +148,7 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rayhybrid.training import train
+    from rayhybrid.train.driver import train
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_from_dict(base)

@@ -77,7 +77,7 @@ def tiny_overrides(root: Path, xquad_dir: Path, name: str, uri: str, *extra: str
 def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xquad_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.training import train_and_evaluate
+    from rayhybrid.train.driver import train_and_evaluate
 
     # What `rayhybrid train` runs: training, then the held-out evaluation into the same run.
     cfg = load_config(None, tiny_overrides(
@@ -134,7 +134,7 @@ def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_
                                                       monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.training import train
+    from rayhybrid.train.driver import train
 
     monkeypatch.chdir(tmp_path)  # the local store is ./mlflow.db of the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

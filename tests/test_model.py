@@ -158,7 +158,7 @@ def test_bf16_autocast_step_on_cpu(tiny_model_dir, tiny_model_cfg):
     ("processor\t: 0", False),
 ])
 def test_precision_auto_follows_the_cpu_bf16_units(flags, native):
-    from rayhybrid.train_loop import cpuinfo_has_bf16, resolve_precision
+    from rayhybrid.train.precision import cpuinfo_has_bf16, resolve_precision
 
     assert cpuinfo_has_bf16(f"processor\t: 0\n{flags}\n") is native
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from rayhybrid.checkpointing import TrainingError
 from rayhybrid.config import ConfigError, ModelConfig, load_config
 from rayhybrid.model import ModelError, encode_texts, load_biencoder
-from rayhybrid.training import train
+from rayhybrid.train import TrainingError
+from rayhybrid.train.driver import train
 
 N = 3  # steps before the interruption; runs have 2N steps, a checkpoint every N
 

@@ -4,8 +4,8 @@
 driver function call. Everything that can be checked before Ray Train starts (config
 values, model name, run folder, batch plan against the data) is checked here, so a bad
 setting gives one clear :class:`TrainingError` / ``ConfigError`` / ``ModelError``
-instead of a worker stack trace. The per-worker loop is :mod:`rayhybrid.train_loop`;
-run folder and checkpoint layout are in :mod:`rayhybrid.checkpointing`.
+instead of a worker stack trace. The per-worker loop is :mod:`rayhybrid.train.worker`;
+run folder and checkpoint layout are in :mod:`rayhybrid.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayhybrid.checkpointing import (
+from rayhybrid.config import Config, ConfigError, config_to_dict
+from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
+from rayhybrid.train import TrainingError
+from rayhybrid.train.checkpoint import (
     RunPaths,
-    TrainingError,
     latest_checkpoint,
     prepare_run_dir,
     read_run_file,
     write_run_file,
 )
-from rayhybrid.config import Config, ConfigError, config_to_dict
-from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
 
 __all__ = ["TrainResult", "TrainingError", "build_val_batches", "check_train_config", "train"]
 
@@ -270,7 +270,7 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
 
     from rayhybrid.cluster import ensure_ray
     from rayhybrid.stream import build_train_datasets, train_data_config
-    from rayhybrid.train_loop import FINAL_METRICS, train_loop_per_worker
+    from rayhybrid.train.worker import FINAL_METRICS, train_loop_per_worker
 
     ensure_ray()
     start = latest_checkpoint(paths)[0] if resumed else 0  # the workers restore the same one

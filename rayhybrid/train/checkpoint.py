@@ -30,18 +30,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from rayhybrid.train import TrainingError
+
 if TYPE_CHECKING:
     from rayhybrid.config import TrainConfig
 
-__all__ = ["RunPaths", "TrainState", "TrainingError", "checkpoint_step", "latest_checkpoint",
+__all__ = ["RunPaths", "TrainState", "checkpoint_step", "latest_checkpoint",
            "load_checkpoint", "prepare_run_dir", "read_run_file", "save_checkpoint", "write_run_file"]
 
 RUN_FILE = "rayhybrid_run.json"
 STATE_FILE = "state.json"
-
-
-class TrainingError(ValueError):
-    """A training setting or the run folder is unusable; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The Ray Train worker loop: DDP bi-encoder on the hybrid batch stream.
 
 Runs in every Ray Train worker (``TorchTrainer(train_loop_per_worker)``), built by
-:func:`rayhybrid.training.train`. Reads top to bottom: config back from the plain dict,
+:func:`rayhybrid.train.driver.train`. Reads top to bottom: config back from the plain dict,
 model + optimiser + schedule, restore from Ray Train's checkpoint, then one optimisation
 step per global step of the stream, with validation, checkpoints and MLflow logging
 (rank 0) at their intervals. Side effects (exports, MLflow) happen on rank 0 only.
@@ -10,7 +10,6 @@ step per global step of the stream, with validation, checkpoints and MLflow logg
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -22,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from rayhybrid.checkpointing import (
+from rayhybrid.config import Config, config_from_dict
+from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
+from rayhybrid.model import export_model, load_biencoder, unwrap_model
+from rayhybrid.tracking import StepLogger
+from rayhybrid.train.checkpoint import (
     RunPaths,
     TrainState,
     checkpoint_step,
@@ -30,77 +33,14 @@ from rayhybrid.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from rayhybrid.config import Config, config_from_dict
-from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
-from rayhybrid.model import export_model, load_biencoder, unwrap_model
-from rayhybrid.tracking import StepLogger
+from rayhybrid.train.optim import build_optimizer, build_scheduler
+from rayhybrid.train.precision import autocast, resolve_precision
 
-__all__ = ["build_optimizer", "build_scheduler", "train_loop_per_worker"]
+__all__ = ["FINAL_METRICS", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 FINAL_METRICS = "final_metrics.json"  # rank 0's summary, read back by the driver
 KEEP_STEP_TIMES = 2  # first steps excluded from the throughput figure (allocation, warm-up)
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices decay, biases and norm weights do not (one ``p.dim() >= 2`` test)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
-                    warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio * max_steps`` steps, then linear decay to 0 at max_steps."""
-    warmup = int(warmup_ratio * max_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16, AMX or Arm BF16).
-
-    Without them PyTorch emulates bf16 on the CPU, several times slower than fp32 (measured on
-    an AVX-512 Xeon without AVX512-BF16: README, benchmarks). Linux only; elsewhere False.
-    """
-    try:
-        return cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
-
-
-def cpuinfo_has_bf16(text: str) -> bool:
-    """Whether a ``/proc/cpuinfo`` text lists a bf16 matmul unit (x86 ``flags`` or Arm
-    ``Features``)."""
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")) and ":" in line:
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """``train.precision`` for this device: ``auto`` is bf16 where the device has bf16 units
-    (a CUDA GPU that supports it, a CPU per :func:`cpu_has_native_bf16`), else fp32."""
-    if precision != "auto":
-        return precision
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
-
-
-def _autocast(precision: str, device: torch.device):
-    """bf16 autocast for a resolved ``precision`` (see :func:`resolve_precision`), else none."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world: int,
@@ -116,7 +56,7 @@ def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world
                                    (passages, cfg.data.max_passage_length)):
                 tok = tokenizer(list(texts[rank * n:(rank + 1) * n]), padding=True, truncation=True,
                                 max_length=max_len, return_tensors="pt").to(device)
-                with _autocast(precision, device):
+                with autocast(precision, device):
                     embs.append(model(tok["input_ids"], tok["attention_mask"]).float())
             loss, _ = info_nce(*embs, tau=cfg.train.tau, rank=rank, world_size=world,
                                symmetric=cfg.train.symmetric)
@@ -270,7 +210,7 @@ class _Worker:
             with open(self.batch_log, "a") as fh:
                 fh.write(json.dumps({"step": batch["step"], "pid": os.getpid(),
                                      "group": batch["group"]}) + "\n")
-        with _autocast(self.precision, dev):
+        with autocast(self.precision, dev):
             q = self.model(batch["q_input_ids"].to(dev), batch["q_attention_mask"].to(dev))
             p = self.model(batch["p_input_ids"].to(dev), batch["p_attention_mask"].to(dev))
         loss, backward_loss = info_nce(q, p, tau=tc.tau, rank=self.rank, world_size=self.world,
@@ -357,7 +297,7 @@ class _Worker:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker entry point. ``loop_config`` is built by :func:`rayhybrid.training.train`.
+    """Ray Train worker entry point. ``loop_config`` is built by :func:`rayhybrid.train.driver.train`.
 
     Every rank takes the same decisions at the same steps (reports are barriers).
     """
