@@ -105,7 +105,7 @@ def _cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.tuning import run_tune
+    from rayhybrid.tuning.driver import run_tune
 
     table = run_tune(cfg)
     print(table.to_markdown(), flush=True)

@@ -81,7 +81,7 @@ def strategy_config(cfg: Config, spec: StrategySpec, seed: int | None = None) ->
     With ``seed`` (a comparison over several seeds) the batch plan and dropout use that seed
     and the run name and outputs get a ``_s<seed>`` / ``seed<seed>`` suffix.
     """
-    from rayhybrid.tuning_space import apply_overrides
+    from rayhybrid.tuning.space import apply_overrides
 
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.label).strip("_")
     overrides: dict[str, Any] = {

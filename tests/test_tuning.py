@@ -16,8 +16,8 @@ from ray.tune import Callback
 from rayhybrid.cli import main
 from rayhybrid.config import ConfigError, load_config
 from rayhybrid.results import ResultsTable, plot_tradeoff
-from rayhybrid.tuning_space import (
-    TuneError,
+from rayhybrid.tuning import TuneError
+from rayhybrid.tuning.space import (
     apply_overrides,
     param_space,
     parse_objective,
@@ -200,7 +200,7 @@ def children_of(cfg, parent_id: str) -> list:
 
 
 def parent_id(cfg) -> str:
-    from rayhybrid.tune_report import PARENT_RUN_FILE
+    from rayhybrid.tuning.report import PARENT_RUN_FILE
 
     return (Path(cfg.tune.storage_path) / cfg.tune.name / PARENT_RUN_FILE).read_text().strip()
 
@@ -210,7 +210,7 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.tuning import run_tune
+    from rayhybrid.tuning.driver import run_tune
 
     cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.0, 0.5, 1.0]",
                        "tune.name=sweep", "baseline=0.5", "eval.bootstrap_samples=200")
@@ -287,7 +287,7 @@ def test_failed_trial_is_in_the_table_and_the_others_finish(ray_local, tmp_path,
                                                             xquad_dir):
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.tuning import run_tune
+    from rayhybrid.tuning.driver import run_tune
 
     missing = tmp_path / "no_such_model"
     cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.5]", "tune.name=fails",

@@ -1,7 +1,7 @@
 """The search space and the objective of ``rayhybrid tune`` (pure: no Ray, nothing started).
 
 Everything here runs before a trial starts, so a bad space fails in a second with a message
-naming the config key. See :mod:`rayhybrid.tuning` for the job itself.
+naming the config key. See :mod:`rayhybrid.tuning.driver` for the job itself.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from rayhybrid.config import Config, ConfigError, config_from_dict, config_to_dict
+from rayhybrid.tuning import TuneError
 
 __all__ = [
     "AXIS_NAMES",
@@ -22,7 +23,6 @@ __all__ = [
     "OBJECTIVE_KEY",
     "STEP_KEY",
     "Objective",
-    "TuneError",
     "apply_overrides",
     "dev_key",
     "param_space",
@@ -47,10 +47,6 @@ def dev_key(name: str) -> str:
 
 _METRICS = ("map", "map@20", "mrr", "r@1", "r@10", "ndcg@10", "recall@100")
 _MIN_METRICS = ("bias/rank_distance",)
-
-
-class TuneError(ValueError):
-    """The search space or the tuning setup is invalid; raised before anything starts."""
 
 
 # --------------------------------------------------------------------------- objective

@@ -23,7 +23,7 @@ from rayhybrid.tracking import (
     resolve_tracking_uri,
     start_parent_run,
 )
-from rayhybrid.tuning_space import (
+from rayhybrid.tuning.space import (
     AXIS_NAMES,
     OBJECTIVE_KEY,
     apply_overrides,
@@ -125,7 +125,8 @@ def add_significance(table: ResultsTable, cfg: Config, exp_dir: Path) -> None:
         TuneError: ``cfg.baseline`` names an alpha no trial has.
     """
     from rayhybrid.evaluation.uncertainty import Column, comparison_stats
-    from rayhybrid.tuning import TuneError, baseline_alpha
+    from rayhybrid.tuning import TuneError
+    from rayhybrid.tuning.driver import baseline_alpha
 
     folders = {}
     for row in table.rows:

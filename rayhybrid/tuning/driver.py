@@ -21,18 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from rayhybrid.config import Config, config_from_dict, config_to_dict
-from rayhybrid.tuning_space import (
+from rayhybrid.tuning import TuneError
+from rayhybrid.tuning.space import (
     DEV_PREFIX,
     OBJECTIVE_KEY,
     STEP_KEY,
-    TuneError,
     apply_overrides,
     dev_key,
     parse_objective,
     search_axes,
 )
 
-__all__ = ["TuneError", "baseline_alpha", "dev_per_query_dir", "dev_report_fn", "dev_task", "run_tune", "search_axes", "trial_config"]
+__all__ = ["baseline_alpha", "dev_per_query_dir", "dev_report_fn", "dev_task", "run_tune",
+           "trial_config"]
 
 
 # --------------------------------------------------------------------------- trials
@@ -262,7 +263,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     from ray import tune
 
     from rayhybrid.cluster import ensure_ray
-    from rayhybrid.tune_report import (
+    from rayhybrid.tuning.report import (
         add_significance,
         close_trial_runs,
         collect_table,
@@ -270,7 +271,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
         start_parent,
         write_outputs,
     )
-    from rayhybrid.tuning_space import param_space
+    from rayhybrid.tuning.space import param_space
 
     axes = search_axes(cfg)
     _check_baseline(cfg, axes)
