@@ -97,7 +97,7 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.compare import compare
+    from rayhybrid.experiments.compare import compare
 
     table = compare(cfg)
     print(table.to_markdown(), flush=True)
@@ -119,7 +119,7 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_quickstart(cfg: Config, args: argparse.Namespace) -> int:
-    from rayhybrid.quickstart import quickstart
+    from rayhybrid.experiments.quickstart import quickstart
 
     return quickstart(cfg)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayhybrid.compare import parse_strategies, strategy_config
 from rayhybrid.config import ConfigError, load_config
-from rayhybrid.results import ResultsTable
+from rayhybrid.experiments.compare import parse_strategies, strategy_config
+from rayhybrid.experiments.results import ResultsTable
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "configs" / "small.yaml"
@@ -90,7 +90,7 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     the markers) and from the nested MLflow runs."""
     from mlflow.tracking import MlflowClient
 
-    from rayhybrid.compare import compare
+    from rayhybrid.experiments.compare import compare
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     langs = "[en, de, es]"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rayhybrid.config import load_config
-from rayhybrid.quickstart import default_config_path, format_table, ui_command
+from rayhybrid.experiments.quickstart import default_config_path, format_table, ui_command
 from tests.procs import Background, free_ports
 
 REPO = Path(__file__).resolve().parents[1]

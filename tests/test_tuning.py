@@ -15,7 +15,8 @@ from ray.tune import Callback
 
 from rayhybrid.cli import main
 from rayhybrid.config import ConfigError, load_config
-from rayhybrid.results import ResultsTable, plot_tradeoff
+from rayhybrid.experiments.plots import plot_tradeoff
+from rayhybrid.experiments.results import ResultsTable
 from rayhybrid.tuning import TuneError
 from rayhybrid.tuning.space import (
     apply_overrides,

@@ -182,12 +182,8 @@ def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
 def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, float],
                    counts: dict, folder: Path, model: str, timing: dict[str, float],
                    files: dict[str, str], intervals: dict[str, Any]) -> dict:
-    from rayhybrid.evaluation.outputs import (
-        plot_heatmap,
-        plot_per_language,
-        write_summary,
-        write_trec,
-    )
+    from rayhybrid.evaluation.outputs import cross_matrix, write_summary, write_trec
+    from rayhybrid.experiments.plots import plot_language_matrices, plot_per_language
 
     tag = f"rayhybrid_{Path(model).name}"
     for setting, blocks in retrieval.blocks.items():
@@ -196,7 +192,9 @@ def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, floa
         files[f"{setting}_run"], files[f"{setting}_qrels"] = str(run_path), str(qrels_path)
     langs = task.languages
     title = f"{task.name}: {Path(model).name}"
-    for key, path in (("heatmap", plot_heatmap(metrics, langs, folder / "cross_heatmap.png", title)),
+    matrices = {name: cross_matrix(metrics, langs, name) for name in ("map", "map@20")}
+    for key, path in (("heatmap", plot_language_matrices(matrices, langs,
+                                                         folder / "cross_heatmap.png", title=title)),
                       ("per_language", plot_per_language(metrics, langs, folder / "per_language.png",
                                                          title))):
         if path is not None:

@@ -252,7 +252,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
             the sweep: a restored sweep uses the ones it started with.
 
     Returns:
-        :class:`rayhybrid.results.ResultsTable` with one row per trial (failed ones too).
+        :class:`rayhybrid.experiments.results.ResultsTable` with one row per trial (failed ones too).
 
     Raises:
         TuneError: invalid space or setup (before anything starts).

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from rayhybrid.config import Config, config_to_dict, resolve_path
-from rayhybrid.results import ResultsTable, plot_tradeoff
+from rayhybrid.experiments.plots import plot_tradeoff
+from rayhybrid.experiments.results import ResultsTable
 from rayhybrid.tracking import (
     child_runs,
     finish_parent_run,

@@ -23,7 +23,8 @@ import yaml
 
 from rayhybrid.config import Config, ConfigError, config_to_dict, resolve_path
 from rayhybrid.evaluation.uncertainty import Column, comparison_stats, format_cell
-from rayhybrid.results import ResultsTable, plot_heatmap
+from rayhybrid.experiments.plots import plot_language_matrices, plot_table_heatmap
+from rayhybrid.experiments.results import ResultsTable
 
 __all__ = ["StrategySpec", "baseline_label", "compare", "display_table", "parse_strategies",
            "strategy_config"]
@@ -297,7 +298,7 @@ def _write_outputs(cfg: Config, table: ResultsTable, columns: list[Column],
     ok = [r for r in table.rows if r.get("seeds")]
     if ok:
         names = [c.name for c in columns]
-        paths["heatmap"] = plot_heatmap(
+        paths["heatmap"] = plot_table_heatmap(
             [[r.get(c) for c in names] for r in ok], [r["strategy"] for r in ok], names,
             out / "comparison_heatmap.png", title=table.title,
             lower_is_better=[c.lower_is_better for c in columns])
@@ -311,34 +312,15 @@ def _write_outputs(cfg: Config, table: ResultsTable, columns: list[Column],
 
 def _cross_heatmaps(cfg: Config, summaries: dict[str, dict[str, float]], path: Path) -> Path | None:
     """One X->Y mAP@20 matrix per strategy (first task), from ``<task>/cross/<x>-<y>/map@20``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from rayhybrid.evaluation.outputs import cross_matrix
 
     if not cfg.eval.tasks or not summaries:
         return None
     task = cfg.eval.tasks[0].name
     pattern = re.compile(rf"^{re.escape(task)}/cross/([a-z]+)-([a-z]+)/map@20$")
-    per = {label: {m.groups(): v for k, v in s.items() if (m := pattern.match(k))}
-           for label, s in summaries.items()}
-    langs = sorted({x for cells in per.values() for pair in cells for x in pair})
-    if not langs:
-        return None
-    fig, axes = plt.subplots(1, len(per), figsize=(3.3 * len(per), 3.4), squeeze=False)
-    for ax, (label, cells) in zip(axes[0], per.items()):
-        mat = np.full((len(langs), len(langs)), np.nan)
-        for (x, y), v in cells.items():
-            mat[langs.index(x), langs.index(y)] = v
-        im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax([
-            v for c in per.values() for v in c.values()])))
-        ax.set_title(f"{label}: mean {np.nanmean(mat):.3f}", fontsize=8)
-        ax.set_xticks(range(len(langs)), langs, fontsize=6, rotation=90)
-        ax.set_yticks(range(len(langs)), langs, fontsize=6)
-        ax.set_xlabel("passage language", fontsize=7)
-        ax.set_ylabel("query language", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cross-lingual mAP@20")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    langs = sorted({x for s in summaries.values() for k in s if (m := pattern.match(k))
+                    for x in m.groups()})
+    panels = {label: cross_matrix({k.removeprefix(f"{task}/"): v for k, v in s.items()}, langs,
+                                  "map@20", diagonal=False) for label, s in summaries.items()}
+    return plot_language_matrices(panels, langs, path, shared_scale=True,
+                                  colorbar_label="cross-lingual mAP@20")
