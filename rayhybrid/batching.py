@@ -14,7 +14,10 @@ language would be a false negative). The plan is a pure function of
 ``(seed, epoch, step)``: every Ray Train worker and every resumed run computes
 the same rows without talking to anyone.
 
-Worker ``r`` of ``W`` gets slots ``[r*b, (r+1)*b)`` of each step, ``b = batch_size // W``.
+Worker ``r`` of ``W`` gets slots ``[r*b, (r+1)*b)`` of each step, ``b = batch_size // W``
+(:meth:`~rayhybrid.config.BatchConfig.per_worker`). The ranges of the batch settings are the
+schema's (:class:`~rayhybrid.config.BatchConfig`); what is checked here is what the data can
+supply.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from rayhybrid.config import ConfigError
+from rayhybrid.config import BatchPlanError
 from rayhybrid.datamodel import Pair, ParallelItem
 
 if TYPE_CHECKING:
@@ -38,10 +41,6 @@ Key = tuple[str, str]  # (query language, passage language)
 
 MODES = ("mono", "cross", "mixed", "english")
 _EPOCH_TAG, _STEP_TAG = 1, 2  # separate RNG streams for the shuffle and the per-step draws
-
-
-class BatchPlanError(ConfigError):
-    """The batch configuration cannot be satisfied by the data (message names the field)."""
 
 
 class PlanRow(NamedTuple):
@@ -101,8 +100,7 @@ class BatchPlan:
         num_workers: Ray Train workers; ``cfg.batch_size`` must divide by it.
 
     Raises:
-        BatchPlanError: alpha outside [0, 1]; a cross-lingual strategy on data with a
-            single language; a batch size that a language (or the data) cannot fill
+        BatchPlanError: a cross-lingual strategy on data with a single language; a batch size that a language (or the data) cannot fill
             without repeating a group; the english strategy without English pairs;
             a batch size that does not divide by the number of workers.
     """
@@ -135,18 +133,7 @@ class BatchPlan:
 
     def _validate(self) -> None:
         cfg, bs = self.cfg, self.cfg.batch_size
-        if not 0.0 <= cfg.alpha <= 1.0:
-            raise BatchPlanError(f"batch.alpha: expected a probability in [0, 1], got {cfg.alpha}")
-        if bs < 1:
-            raise BatchPlanError(f"batch.batch_size: expected a positive integer, got {bs}")
-        if self.num_workers < 1 or bs % self.num_workers:
-            raise BatchPlanError(
-                f"batch.batch_size={bs} must divide by train.num_workers={self.num_workers} "
-                "(every worker gets an equal share of the global batch)")
-        if cfg.language_sampling == "temperature" and cfg.temperature <= 0:
-            raise BatchPlanError(f"batch.temperature: expected > 0, got {cfg.temperature}")
-        if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
-            raise BatchPlanError(f"batch.steps_per_epoch: expected >= 1 or null, got {cfg.steps_per_epoch}")
+        self.per_worker = cfg.per_worker(self.num_workers)  # BatchPlanError: does not divide
         if not self.units:
             raise BatchPlanError("the training data has no usable pairs (check data.path / data.languages)")
         strategy = cfg.strategy
@@ -229,7 +216,7 @@ class BatchPlan:
         """The share of worker ``rank``: slots ``[rank*b, (rank+1)*b)``."""
         if not 0 <= rank < self.num_workers:
             raise ValueError(f"rank must be in [0, {self.num_workers}), got {rank}")
-        b = self.cfg.batch_size // self.num_workers
+        b = self.per_worker
         return self.step(global_step)[rank * b:(rank + 1) * b]
 
     def rows(self, start: int, stop: int, rank: int | None = None) -> Iterator[PlanRow]:

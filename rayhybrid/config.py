@@ -23,7 +23,9 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = [
+    "STRATEGIES",
     "BatchConfig",
+    "BatchPlanError",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -33,17 +35,85 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
+    "Strategy",
+    "apply_overrides",
+    "check_fractions",
     "config_from_dict",
     "config_to_dict",
     "explain",
     "load_config",
+    "parse_strategy",
     "resolve_path",
     "shipped_config",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class BatchPlanError(ConfigError):
+    """The batch configuration cannot be satisfied (by its own values, or by the data the
+    batch plan gets); the message names the field."""
+
+
+STRATEGIES = ("mono", "cross", "hybrid", "mixed", "english")
+Setting = Literal["mono", "cross", "multi"]
+
+
+class Strategy(typing.NamedTuple):
+    """One entry of ``strategies`` (compare), parsed: the label names the table row and the
+    MLflow run."""
+
+    label: str
+    strategy: str
+    alpha: float
+
+
+# hybrid(0.25) or hybrid:0.25 (the form that needs no quotes in YAML lists)
+_HYBRID = re.compile(r"\s*hybrid\s*(?:\(\s*([-+0-9.eE]+)\s*\)|:\s*([-+0-9.eE]+))\s*")
+
+
+def parse_strategy(text: str, alpha: float, key: str = "strategies") -> Strategy:
+    """Parse a strategy entry: ``mono``, ``cross``, ``mixed``, ``english``, ``hybrid`` (with
+    ``alpha``, i.e. ``batch.alpha``) or ``hybrid(<alpha>)`` / ``hybrid:<alpha>``.
+
+    Raises:
+        ConfigError: an unknown name, or alpha outside [0, 1] (the message names ``key``).
+    """
+    m = _HYBRID.fullmatch(text)
+    if m:
+        try:
+            value = float(m.group(1) or m.group(2))
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} = {text!r}: alpha must be in [0, 1]")
+        return Strategy(f"hybrid({value:g})", "hybrid", value)
+    name = text.strip()
+    if name not in STRATEGIES:
+        raise ConfigError(f"{key} = {text!r}: expected one of {', '.join(STRATEGIES)} "
+                          "or hybrid(<alpha>)")
+    return Strategy(f"hybrid({alpha:g})" if name == "hybrid" else name, name, alpha)
+
+
+def check_fractions(train_fraction: float, dev_fraction: float) -> None:
+    """The train / dev shares of a split (``data.train_fraction``, ``data.dev_fraction``).
+
+    Raises:
+        ConfigError: a share outside [0, 1], or both together above 1.
+    """
+    for name, value in (("train_fraction", train_fraction), ("dev_fraction", dev_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"data.{name}: expected a value in [0, 1], got {value}")
+    if train_fraction + dev_fraction > 1.0 + 1e-9:
+        raise ConfigError(f"data.train_fraction + data.dev_fraction = "
+                          f"{train_fraction + dev_fraction:g}; expected at most 1")
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -80,6 +150,11 @@ class DataConfig:
     max_query_length: int = _f(64, "Tokens kept per query.")
     max_passage_length: int = _f(128, "Tokens kept per passage.")
 
+    def __post_init__(self) -> None:
+        check_fractions(self.train_fraction, self.dev_fraction)
+        if min(self.max_query_length, self.max_passage_length) < 1:
+            raise ConfigError("data.max_query_length and data.max_passage_length must be >= 1")
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -101,6 +176,30 @@ class BatchConfig:
         "CPU beside the training workers); false streams during training (needs a spare CPU per "
         "worker for its tokenizer actor); null: materialize when the stream has at most 500k pairs "
         "or the cluster has no spare CPU.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise BatchPlanError(f"batch.alpha: expected a probability in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise BatchPlanError(f"batch.batch_size: expected a positive integer, got "
+                                 f"{self.batch_size}")
+        if self.language_sampling == "temperature" and self.temperature <= 0:
+            raise BatchPlanError(f"batch.temperature: expected > 0, got {self.temperature}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise BatchPlanError(f"batch.steps_per_epoch: expected >= 1 or null, got "
+                                 f"{self.steps_per_epoch}")
+
+    def per_worker(self, num_workers: int) -> int:
+        """Pairs per worker and step: worker ``r`` gets slots ``[r*b, (r+1)*b)``.
+
+        Raises:
+            BatchPlanError: ``batch_size`` does not divide by ``num_workers``.
+        """
+        if num_workers < 1 or self.batch_size % num_workers:
+            raise BatchPlanError(
+                f"batch.batch_size={self.batch_size} must divide by train.num_workers="
+                f"{num_workers} (every worker gets an equal share of the global batch)")
+        return self.batch_size // num_workers
 
 
 @dataclass(frozen=True)
@@ -149,6 +248,32 @@ class TrainConfig:
                         "ray.train.report their means.")
     threads_per_worker: int | None = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.tau > 0:
+            problems.append(f"train.tau must be > 0 (InfoNCE temperature), got {self.tau}")
+        if self.max_steps < 1:
+            problems.append(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if not self.lr > 0:
+            problems.append(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append("train.grad_clip and train.weight_decay must be >= 0")
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            problems.append(f"train.num_workers must be >= 1 and train.cpus_per_worker > 0, got "
+                            f"{self.num_workers} and {self.cpus_per_worker}")
+        if min(self.eval_every, self.checkpoint_every, self.early_stopping_patience) < 0 \
+                or self.log_every < 1:
+            problems.append("train.eval_every, checkpoint_every, early_stopping_patience must be "
+                            ">= 0 and train.log_every >= 1")
+        if self.max_failures < -1:
+            problems.append(f"train.max_failures must be >= 0 (or -1: restart without limit), "
+                            f"got {self.max_failures}")
+        if self.early_stopping_patience and not self.eval_every:
+            problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
+        _raise_all(problems)
+
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -169,7 +294,8 @@ class EvalConfig:
     """Evaluation."""
 
     tasks: tuple[TaskConfig, ...] = _f((TaskConfig(),), "Tasks to evaluate.")
-    settings: tuple[str, ...] = _f(("mono", "cross", "multi"), "Settings to run.")
+    settings: tuple[Setting, ...] = _f(("mono", "cross", "multi"), "Settings to run: a subset of "
+                                       "mono, cross, multi.")
     index: Literal["flat", "ivf", "hnsw"] = _f("flat", "FAISS index per language shard.")
     top_k: int = _f(100, "Depth of TREC runs and merged multilingual top-k.")
     batch_size: int = _f(128, "Encoding batch size.")
@@ -203,6 +329,11 @@ class EvalConfig:
         if self.permutations < 1:
             raise ConfigError(f"eval.permutations: expected an integer >= 1, got "
                               f"{self.permutations}")
+        if not self.settings:
+            raise ConfigError("eval.settings is empty; expected a subset of mono, cross, multi")
+        if min(self.top_k, self.batch_size, self.encode_workers) < 1:
+            raise ConfigError(f"eval.top_k, eval.batch_size and eval.encode_workers must be >= 1, "
+                              f"got {self.top_k}, {self.batch_size} and {self.encode_workers}")
 
 
 @dataclass(frozen=True)
@@ -264,10 +395,42 @@ class Config:
                                "tune: an alpha of the sweep such as 0.5); empty: the first row.")
 
     def __post_init__(self) -> None:
+        t, b = self.train, self.batch
+        if b.batch_size < 2 * t.num_workers:
+            raise ConfigError(f"batch.batch_size={b.batch_size} is too small for train.num_workers="
+                              f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)")
+        b.per_worker(t.num_workers)  # BatchPlanError: does not divide
         if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: expected at least one seed, e.g. [0, 1, 2]")
         if self.seeds and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
+        if not self.strategies:
+            raise ConfigError("strategies is empty: nothing to compare; e.g. "
+                              "strategies=[mono,cross,hybrid]")
+        for i, text in enumerate(self.strategies):
+            parse_strategy(text, self.batch.alpha, f"strategies[{i}]")
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        """Pairs per Ray Train worker and step: ``batch.batch_size // train.num_workers``."""
+        return self.batch.per_worker(self.train.num_workers)
+
+    @property
+    def strategy_specs(self) -> tuple[Strategy, ...]:
+        """``strategies`` parsed (compare's rows); every entry was checked when the config was
+        built, the rows are checked here for a label listed twice (plain ``hybrid`` takes
+        ``batch.alpha``, which a strategy's own config changes).
+
+        Raises:
+            ConfigError: two entries are the same row.
+        """
+        specs: list[Strategy] = []
+        for i, text in enumerate(self.strategies):
+            spec = parse_strategy(text, self.batch.alpha, f"strategies[{i}]")
+            if spec.label in [s.label for s in specs]:
+                raise ConfigError(f"strategies[{i}] = {text!r}: {spec.label} is listed twice")
+            specs.append(spec)
+        return tuple(specs)
 
 
 # --------------------------------------------------------------------------- coercion
@@ -326,7 +489,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         # YAML 1.1 reads 1e-5 (no dot) as a string, also inside lists such as tune.lrs=[1e-5].
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        # The one YAML-float workaround (files, overrides, search spaces alike).
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+",
+                                                   value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -376,6 +541,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a plain config dict: the one dotted-override engine (command-line
+    overrides, search-space layers, :func:`apply_overrides`)."""
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
@@ -384,6 +551,19 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted}: {part} is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def apply_overrides(cfg: Config, overrides: typing.Mapping[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted-key overrides (Tune trials, compare's strategies, search
+    spaces), checked like a YAML file: keys, types and the schema's rules.
+
+    Raises:
+        ConfigError: unknown key, wrong type or a value out of range (the message names the key).
+    """
+    data = config_to_dict(cfg)
+    for dotted, value in overrides.items():
+        _set_dotted(data, dotted, value)
+    return config_from_dict(data)
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -436,12 +616,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        # YAML reads 1e-4 as a string (no dot); give floats their due.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
         _set_dotted(data, key.strip(), value)
     try:
         return config_from_dict(data)

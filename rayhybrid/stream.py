@@ -241,7 +241,7 @@ def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_worker
     units = units_from(data.items, data.pairs, cfg.data.languages)
     BatchPlan(cfg.batch, units, num_workers)  # validate in the driver, with a clear error
     n_steps = max_steps - start_step
-    per_worker = cfg.batch.batch_size // num_workers
+    per_worker = cfg.batch.per_worker(num_workers)
     tokenizer = _fast_tokenizer(str(tokenizer_path))
     spec = _StreamSpec(cfg.batch, units, num_workers, start_step, n_steps, str(tokenizer_path),
                        tokenizer.backend_tokenizer.to_str(), tokenizer.truncation_side,
@@ -350,7 +350,7 @@ def show_batches(cfg: Config, n: int = 5, texts: int = 2, start_step: int = 0) -
     temperature = f" T={b.temperature}" if b.language_sampling == "temperature" else ""
     lines = [
         (f"plan: strategy={b.strategy}{alpha} batch_size={b.batch_size} ({workers} worker(s) x "
-         f"{b.batch_size // workers}) sampling={b.language_sampling}{temperature} seed={b.seed}"),
+         f"{cfg.per_worker_batch_size}) sampling={b.language_sampling}{temperature} seed={b.seed}"),
         (f"data: {len(units)} units ({len(data.items)} parallel items, {len(data.pairs)} pairs), "
          f"languages {' '.join(plan.languages)}; {plan.steps_per_epoch} steps per epoch"),
     ]

@@ -92,6 +92,43 @@ def test_every_shipped_config_loads(path):
     assert 0.0 <= cfg.batch.alpha <= 1.0
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_rules_of_its_commands(path):
+    """Not only types: the schema's ranges and cross-checks ran when it loaded; compare's
+    strategies and baseline, and the tune setup where the config has a dev split to tune on."""
+    from rayhybrid.experiments.compare import baseline_label, parse_strategies
+    from rayhybrid.tuning.space import param_space, search_axes
+
+    cfg = load_config(path)
+    assert cfg.per_worker_batch_size * cfg.train.num_workers == cfg.batch.batch_size
+    baseline_label(cfg, parse_strategies(cfg))
+    if cfg.data.dev_fraction > 0 and cfg.train.eval_every > 0:
+        param_space(cfg, search_axes(cfg))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("batch.alpha=1.5", "batch.alpha: expected a probability in [0, 1]"),
+    ("batch.batch_size=0", "batch.batch_size: expected a positive integer"),
+    ("batch.batch_size=10", "batch.batch_size=10 must divide by train.num_workers=4"),
+    ("data.train_fraction=1.2", "data.train_fraction: expected a value in [0, 1]"),
+    ("train.tau=0", "train.tau must be > 0"),
+    ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1)"),
+    ("eval.settings=[mono, bilingual]", "eval.settings[1]: expected one of"),
+    ("eval.top_k=0", "eval.top_k, eval.batch_size and eval.encode_workers must be >= 1"),
+    ("strategies=[mono, 'hybrid(2)']", "strategies[1] = 'hybrid(2)': alpha must be in [0, 1]"),
+])
+def test_the_schema_holds_the_rules(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.num_workers=4", override])
+    assert fragment in str(info.value)
+
+
+def test_yaml_floats_without_a_dot_are_floats_everywhere():
+    cfg = load_config(None, ["train.lr=1e-4", "tune.lrs=[1e-5, 2.5e-5]", "train.run_name=1e5"])
+    assert cfg.train.lr == 1e-4 and cfg.tune.lrs == (1e-5, 2.5e-5)
+    assert cfg.train.run_name == "1e5"  # a string field keeps its text
+
+
 def test_cli_help_explains_every_subcommand():
     parser = build_parser()
     text = parser.format_help()

@@ -14,12 +14,11 @@ import pytest
 from ray.tune import Callback
 
 from rayhybrid.cli import main
-from rayhybrid.config import ConfigError, load_config
+from rayhybrid.config import ConfigError, apply_overrides, load_config
 from rayhybrid.experiments.plots import plot_tradeoff
 from rayhybrid.experiments.results import ResultsTable
 from rayhybrid.tuning import TuneError
 from rayhybrid.tuning.space import (
-    apply_overrides,
     param_space,
     parse_objective,
     search_axes,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from rayhybrid.config import ConfigError
+from rayhybrid.config import check_fractions
 
 __all__ = ["PARTS", "split_units"]
 
@@ -33,12 +33,7 @@ def split_units(keys: Sequence[str], train_fraction: float, dev_fraction: float 
     Raises:
         ConfigError: a fraction outside [0, 1] or ``train_fraction + dev_fraction > 1``.
     """
-    for name, value in (("train_fraction", train_fraction), ("dev_fraction", dev_fraction)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"data.{name}: expected a value in [0, 1], got {value}")
-    if train_fraction + dev_fraction > 1.0 + 1e-9:
-        raise ConfigError(f"data.train_fraction + data.dev_fraction = "
-                          f"{train_fraction + dev_fraction:g}; expected at most 1")
+    check_fractions(train_fraction, dev_fraction)
     units = list(dict.fromkeys(keys))
     if seed is not None:
         random.Random(seed).shuffle(units)

@@ -233,7 +233,6 @@ def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTas
     from rayhybrid.cluster import ensure_ray
     from rayhybrid.corpus import load_eval_task
 
-    check_settings(cfg.eval.settings)
     model = model_path or cfg.model.name
     tracker = _Tracker(cfg, run_id, model)
     out: dict[str, float] = {}

@@ -15,13 +15,20 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 
-from rayhybrid.config import Config, ConfigError, config_to_dict, resolve_path
+from rayhybrid.config import (
+    Config,
+    ConfigError,
+    Strategy,
+    apply_overrides,
+    config_to_dict,
+    parse_strategy,
+    resolve_path,
+)
 from rayhybrid.evaluation.uncertainty import Column, comparison_stats, format_cell
 from rayhybrid.experiments.plots import plot_language_matrices, plot_table_heatmap
 from rayhybrid.experiments.results import ResultsTable
@@ -29,51 +36,13 @@ from rayhybrid.experiments.results import ResultsTable
 __all__ = ["StrategySpec", "baseline_label", "compare", "display_table", "parse_strategies",
            "strategy_config"]
 
-_PLAIN = ("mono", "cross", "mixed", "english", "hybrid")
+StrategySpec = Strategy  # one row of the comparison (parsed by the config schema)
 
 
-class StrategySpec(NamedTuple):
-    """One row of the comparison; the label names the table row and the MLflow run."""
-
-    label: str
-    strategy: str
-    alpha: float
-
-
-def parse_strategies(cfg: Config) -> list[StrategySpec]:
-    """The strategies to compare, validated.
-
-    Raises:
-        ConfigError: an empty list, an unknown name, alpha outside [0, 1], or a duplicate.
-    """
-    if not cfg.strategies:
-        raise ConfigError("strategies is empty: nothing to compare; e.g. strategies=[mono,cross,hybrid]")
-    specs, seen = [], set()
-    for i, text in enumerate(cfg.strategies):
-        # hybrid(0.25) or hybrid:0.25 (the form that needs no quotes in YAML lists)
-        m = re.fullmatch(r"\s*hybrid\s*(?:\(\s*([-+0-9.eE]+)\s*\)|:\s*([-+0-9.eE]+))\s*", text)
-        if m:
-            try:
-                alpha = float(m.group(1) or m.group(2))
-            except ValueError:
-                alpha = float("nan")
-            if not 0.0 <= alpha <= 1.0:
-                raise ConfigError(f"strategies[{i}] = {text!r}: alpha must be in [0, 1]")
-            spec = StrategySpec(f"hybrid({alpha:g})", "hybrid", alpha)
-        elif text.strip() in _PLAIN:
-            name = text.strip()
-            alpha = cfg.batch.alpha
-            if name == "hybrid" and not 0.0 <= alpha <= 1.0:
-                raise ConfigError(f"batch.alpha = {alpha}: must be in [0, 1]")
-            spec = StrategySpec(f"hybrid({alpha:g})" if name == "hybrid" else name, name, alpha)
-        else:
-            raise ConfigError(f"strategies[{i}] = {text!r}: expected one of {', '.join(_PLAIN)} "
-                              "or hybrid(<alpha>)")
-        if spec.label in seen:
-            raise ConfigError(f"strategies[{i}] = {text!r}: {spec.label} is listed twice")
-        seen.add(spec.label)
-        specs.append(spec)
-    return specs
+def parse_strategies(cfg: Config) -> list[Strategy]:
+    """The strategies to compare: ``cfg.strategy_specs`` (validated when the config was
+    built; see :func:`rayhybrid.config.parse_strategy`)."""
+    return list(cfg.strategy_specs)
 
 
 def strategy_config(cfg: Config, spec: StrategySpec, seed: int | None = None) -> Config:
@@ -82,8 +51,6 @@ def strategy_config(cfg: Config, spec: StrategySpec, seed: int | None = None) ->
     With ``seed`` (a comparison over several seeds) the batch plan and dropout use that seed
     and the run name and outputs get a ``_s<seed>`` / ``seed<seed>`` suffix.
     """
-    from rayhybrid.tuning.space import apply_overrides
-
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.label).strip("_")
     overrides: dict[str, Any] = {
         "batch.strategy": spec.strategy,
@@ -111,7 +78,7 @@ def baseline_label(cfg: Config, specs: list[StrategySpec]) -> str:
         return specs[0].label
     text = cfg.baseline if isinstance(cfg.baseline, str) else f"hybrid({cfg.baseline})"
     try:
-        (spec,) = parse_strategies(replace(cfg, strategies=(text,)))
+        spec = parse_strategy(text, cfg.batch.alpha)
     except ConfigError as exc:
         raise ConfigError(f"baseline = {cfg.baseline!r}: {exc}") from None
     if spec.label not in [s.label for s in specs]:

@@ -30,7 +30,7 @@ from rayhybrid.train.checkpoint import (
     write_run_file,
 )
 
-__all__ = ["TrainResult", "TrainingError", "build_val_batches", "check_train_config", "train"]
+__all__ = ["TrainResult", "TrainingError", "build_val_batches", "train", "train_and_evaluate"]
 
 MAX_VAL_BATCHES = 16  # validation cost stays bounded on large dev splits
 MAX_TOKENIZER_TEXTS = 200_000  # texts used to train the tiny model's tokenizer
@@ -59,44 +59,6 @@ class TrainResult:
         if self.mlflow_run_id:
             lines.append(f"MLflow run:  {self.mlflow_run_id}")
         return "\n".join(lines)
-
-
-def check_train_config(cfg: Config) -> None:
-    """Reject training settings that cannot work, naming the key.
-
-    Raises:
-        ConfigError: a value is out of range or settings contradict each other.
-    """
-    t, b = cfg.train, cfg.batch
-    problems = []
-    if not t.tau > 0:
-        problems.append(f"train.tau must be > 0 (InfoNCE temperature), got {t.tau}")
-    if t.max_steps < 1:
-        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
-    if not t.lr > 0:
-        problems.append(f"train.lr must be > 0, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    if t.grad_clip < 0 or t.weight_decay < 0:
-        problems.append("train.grad_clip and train.weight_decay must be >= 0")
-    if t.num_workers < 1 or t.cpus_per_worker <= 0:
-        problems.append(f"train.num_workers must be >= 1 and train.cpus_per_worker > 0, got "
-                        f"{t.num_workers} and {t.cpus_per_worker}")
-    elif b.batch_size < 2 * t.num_workers:
-        problems.append(f"batch.batch_size={b.batch_size} is too small for train.num_workers="
-                        f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)")
-    if min(t.eval_every, t.checkpoint_every, t.early_stopping_patience) < 0 or t.log_every < 1:
-        problems.append("train.eval_every, checkpoint_every, early_stopping_patience must be >= 0 "
-                        "and train.log_every >= 1")
-    if t.max_failures < -1:
-        problems.append(f"train.max_failures must be >= 0 (or -1: restart without limit), got "
-                        f"{t.max_failures}")
-    if t.early_stopping_patience and not t.eval_every:
-        problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
-    if t.eval_every and cfg.data.dev_fraction <= 0:
-        problems.append("train.eval_every > 0 needs a dev split: set data.dev_fraction > 0")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def build_val_batches(cfg: Config, dev: Any, num_workers: int) -> list[tuple[list[str], list[str]]]:
@@ -250,7 +212,9 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
         ModelError: the model cannot be found.
         DataError: the training data cannot be read.
     """
-    check_train_config(cfg)
+    # Not a schema rule: tune refuses the same setting with its own TuneError first.
+    if cfg.train.eval_every and cfg.data.dev_fraction <= 0:
+        raise ConfigError("train.eval_every > 0 needs a dev split: set data.dev_fraction > 0")
     from rayhybrid.batching import BatchPlan, units_from
     from rayhybrid.corpus import load_training_data
 
@@ -327,9 +291,7 @@ def train_and_evaluate(cfg: Config) -> tuple[TrainResult, dict[str, float]]:
     tasks = None
     if cfg.eval.at_end_of_training and cfg.eval.tasks:
         from rayhybrid.corpus import load_eval_task
-        from rayhybrid.evaluation.run import check_settings
 
-        check_settings(cfg.eval.settings)
         tasks = [load_eval_task(t, cfg.data) for t in cfg.eval.tasks]
     result = train(cfg)
     if tasks is None:

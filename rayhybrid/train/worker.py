@@ -196,7 +196,7 @@ class _Worker:
         shard = ray.train.get_dataset_shard(rank_key(self.rank))
         # A restarted worker group re-reads the stream from where the driver built it: skip to
         # the restored step.
-        yield from iter_step_batches(shard, self.cfg.batch.batch_size // self.world,
+        yield from iter_step_batches(shard, self.cfg.batch.per_worker(self.world),
                                      self.tokenizer.pad_token_id, start_step=self.state.step)
 
     def train_step(self, batch: dict) -> dict[str, float]:

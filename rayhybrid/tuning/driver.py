@@ -20,13 +20,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rayhybrid.config import Config, config_from_dict, config_to_dict
+from rayhybrid.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    parse_strategy,
+)
 from rayhybrid.tuning import TuneError
 from rayhybrid.tuning.space import (
     DEV_PREFIX,
     OBJECTIVE_KEY,
     STEP_KEY,
-    apply_overrides,
     dev_key,
     parse_objective,
     search_axes,
@@ -208,11 +214,19 @@ def baseline_alpha(cfg: Config) -> float | None:
     """
     if cfg.baseline == "":
         return None
+    text = str(cfg.baseline).strip()
     try:
-        return float(str(cfg.baseline).removeprefix("hybrid(").removesuffix(")"))
+        return float(text)
     except ValueError:
+        pass
+    try:  # hybrid(0.5) / hybrid:0.5, parsed as a strategy entry is
+        spec = parse_strategy(text, cfg.batch.alpha, "baseline")
+    except ConfigError:
+        spec = None
+    if spec is None or spec.strategy != "hybrid" or text == "hybrid":
         raise TuneError(f"baseline = {cfg.baseline!r}: tune compares trials by alpha; expected "
-                        "an alpha such as 0.5") from None
+                        "an alpha such as 0.5")
+    return spec.alpha
 
 
 def _check_baseline(cfg: Config, axes: dict[str, list[Any]]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from rayhybrid.config import Config, config_to_dict, resolve_path
+from rayhybrid.config import Config, apply_overrides, config_to_dict, resolve_path
 from rayhybrid.experiments.plots import plot_tradeoff
 from rayhybrid.experiments.results import ResultsTable
 from rayhybrid.tracking import (
@@ -27,7 +27,6 @@ from rayhybrid.tracking import (
 from rayhybrid.tuning.space import (
     AXIS_NAMES,
     OBJECTIVE_KEY,
-    apply_overrides,
     dev_key,
     parse_objective,
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from rayhybrid.config import Config, ConfigError, config_from_dict, config_to_dict
+from rayhybrid.config import Config, apply_overrides
 from rayhybrid.tuning import TuneError
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "OBJECTIVE_KEY",
     "STEP_KEY",
     "Objective",
-    "apply_overrides",
     "dev_key",
     "param_space",
     "parse_objective",
@@ -115,26 +114,6 @@ def parse_objective(text: str, settings: Sequence[str] = _SETTINGS) -> Objective
 
 
 # --------------------------------------------------------------------------- search space
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with dotted-key overrides, type-checked like a YAML file.
-
-    Raises:
-        ConfigError: unknown key or wrong type (the message names the key).
-    """
-    data = config_to_dict(cfg)
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{dotted}: {part!r} is not a config section")
-            node = node[part]
-        if last not in node:
-            raise ConfigError(f"unknown key {dotted}")
-        node[last] = list(value) if isinstance(value, tuple) else value
-    return config_from_dict(data)
 
 
 def _check_values(name: str, values: Sequence[Any], lo: float, hi: float, lo_open: bool) -> None:
