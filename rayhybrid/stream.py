@@ -21,6 +21,7 @@ uninterrupted stream, because every row is computed from its global step alone.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from rayhybrid.config import BatchConfig, Config
 
 __all__ = ["StreamError", "build_train_datasets", "iter_step_batches", "rank_key", "show_batches",
-           "train_data_config"]
+           "train_data_config", "validation_batches", "validation_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -101,41 +102,37 @@ def _check_share(share: list[PlanRow], texts: list[tuple[str, str]], step: int, 
         raise StreamError(f"step {step}, worker {rank}: a group appears twice in one batch")
 
 
-class _PlanTokenize:
-    """``map_batches`` callable: step numbers in, tokenized plan rows of one worker out."""
+class _StepTokenizer:
+    """Plan rows of workers' steps in, their texts checked and tokenized (ids unpadded) out.
 
-    def __init__(self, spec: Any, rank: int | None = None):
-        import ray
+    The one recipe for what a batch holds and how it is tokenized: the Ray Data actors of the
+    training stream and the driver's validation batches (:func:`validation_batches`) use it.
+    """
+
+    def __init__(self, spec: _StreamSpec):
         from tokenizers import Tokenizer
 
-        # One tokenizer thread per CPU this actor holds: Rust's default (all cores) would
-        # oversubscribe the machine when several actors tokenize at once.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(cpus))))
-        self.spec: _StreamSpec = ray.get(spec) if isinstance(spec, ray.ObjectRef) else spec
-        self.rank = rank
-        self.plan = BatchPlan(self.spec.batch, self.spec.units, self.spec.num_workers)
+        self.spec = spec
+        self.plan = BatchPlan(spec.batch, spec.units, spec.num_workers)
         # The Rust backend of the driver's Hugging Face fast tokenizer, set up the way its
         # __call__(truncation=True, max_length=L) does: same ids, and no torch / transformers
         # import in the actor (seconds of start-up per actor on a busy 2-core machine).
         self.tokenizers = {}
-        for side, length in (("q", self.spec.max_query_length), ("p", self.spec.max_passage_length)):
-            tok = Tokenizer.from_str(self.spec.tokenizer_json)
+        for side, length in (("q", spec.max_query_length), ("p", spec.max_passage_length)):
+            tok = Tokenizer.from_str(spec.tokenizer_json)
             tok.no_padding()
-            tok.enable_truncation(length, strategy="longest_first", direction=self.spec.truncation_side)
+            tok.enable_truncation(length, strategy="longest_first", direction=spec.truncation_side)
             self.tokenizers[side] = tok
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def table(self, shares: Sequence[tuple[int, int]]) -> pa.Table:
+        """Rows of the ``(rank, global step)`` shares, in that order."""
         import pyarrow as pa
 
         spec = self.spec
         cols: dict[str, list] = {k: [] for k in ("step", "slot", "mode", "group", "q_lang", "p_lang")}
         queries: list[str] = []
         passages: list[str] = []
-        for index in batch["id"].tolist():
-            # A per-rank dataset counts its own steps; the combined one is rank-major.
-            rank, offset = (self.rank, index) if self.rank is not None else divmod(index, spec.n_steps)
-            step = spec.start_step + offset
+        for rank, step in shares:
             share = self.plan.worker_rows(step, rank)
             texts = [spec.units[r.unit].texts(r.query_lang, r.passage_lang) for r in share]
             _check_share(share, texts, step, rank)
@@ -155,6 +152,27 @@ class _PlanTokenize:
         return pa.table(table)
 
 
+class _PlanTokenize(_StepTokenizer):
+    """``map_batches`` callable: step numbers in, tokenized plan rows of one worker out."""
+
+    def __init__(self, spec: Any, rank: int | None = None):
+        import ray
+
+        # One tokenizer thread per CPU this actor holds: Rust's default (all cores) would
+        # oversubscribe the machine when several actors tokenize at once.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(cpus))))
+        super().__init__(ray.get(spec) if isinstance(spec, ray.ObjectRef) else spec)
+        self.rank = rank
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        # A per-rank dataset counts its own steps; the combined one is rank-major.
+        n = self.spec.n_steps
+        shares = [(self.rank, index) if self.rank is not None else divmod(index, n)
+                  for index in batch["id"].tolist()]
+        return self.table([(rank, self.spec.start_step + offset) for rank, offset in shares])
+
+
 def _fast_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -163,6 +181,49 @@ def _fast_tokenizer(path: str) -> Any:
         raise ValueError(f"tokenizer {path}: not a fast (Rust) tokenizer; the stream needs one "
                          "(a tokenizer.json beside the model)")
     return tokenizer
+
+
+def _spec(cfg: Config, batch: BatchConfig, units: list[Unit], num_workers: int, start_step: int,
+          n_steps: int, tokenizer_path: str) -> tuple[_StreamSpec, Any]:
+    """The stream's spec and the driver's fast tokenizer it was made from."""
+    tokenizer = _fast_tokenizer(tokenizer_path)
+    return _StreamSpec(batch, units, num_workers, start_step, n_steps, tokenizer_path,
+                       tokenizer.backend_tokenizer.to_str(), tokenizer.truncation_side,
+                       cfg.model.query_prefix, cfg.model.passage_prefix,
+                       cfg.data.max_query_length, cfg.data.max_passage_length), tokenizer
+
+
+def validation_plan(cfg: Config, data: Any, num_workers: int) -> tuple[list[Unit], BatchPlan]:
+    """The batch plan over the dev split: the training plan's strategy, alpha, sampling and
+    seed over the dev units, one epoch of its own length (``batch.steps_per_epoch`` counts
+    training steps).
+
+    Raises:
+        BatchPlanError: the dev split cannot fill a batch of this strategy.
+    """
+    units = units_from(data.items, data.pairs, cfg.data.languages)
+    return units, BatchPlan(dataclasses.replace(cfg.batch, steps_per_epoch=None), units,
+                            num_workers)
+
+
+def validation_batches(cfg: Config, data: Any, tokenizer_path: str, num_workers: int,
+                       max_steps: int) -> list[list[dict]]:
+    """Fixed validation batches: the first steps (at most ``max_steps``, at most one epoch) of
+    :func:`validation_plan`, tokenized and padded as the training stream's are.
+
+    Returns:
+        Per rank, one :func:`iter_step_batches`-style batch per validation step.
+
+    Raises:
+        BatchPlanError: the dev split cannot fill a batch of this strategy.
+        ValueError: not a fast tokenizer.
+    """
+    units, plan = validation_plan(cfg, data, num_workers)
+    n_steps = min(max_steps, plan.steps_per_epoch)
+    spec, tokenizer = _spec(cfg, plan.cfg, units, num_workers, 0, n_steps, tokenizer_path)
+    steps = _StepTokenizer(spec)
+    return [[_step_batch(steps.table([(rank, step)]), tokenizer.pad_token_id)
+             for step in range(n_steps)] for rank in range(num_workers)]
 
 
 def train_data_config() -> Any:
@@ -242,11 +303,7 @@ def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_worker
     BatchPlan(cfg.batch, units, num_workers)  # validate in the driver, with a clear error
     n_steps = max_steps - start_step
     per_worker = cfg.batch.per_worker(num_workers)
-    tokenizer = _fast_tokenizer(str(tokenizer_path))
-    spec = _StreamSpec(cfg.batch, units, num_workers, start_step, n_steps, str(tokenizer_path),
-                       tokenizer.backend_tokenizer.to_str(), tokenizer.truncation_side,
-                       cfg.model.query_prefix, cfg.model.passage_prefix,
-                       cfg.data.max_query_length, cfg.data.max_passage_length)
+    spec, _ = _spec(cfg, cfg.batch, units, num_workers, start_step, n_steps, str(tokenizer_path))
     if n_steps == 0:  # a run resumed at its last step: nothing left to read
         empty = ray.data.range(0)
         return {rank_key(r): empty for r in range(num_workers)}
@@ -311,14 +368,19 @@ def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int
                 "workers and passed with dataset_config=train_data_config()?")
         if steps[0] < start_step:
             continue
-        q_ids, q_mask = _padded(table.column("q_ids"), pad_token_id)
-        p_ids, p_mask = _padded(table.column("p_ids"), pad_token_id)
-        yield {"q_input_ids": q_ids, "q_attention_mask": q_mask,
-               "p_input_ids": p_ids, "p_attention_mask": p_mask,
-               "q_lang": table.column("q_lang").to_pylist(),
-               "p_lang": table.column("p_lang").to_pylist(),
-               "group": table.column("group").to_pylist(),
-               "step": int(steps[0]), "mode": table.column("mode")[0].as_py()}
+        yield _step_batch(table, pad_token_id)
+
+
+def _step_batch(table: pa.Table, pad_token_id: int) -> dict:
+    """One worker's rows of one step as a padded batch (see :func:`iter_step_batches`)."""
+    q_ids, q_mask = _padded(table.column("q_ids"), pad_token_id)
+    p_ids, p_mask = _padded(table.column("p_ids"), pad_token_id)
+    return {"q_input_ids": q_ids, "q_attention_mask": q_mask,
+            "p_input_ids": p_ids, "p_attention_mask": p_mask,
+            "q_lang": table.column("q_lang").to_pylist(),
+            "p_lang": table.column("p_lang").to_pylist(),
+            "group": table.column("group").to_pylist(),
+            "step": int(table.column("step")[0].as_py()), "mode": table.column("mode")[0].as_py()}
 
 
 # ---------------------------------------------------------------------------- inspection

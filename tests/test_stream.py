@@ -226,3 +226,26 @@ def test_show_batches_prints_the_plan(xquad_dir):
     for g, line in zip(range(10, 14), step_lines):
         assert plan.mode_of(g) in line
         assert "32 groups" in line
+
+
+def test_validation_batches_are_the_dev_plan_through_the_stream(xquad_dir, ray_local, minilm_dir):
+    """The driver's validation batches: the batch plan's steps over the dev split, tokenized and
+    padded exactly as the training stream's steps (no second planner, no second tokenizer)."""
+    from rayhybrid.stream import validation_batches, validation_plan
+
+    cfg = load_config(None, [f"data.path={xquad_dir}", "data.dev_fraction=0.1",
+                             f"batch.batch_size={BATCH}", "batch.strategy=hybrid",
+                             "batch.alpha=0.5", "model.query_prefix='Query: '",
+                             "data.max_query_length=16", "data.max_passage_length=24"])
+    dev = load_training_data(cfg.data, part="dev")
+    _, plan = validation_plan(cfg, dev, WORKERS)
+    n = min(4, plan.steps_per_epoch)
+    val = validation_batches(cfg, dev, str(minilm_dir), WORKERS, max_steps=4)
+    assert len(val) == WORKERS and all(len(v) == n for v in val)
+    stream = read_all(build_train_datasets(cfg, dev, str(minilm_dir), WORKERS, max_steps=n))
+    for rank in range(WORKERS):
+        assert_same_batches(val[rank], stream[rank])
+        for step, batch in enumerate(val[rank]):
+            rows = plan.worker_rows(step, rank)
+            assert batch["group"] == [r.group for r in rows]
+            assert batch["mode"] == plan.mode_of(step)

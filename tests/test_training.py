@@ -18,7 +18,7 @@ import torch
 from rayhybrid.config import ConfigError, ModelConfig, load_config
 from rayhybrid.model import ModelError, encode_texts, load_biencoder
 from rayhybrid.train import TrainingError
-from rayhybrid.train.driver import train
+from rayhybrid.train.driver import TrainHooks, train
 
 N = 3  # steps before the interruption; runs have 2N steps, a checkpoint every N
 
@@ -68,12 +68,8 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(ray_local, root, xquad_dir, tiny_model_dir):
     """2N uninterrupted steps, 2 workers, batch log kept."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAYHYBRID_BATCH_LOG", str(root / "log_ref"))
-    try:
-        return train(make_cfg(root, xquad_dir, "ref", f"model.name={tiny_model_dir}"))
-    finally:
-        mp.undo()
+    return train(make_cfg(root, xquad_dir, "ref", f"model.name={tiny_model_dir}"),
+                 hooks=TrainHooks(batch_log=str(root / "log_ref")))
 
 
 def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
@@ -98,13 +94,12 @@ def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
         assert len(groups) == 8 and len(set(groups)) == 8
 
 
-def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_model_dir, monkeypatch):
+def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_model_dir):
     """Issue 3, shown 3: N steps + checkpoint + resume + N steps == 2N uninterrupted."""
-    monkeypatch.setenv("RAYHYBRID_BATCH_LOG", str(root / "log_resume"))
-    monkeypatch.setenv("RAYHYBRID_FAULT", f"1:{N}:{root / 'killed_resume'}")
+    hooks = TrainHooks(batch_log=str(root / "log_resume"), fault=f"1:{N}:{root / 'killed_resume'}")
     cfg = make_cfg(root, xquad_dir, "resume", f"model.name={tiny_model_dir}")
     with pytest.raises(TrainingError, match="continue with train.resume=true"):
-        train(cfg)  # rank 1 dies at step N, max_failures=0: the run stops after checkpoint N
+        train(cfg, hooks=hooks)  # rank 1 dies at step N, max_failures=0: the run stops after N
     assert (root / "killed_resume").is_file()
     run_dir = root / "runs" / "resume"
     assert (run_dir / f"checkpoint_{N:08d}").is_dir()
@@ -112,9 +107,9 @@ def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_mod
     first_id = json.loads((run_dir / "rayhybrid_run.json").read_text())["mlflow_run_id"]
 
     with pytest.raises(TrainingError, match="already exists"):
-        train(cfg)  # same name without resume/overwrite: refused, nothing touched
+        train(cfg, hooks=hooks)  # same name without resume/overwrite: refused, nothing touched
     resumed = train(make_cfg(root, xquad_dir, "resume", f"model.name={tiny_model_dir}",
-                             "train.resume=true"))
+                             "train.resume=true"), hooks=hooks)
     assert resumed.resumed and resumed.metrics["step"] == 2 * N
     assert_same_weights(final_weights(resumed), final_weights(reference))
 
@@ -133,12 +128,11 @@ def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_mod
 
 
 def test_worker_killed_mid_run_recovers_from_the_last_checkpoint(reference, root, xquad_dir,
-                                                                 tiny_model_dir, monkeypatch):
+                                                                 tiny_model_dir):
     """Issue 3, shown 4: os._exit in rank 1 at step N+1; FailureConfig restarts from checkpoint N."""
-    monkeypatch.setenv("RAYHYBRID_BATCH_LOG", str(root / "log_crash"))
-    monkeypatch.setenv("RAYHYBRID_FAULT", f"1:{N + 1}:{root / 'killed_crash'}")
+    hooks = TrainHooks(batch_log=str(root / "log_crash"), fault=f"1:{N + 1}:{root / 'killed_crash'}")
     result = train(make_cfg(root, xquad_dir, "crash", f"model.name={tiny_model_dir}",
-                            "train.max_failures=1"))
+                            "train.max_failures=1"), hooks=hooks)
     assert (root / "killed_crash").is_file(), "the fault was not injected"
     assert result.metrics["step"] == 2 * N
     assert_same_weights(final_weights(result), final_weights(reference))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,11 @@ from rayhybrid.train.checkpoint import (
     read_run_file,
     write_run_file,
 )
+from rayhybrid.train.worker import TrainHooks
 
-__all__ = ["TrainResult", "TrainingError", "build_val_batches", "train", "train_and_evaluate"]
+__all__ = ["TrainHooks", "TrainResult", "TrainingError", "train", "train_and_evaluate"]
 
-MAX_VAL_BATCHES = 16  # validation cost stays bounded on large dev splits
+MAX_VAL_BATCHES = 16  # validation steps: the cost stays bounded on large dev splits
 MAX_TOKENIZER_TEXTS = 200_000  # texts used to train the tiny model's tokenizer
 
 
@@ -59,49 +59,6 @@ class TrainResult:
         if self.mlflow_run_id:
             lines.append(f"MLflow run:  {self.mlflow_run_id}")
         return "\n".join(lines)
-
-
-def build_val_batches(cfg: Config, dev: Any, num_workers: int) -> list[tuple[list[str], list[str]]]:
-    """Fixed validation batches from the dev split: (queries, passages), prefixes applied.
-
-    One pair per group (a parallel item's other languages would be false negatives). Its
-    languages follow the batch strategy, drawn per pair with ``batch.seed``: monolingual for
-    ``mono`` / ``mixed``, query language != passage language for ``cross``, monolingual with
-    probability ``alpha`` for ``hybrid``, en-en for ``english``. Global batches of
-    ``batch.batch_size`` (fewer pairs: one batch of a multiple of ``num_workers``).
-
-    Raises:
-        TrainingError: the dev split has fewer than 2 pairs per worker.
-    """
-    rng = random.Random(cfg.batch.seed)
-    strategy, alpha = cfg.batch.strategy, cfg.batch.alpha
-    pairs: list[tuple[str, str]] = []
-    for item in dev.items:
-        langs = list(item.languages)
-        if strategy == "english":
-            langs = ["en"] if "en" in langs else []
-        if not langs:
-            continue
-        mono = strategy in ("mono", "mixed", "english") or (strategy == "hybrid" and rng.random() < alpha)
-        ql, pl = (rng.choice(langs),) * 2 if mono or len(langs) < 2 else rng.sample(langs, 2)
-        pairs.append((item.queries[ql], item.positives[pl][0]))
-    seen = set()
-    for p in dev.pairs:
-        is_mono = p.query_lang == p.passage_lang
-        wanted = {"mono": is_mono, "mixed": is_mono, "cross": not is_mono,
-                  "english": p.query_lang == p.passage_lang == "en"}.get(strategy, True)
-        if wanted and p.group not in seen:
-            seen.add(p.group)
-            pairs.append((p.query, p.passage))
-    rng.shuffle(pairs)
-    size = min(cfg.batch.batch_size, len(pairs) // num_workers * num_workers)
-    if size < 2 * num_workers:
-        raise TrainingError(f"the dev split has {len(pairs)} usable pairs: too few for validation "
-                            f"with {num_workers} workers; raise data.dev_fraction or set train.eval_every=0")
-    qp, pp = cfg.model.query_prefix, cfg.model.passage_prefix
-    return [([qp + q for q, _ in chunk], [pp + p for _, p in chunk])
-            for chunk in (pairs[i:i + size] for i in range(0, len(pairs) - size + 1, size))
-            ][:MAX_VAL_BATCHES]
 
 
 def _training_texts(data: Any) -> list[str]:
@@ -180,19 +137,28 @@ def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: st
     guard.call("close the run", client.set_terminated, run_id, status)
 
 
-def _debug_hooks(paths: RunPaths) -> dict:
-    """Test-only hooks from the environment (never set in normal use)."""
-    hooks = {}
-    if os.environ.get("RAYHYBRID_FAULT"):
-        hooks["fault"] = os.environ["RAYHYBRID_FAULT"]
-    if os.environ.get("RAYHYBRID_BATCH_LOG"):
-        Path(os.environ["RAYHYBRID_BATCH_LOG"]).mkdir(parents=True, exist_ok=True)
-        hooks["batch_log"] = os.environ["RAYHYBRID_BATCH_LOG"]
-    return hooks
+def _check_dev_plan(cfg: Config) -> Any:
+    """The dev split, checked to fill the validation plan (before the run folder is touched).
+
+    Raises:
+        TrainingError: the dev split cannot fill one batch of the strategy.
+    """
+    from rayhybrid.config import BatchPlanError
+    from rayhybrid.corpus import load_training_data
+    from rayhybrid.stream import validation_plan
+
+    dev = load_training_data(cfg.data, part="dev")
+    try:
+        validation_plan(cfg, dev, cfg.train.num_workers)
+    except BatchPlanError as exc:
+        raise TrainingError(f"validation on the dev split: {exc}; raise data.dev_fraction or "
+                            "set train.eval_every=0") from None
+    return dev
 
 
 def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | None = None,
-          extra_report_fn: Callable[..., dict] | None = None) -> TrainResult:
+          extra_report_fn: Callable[..., dict] | None = None,
+          hooks: TrainHooks | None = None) -> TrainResult:
     """Fine-tune the configured bi-encoder with Ray Train on the hybrid batch stream.
 
     Args:
@@ -202,6 +168,7 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
         extra_report_fn: ``fn(model, tokenizer, cfg, step) -> dict`` of extra metrics run on
             rank 0 at every validation (or at the end without validation); the values go to
             ``ray.train.report`` and MLflow. Must be picklable.
+        hooks: test hooks (fault injection, batch log); None in normal use.
 
     Returns:
         :class:`TrainResult` with the run folder, the exported model and the final metrics.
@@ -221,12 +188,19 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
     data = load_training_data(cfg.data, part="train")
     nw = cfg.train.num_workers
     BatchPlan(cfg.batch, units_from(data.items, data.pairs, cfg.data.languages), nw)  # BatchPlanError
-    val_batches = (build_val_batches(cfg, load_training_data(cfg.data, part="dev"), nw)
-                   if cfg.train.eval_every else [])
+    dev = _check_dev_plan(cfg) if cfg.train.eval_every else None
     # A bad model name fails before the run folder is touched; the tiny model lives in it.
     model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
     paths, resumed = prepare_run_dir(cfg.train)
     model_path = model_path or _model_source(cfg, paths, data)
+    from rayhybrid.stream import validation_batches
+
+    # The validation steps of the dev plan, tokenized as the stream tokenizes training steps.
+    val_batches = [] if dev is None else validation_batches(cfg, dev, model_path, nw,
+                                                            MAX_VAL_BATCHES)
+    hooks = hooks or TrainHooks()
+    if hooks.batch_log:
+        Path(hooks.batch_log).mkdir(parents=True, exist_ok=True)
 
     import ray
     import ray.train
@@ -245,7 +219,7 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "paths": {"run_dir": paths.run_dir},
                            "model_path": model_path, "val_batches": val_batches,
-                           "mlflow": mlflow_spec, "debug": _debug_hooks(paths),
+                           "mlflow": mlflow_spec, "hooks": hooks,
                            "extra_report_fn": extra_report_fn},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=nw, use_gpu=cfg.train.use_gpu,

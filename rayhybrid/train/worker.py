@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,28 +37,39 @@ from rayhybrid.train.checkpoint import (
 from rayhybrid.train.optim import build_optimizer, build_scheduler
 from rayhybrid.train.precision import autocast, resolve_precision
 
-__all__ = ["FINAL_METRICS", "train_loop_per_worker"]
+__all__ = ["FINAL_METRICS", "TrainHooks", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 FINAL_METRICS = "final_metrics.json"  # rank 0's summary, read back by the driver
 KEEP_STEP_TIMES = 2  # first steps excluded from the throughput figure (allocation, warm-up)
 
 
-def _validate(model, tokenizer, cfg: Config, val_batches: list, rank: int, world: int,
+@dataclass(frozen=True)
+class TrainHooks:
+    """Test hooks of a training run (``train(hooks=...)``); never needed in normal use.
+
+    Attributes:
+        fault: ``rank:step:marker``: that rank dies abruptly (``os._exit``) at that step,
+            once (the marker file says it happened), like a lost node.
+        batch_log: folder where every rank appends ``{step, pid, group}`` per step.
+    """
+
+    fault: str = ""
+    batch_log: str = ""
+
+
+def _validate(model, cfg: Config, val_batches: list[dict], rank: int, world: int,
               device: torch.device, precision: str) -> dict[str, float]:
-    """Loss and in-batch accuracy of the fixed dev batches (global batches split over ranks)."""
+    """Loss and in-batch accuracy of this rank's share of the fixed validation steps."""
     model.eval()
     losses, accs = [], []
     with torch.no_grad():
-        for queries, passages in val_batches:
-            n = len(queries) // world
+        for batch in val_batches:
             embs = []
-            for texts, max_len in ((queries, cfg.data.max_query_length),
-                                   (passages, cfg.data.max_passage_length)):
-                tok = tokenizer(list(texts[rank * n:(rank + 1) * n]), padding=True, truncation=True,
-                                max_length=max_len, return_tensors="pt").to(device)
+            for side in ("q", "p"):
                 with autocast(precision, device):
-                    embs.append(model(tok["input_ids"], tok["attention_mask"]).float())
+                    embs.append(model(batch[f"{side}_input_ids"].to(device),
+                                      batch[f"{side}_attention_mask"].to(device)).float())
             loss, _ = info_nce(*embs, tau=cfg.train.tau, rank=rank, world_size=world,
                                symmetric=cfg.train.symmetric)
             losses.append(loss.item())
@@ -82,9 +94,9 @@ def _agree(flag: bool, world: int, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _inject_fault(debug: dict, rank: int, step: int) -> None:
-    """Test hook (env RAYHYBRID_FAULT=rank:step:marker): die abruptly once, like a lost node."""
-    spec = debug.get("fault")
+def _inject_fault(hooks: TrainHooks, rank: int, step: int) -> None:
+    """:attr:`TrainHooks.fault`: die abruptly once, like a lost node."""
+    spec = hooks.fault
     if not spec:
         return
     f_rank, f_step, marker = spec.split(":", 2)
@@ -155,11 +167,13 @@ class _Worker:
         import ray.train.torch
 
         self.cfg = cfg = config_from_dict(loop_config["config"])  # plain dict back to the schema
-        self.paths, self.debug = RunPaths(**loop_config["paths"]), loop_config.get("debug", {})
-        self.val_batches = loop_config["val_batches"]
+        self.paths = RunPaths(**loop_config["paths"])
+        self.hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
         self.extra_fn = loop_config.get("extra_report_fn")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        val = loop_config["val_batches"]  # per rank (the driver planned for num_workers ranks)
+        self.val_batches = val[self.rank] if val else []
         tc = cfg.train
         torch.set_num_threads(max(1, tc.threads_per_worker or int(tc.cpus_per_worker)))
         torch.manual_seed(cfg.batch.seed * 1000 + self.rank)  # per-rank dropout, reproducible
@@ -181,7 +195,7 @@ class _Worker:
             log.info("precision %s (train.precision=%s) on %s", self.precision, tc.precision,
                      self.device)
             self.mlflow.tag("train.precision_used", self.precision)
-        log_dir = self.debug.get("batch_log")
+        log_dir = self.hooks.batch_log
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
         self.step_times: list[float] = []
         self.step_cpu: list[float] = []  # process CPU time per step: robust to a busy machine
@@ -205,7 +219,7 @@ class _Worker:
         if batch["step"] != self.state.step:
             raise RuntimeError(f"the stream jumped from step {self.state.step} to {batch['step']}: "
                                "batches would be skipped; rebuild it from the checkpoint's step")
-        _inject_fault(self.debug, self.rank, batch["step"])
+        _inject_fault(self.hooks, self.rank, batch["step"])
         if self.batch_log is not None:
             with open(self.batch_log, "a") as fh:
                 fh.write(json.dumps({"step": batch["step"], "pid": os.getpid(),
@@ -246,8 +260,8 @@ class _Worker:
     def validation_point(self) -> dict[str, float]:
         """Validation loss/accuracy, best-model export, early-stopping bookkeeping, extra metrics."""
         st, tc = self.state, self.cfg.train
-        val = _validate(self.model, self.tokenizer, self.cfg, self.val_batches, self.rank,
-                        self.world, self.device, self.precision)
+        val = _validate(self.model, self.cfg, self.val_batches, self.rank, self.world,
+                        self.device, self.precision)
         if _agree(val["val_loss"] < st.best_val_loss, self.world, self.device):
             st.best_val_loss, st.best_step, st.bad_evals = val["val_loss"], st.step, 0
             if self.rank == 0:
