@@ -226,15 +226,14 @@ def bootstrap(t: PerQuery, metric: str, how: str = "macro", *, samples: int = 10
     if not items:
         return float("nan"), float("nan"), float("nan")
     w = _weights(len(items), samples, seed)
-    ones = np.ones((1, len(items)))
-    est = _resampled(s, n, ii, xs, ones, how)[0]
+    est = t.aggregate(metric, how)  # the reported figure (np.median: the mean of the middle two)
     boot = _resampled(s, n, ii, xs, w, how)
     if other is not None:
         if set(other.items[~np.isnan(other.values[metric])].tolist()) != set(items):
             raise EvaluationError(f"{t.setting}/{metric}: the two runs hold different items; "
                                   "a paired interval needs the same queries")
         _, s2, n2, ii2, xs2 = _design(other, metric, items)
-        est -= _resampled(s2, n2, ii2, xs2, ones, how)[0]
+        est -= other.aggregate(metric, how)
         boot = boot - _resampled(s2, n2, ii2, xs2, w, how)
     lo, hi = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)])
     return float(est), float(lo), float(hi)
