@@ -15,6 +15,7 @@ entrypoint exits non-zero and shows what it printed.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,7 +28,8 @@ from rayhybrid.config import ConfigError, explain, load_config, shipped_config
 if TYPE_CHECKING:
     from rayhybrid.config import Config
 
-__all__ = ["COMMANDS", "Command", "build_parser", "execute", "job_main", "main", "run_job"]
+__all__ = ["COMMANDS", "Command", "build_parser", "execute", "job_main", "main", "run_job",
+           "setup_logging"]
 
 EPILOG = """\
 Overrides are key=value pairs with dotted keys, values parsed as YAML, e.g.
@@ -215,6 +217,31 @@ def _load(args: argparse.Namespace) -> Config:
 # --------------------------------------------------------------------------- running
 
 
+class _Stdout(logging.StreamHandler):
+    """A handler writing to ``sys.stdout`` as it is at each record (a job's log, pytest's
+    capture), not as it was when the handler was made."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:  # StreamHandler.__init__ sets it
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show the library's log records (``rayhybrid.*`` loggers, INFO and up) as plain lines on
+    stdout: the progress lines every command prints. Idempotent; :func:`execute` calls it."""
+    logger = logging.getLogger("rayhybrid")
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False  # one line per record, whatever the root logger does
+    logger.setLevel(level)
+
+
 def _user_facing(exc: BaseException) -> bool:
     """Errors whose message says what to change (no traceback needed)."""
     from rayhybrid.cluster import JobError
@@ -241,6 +268,7 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
     """
     from rayhybrid.cluster import path_warnings
 
+    setup_logging()
     try:
         cfg = _load(args)
         for warning in path_warnings(cfg):

@@ -13,6 +13,7 @@ submitted job's runtime env comes from ``ray job submit`` (``jobs/runtime_env.ya
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from rayhybrid.config import Config
 
 __all__ = ["RAY_ENV", "JobError", "ensure_ray", "in_submitted_job", "path_warnings"]
+
+log = logging.getLogger(__name__)
 
 # Environment of every Ray worker a direct run starts: one fast tokenizer per worker, no
 # tokenizer thread pool fighting the worker's torch threads (DESIGN.md, "known pitfalls").
@@ -64,8 +67,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
         ray.init(address="auto" if address else None, runtime_env=runtime_env, **init_kwargs)
     except ConnectionError as exc:
         raise JobError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
-    print(f"[rayhybrid job] Ray {ray.__version__}, cluster resources {ray.cluster_resources()}",
-          flush=True)
+    log.info(f"[rayhybrid job] Ray {ray.__version__}, cluster resources {ray.cluster_resources()}")
 
 
 def path_warnings(cfg: Config) -> list[str]:

@@ -13,6 +13,7 @@ mlflow is imported inside the functions so that importing rayhybrid stays fast.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -28,6 +29,8 @@ __all__ = ["StepLogger", "TrackingError", "TrackingGuard", "child_runs", "config
            "create_run", "default_tracking_uri", "finish_parent_run", "get_experiment_id",
            "log_metrics", "log_params", "log_params_flat", "mlflow_client", "resend_unsent",
            "resolve_tracking_uri", "start_parent_run"]
+
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -63,8 +66,8 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
                 "tracking.tracking_uri elsewhere, or set tracking.on_unavailable=local to log to "
                 f"{default_tracking_uri()} instead (nothing has been trained or written yet).")
         local = default_tracking_uri()
-        print(f"[rayhybrid] MLflow server {uri} is down; logging to the local store {local} "
-              "(tracking.on_unavailable=local)")
+        log.warning(f"[rayhybrid] MLflow server {uri} is down; logging to the local store {local} "
+                    "(tracking.on_unavailable=local)")
         return local
     return uri
 
@@ -235,10 +238,9 @@ class TrackingGuard:
                 first = (str(exc).strip().splitlines() or [""])[0]
                 self.failure = f"{type(exc).__name__}: {first[:300]}"
                 where = f"; metrics not sent go to {self.spill_path}" if self.spill_path else ""
-                print(f"[rayhybrid] MLflow tracking at {self.tracking_uri} failed to {what} "
-                      f"({self.failure}). The run continues and its checkpoints and model are "
-                      f"written as usual{where}; no further MLflow calls are made by this process.",
-                      flush=True)
+                log.warning(f"[rayhybrid] MLflow tracking at {self.tracking_uri} failed to {what} "
+                            f"({self.failure}). The run continues and its checkpoints and model are "
+                            f"written as usual{where}; no further MLflow calls are made by this process.")
         self._spill(records)
         return False
 

@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.fixtures_model"]
 
 
+def pytest_configure(config):
+    # The library logs its progress lines; show them on stdout as the CLI and the jobs do,
+    # so tests that call library functions see what a user of the commands sees.
+    from rayhybrid.cli import setup_logging
+
+    setup_logging()
+
+
 def xquad_path() -> Path | None:
     env = os.environ.get("RAYHYBRID_DATA")
     for base in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:

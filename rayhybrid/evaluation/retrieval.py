@@ -18,6 +18,7 @@ Two rounds:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +31,8 @@ from rayhybrid.evaluation.search import SearchResult, ShardSearcher, merge_topk
 
 __all__ = ["SETTINGS", "Block", "CandidateIndex", "LocalShards", "Retrieval", "ShardPool",
            "call_shard", "check_settings", "run_settings"]
+
+log = logging.getLogger(__name__)
 
 SETTINGS = ("mono", "cross", "multi")
 
@@ -219,8 +222,8 @@ def run_settings(pool: ShardPool, task: EvalTask, q_emb: np.ndarray,
         calls[lang] = {"queries": ref, "rows": rows, "k": sizes[lang] if full_depth else top_k,
                        "rel_keys": rel_keys}
     if progress:
-        print(f"[rayhybrid eval] searching {len(q_langs)} queries in {len(sizes)} shards "
-              f"({', '.join(f'{k}:{v}' for k, v in sizes.items())})", flush=True)
+        log.info(f"[rayhybrid eval] searching {len(q_langs)} queries in {len(sizes)} shards "
+                 f"({', '.join(f'{k}:{v}' for k, v in sizes.items())})")
     found: dict[str, SearchResult] = pool.map("search", calls)
     out = Retrieval(candidates=cands, query_ids=[q.id for q in task.queries],
                     query_langs=list(q_langs), top_k=top_k, full_depth=full_depth)

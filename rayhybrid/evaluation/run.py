@@ -16,6 +16,7 @@ whole corpus) are logged gzip-compressed as ``<name>.gz``.
 from __future__ import annotations
 
 import gzip
+import logging
 import shutil
 import tempfile
 import time
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from rayhybrid.config import Config, TaskConfig
 
 __all__ = ["candidate_texts", "evaluate", "evaluate_cli", "evaluate_task", "mlflow_key"]
+
+log = logging.getLogger(__name__)
 
 # Output files above this size go to MLflow gzip-compressed (the plain file stays on disk).
 _GZIP_ABOVE = 32 * 2**20
@@ -107,8 +110,7 @@ class _Tracker:
                                 f"{type(exc).__name__}: {exc}"[:4000])
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception as log_exc:  # noqa: BLE001 - never hide the original error
-            print(f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}",
-                  flush=True)
+            log.warning(f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}")
 
 
 def _task_format(cfg: Config, name: str) -> str:
@@ -241,13 +243,13 @@ def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTas
         pending = list(tasks) if tasks is not None else [load_eval_task(t, cfg.data)
                                                          for t in cfg.eval.tasks]
         for task in pending:
-            print(f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
-                  f"{len(task.candidates)} candidates, languages {task.languages}", flush=True)
+            log.info(f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
+                     f"{len(task.candidates)} candidates, languages {task.languages}")
             metrics, _, folder = evaluate_task(cfg, task, model_path, _task_format(cfg, task.name))
             flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
             tracker.log(flat, folder, f"eval/{task.name}")
             out.update(flat)
-            print(_headline(task.name, metrics, folder), flush=True)
+            log.info(_headline(task.name, metrics, folder))
     except BaseException as exc:
         tracker.fail(exc)
         raise

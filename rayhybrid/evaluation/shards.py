@@ -9,6 +9,7 @@ evaluation.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -19,6 +20,8 @@ from rayhybrid.evaluation.faiss_index import openblas_env
 from rayhybrid.evaluation.search import check_shard
 
 __all__ = ["ActorShards", "shard_resources"]
+
+log = logging.getLogger(__name__)
 
 
 class _ShardActor:
@@ -151,7 +154,7 @@ class ActorShards:
             try:
                 self._ray.kill(actor)
             except Exception as exc:  # noqa: BLE001 - a dead actor is what we want anyway
-                print(f"[rayhybrid eval] stopping a shard actor: {exc}", flush=True)
+                log.warning(f"[rayhybrid eval] stopping a shard actor: {exc}")
         self.actors = {}
 
     def __enter__(self) -> ActorShards:  # noqa: PYI034 - no subclasses

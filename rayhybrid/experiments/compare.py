@@ -12,6 +12,7 @@ fails gets a row with its error; the others still run.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -35,6 +36,8 @@ from rayhybrid.experiments.results import ResultsTable
 
 __all__ = ["StrategySpec", "baseline_label", "compare", "display_table", "parse_strategies",
            "strategy_config"]
+
+log = logging.getLogger(__name__)
 
 StrategySpec = Strategy  # one row of the comparison (parsed by the config schema)
 
@@ -157,14 +160,14 @@ def compare(cfg: Config) -> ResultsTable:
         ids, errors, minutes = [], [], 0.0
         for j, seed in enumerate(seeds):
             scfg = strategy_config(cfg, spec, seed)
-            print(f"[rayhybrid compare] {i * len(seeds) + j + 1}/{n_runs}: {spec.label}"
-                  + ("" if seed is None else f" seed {seed}"), flush=True)
+            log.info(f"[rayhybrid compare] {i * len(seeds) + j + 1}/{n_runs}: {spec.label}"
+                     + ("" if seed is None else f" seed {seed}"))
             try:
                 out = _run_one(scfg, parent)
             except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                 msg = str(exc).strip()
                 errors.append(f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}")
-                print(f"[rayhybrid compare] {spec.label} failed: {errors[-1]}", flush=True)
+                log.warning(f"[rayhybrid compare] {spec.label} failed: {errors[-1]}")
                 continue
             summaries.setdefault(spec.label, out["summary"])
             folders.setdefault(spec.label, []).append(Path(resolve_path(scfg.eval.output_dir)))
@@ -177,7 +180,7 @@ def compare(cfg: Config) -> ResultsTable:
     paths = _write_outputs(cfg, table, columns, summaries, baseline)
     finish_parent_run(cfg, parent, paths, failed=sum(1 for r in table.rows if r.get("error")),
                       total=len(table), metrics=_interval_metrics(table, columns))
-    print(f"[rayhybrid compare] table and heatmaps in {paths['markdown'].parent}", flush=True)
+    log.info(f"[rayhybrid compare] table and heatmaps in {paths['markdown'].parent}")
     return table
 
 
@@ -190,8 +193,7 @@ def _fill_statistics(cfg: Config, table: ResultsTable, columns: list[Column],
     if not folders:
         return
     if baseline not in folders:  # the baseline failed: intervals, but nothing to test against
-        print(f"[rayhybrid compare] baseline {baseline} has no result: no significance tests",
-              flush=True)
+        log.warning(f"[rayhybrid compare] baseline {baseline} has no result: no significance tests")
     stats = comparison_stats(folders, columns, baseline if baseline in folders else next(
         iter(folders)), samples=cfg.eval.bootstrap_samples, level=cfg.eval.ci_level,
         permutations=cfg.eval.permutations, seed=cfg.eval.bootstrap_seed)

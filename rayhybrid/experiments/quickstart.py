@@ -11,6 +11,7 @@ command that opens the MLflow UI. Offline; a few minutes on a 2-core laptop.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from rayhybrid.config import Config
 
 __all__ = ["default_config_path", "format_table", "quickstart", "ui_command"]
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "quickstart.yaml"  # in configs/
 SETTINGS = (("mono", "mono X→X"), ("cross", "cross X→Y"), ("multi", "multi X→all"))
@@ -107,22 +110,22 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
             cfg.tracking, tracking_uri=uri, on_unavailable="fail"))
     tasks = ", ".join(f"{t.name} ({t.part} part)" for t in cfg.eval.tasks)
-    print(f"[rayhybrid quickstart] model {cfg.model.name}, {cfg.batch.strategy} batches "
-          f"(alpha={cfg.batch.alpha}), {cfg.train.max_steps} steps of {cfg.batch.batch_size} pairs; "
-          f"evaluation on {tasks}; MLflow {uri or 'disabled'}", flush=True)
+    log.info(f"[rayhybrid quickstart] model {cfg.model.name}, {cfg.batch.strategy} batches "
+             f"(alpha={cfg.batch.alpha}), {cfg.train.max_steps} steps of {cfg.batch.batch_size} pairs; "
+             f"evaluation on {tasks}; MLflow {uri or 'disabled'}")
 
     before = None
     if baseline and cfg.model.name == "tiny":
         # The tiny model is built (tokenizer trained, weights drawn) inside the training run.
-        print("[rayhybrid quickstart] model 'tiny' has no pretrained state: no baseline", flush=True)
+        log.info("[rayhybrid quickstart] model 'tiny' has no pretrained state: no baseline")
         baseline = False
     if baseline:
-        print("[rayhybrid quickstart] 1/3 zero-shot evaluation of the pretrained model", flush=True)
+        log.info("[rayhybrid quickstart] 1/3 zero-shot evaluation of the pretrained model")
         before = evaluate(_with_output(cfg, "pretrained"))
-    print("[rayhybrid quickstart] 2/3 fine-tuning", flush=True)
+    log.info("[rayhybrid quickstart] 2/3 fine-tuning")
     result = train(cfg)
-    print(result.summary(), flush=True)
-    print("[rayhybrid quickstart] 3/3 evaluation of the fine-tuned model", flush=True)
+    log.info(result.summary())
+    log.info("[rayhybrid quickstart] 3/3 evaluation of the fine-tuned model")
     after = evaluate(_with_output(cfg, "finetuned"), str(result.model_dir), run_id=result.mlflow_run_id)
 
     lines = ["", f"rayhybrid quickstart finished in {time.perf_counter() - start:.0f} s", ""]
@@ -135,5 +138,5 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
         lines.append(f"MLflow:   experiment {cfg.tracking.experiment!r}, training run "
                      f"{result.mlflow_run_id} (fine-tuned metrics logged into it)")
         lines.append(f"MLflow UI: {ui_command(uri)}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
     return 0

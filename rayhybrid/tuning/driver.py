@@ -15,6 +15,7 @@ distance, and the best trial's config as YAML, all logged to the parent run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ from rayhybrid.tuning.space import (
 
 __all__ = ["baseline_alpha", "dev_per_query_dir", "dev_report_fn", "dev_task", "run_tune",
            "trial_config"]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- trials
@@ -301,7 +304,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
                              exp_dir=str(exp_dir)),
         _DRIVER_RESOURCES)
     if restoring:
-        print(f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun")
+        log.info(f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False, param_space=space)
     else:
@@ -319,7 +322,7 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     paths = write_outputs(table, cfg, axes)
     finish_parent(cfg, parent_run_id, table, paths)
     if any(str(r.get("status", "")).startswith("unfinished") for r in table.rows):
-        print(f"[rayhybrid tune] the sweep was interrupted; continue it with the same command and "
-              f"tune.resume=true (finished trials are kept): {exp_dir}", flush=True)
-    print(f"[rayhybrid tune] table, plot and best config in {paths['markdown'].parent}", flush=True)
+        log.warning(f"[rayhybrid tune] the sweep was interrupted; continue it with the same command and "
+                    f"tune.resume=true (finished trials are kept): {exp_dir}")
+    log.info(f"[rayhybrid tune] table, plot and best config in {paths['markdown'].parent}")
     return table

@@ -7,6 +7,7 @@ its MLflow run and, for a failed trial, the error.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -32,6 +33,8 @@ from rayhybrid.tuning.space import (
 )
 
 __all__ = ["add_significance", "close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
+
+log = logging.getLogger(__name__)
 
 PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
 DONE_KEY = "trial_done"  # in the last result of a trial whose training returned
@@ -64,7 +67,7 @@ def _trial_statuses(grid: Any) -> dict[str, str]:
     try:
         saved = ExperimentAnalysis(grid.experiment_path)
     except Exception as exc:  # noqa: BLE001 - the table can do without; say so
-        print(f"[rayhybrid tune] could not read the saved trial statuses: {exc}", flush=True)
+        log.warning(f"[rayhybrid tune] could not read the saved trial statuses: {exc}")
         return {}
     return {t.trial_id: t.status for t in saved.trials}
 
