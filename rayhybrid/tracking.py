@@ -25,10 +25,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rayhybrid.config import Config, TrackingConfig
 
-__all__ = ["StepLogger", "TrackingError", "TrackingGuard", "child_runs", "config_params",
-           "create_run", "default_tracking_uri", "finish_parent_run", "get_experiment_id",
-           "log_metrics", "log_params", "log_params_flat", "mlflow_client", "resend_unsent",
-           "resolve_tracking_uri", "start_parent_run"]
+__all__ = [
+    "StepLogger",
+    "TrackingError",
+    "TrackingGuard",
+    "child_runs",
+    "config_params",
+    "create_run",
+    "default_tracking_uri",
+    "finish_parent_run",
+    "get_experiment_id",
+    "log_metrics",
+    "log_params",
+    "log_params_flat",
+    "mlflow_client",
+    "resend_unsent",
+    "resolve_tracking_uri",
+    "start_parent_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +78,13 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
             raise TrackingError(
                 f"MLflow tracking server {uri} does not answer. Start it, point "
                 "tracking.tracking_uri elsewhere, or set tracking.on_unavailable=local to log to "
-                f"{default_tracking_uri()} instead (nothing has been trained or written yet).")
+                f"{default_tracking_uri()} instead (nothing has been trained or written yet)."
+            )
         local = default_tracking_uri()
-        log.warning(f"[rayhybrid] MLflow server {uri} is down; logging to the local store {local} "
-                    "(tracking.on_unavailable=local)")
+        log.warning(
+            f"[rayhybrid] MLflow server {uri} is down; logging to the local store {local} "
+            "(tracking.on_unavailable=local)"
+        )
         return local
     return uri
 
@@ -114,7 +131,7 @@ def get_experiment_id(tracking_uri: str, name: str) -> str:
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         location = (db.parent / "mlartifacts" / name).absolute().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -141,14 +158,20 @@ def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: in
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def create_run(tracking_uri: str, experiment: str, run_name: str, *,
-               tags: Mapping[str, str] | None = None,
-               params: Mapping[str, str] | None = None) -> str:
+def create_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
     """Create a run in ``experiment`` (created if missing, :func:`get_experiment_id`), log
     ``params``; returns the run id."""
     client = mlflow_client(tracking_uri)
-    run_id = client.create_run(get_experiment_id(tracking_uri, experiment), run_name=run_name,
-                               tags=dict(tags or {})).info.run_id
+    run_id = client.create_run(
+        get_experiment_id(tracking_uri, experiment), run_name=run_name, tags=dict(tags or {})
+    ).info.run_id
     if params:
         log_params(client, run_id, params)
     return run_id
@@ -157,16 +180,20 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, *,
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:
     """The runs nested under ``parent_run_id``, oldest first."""
     parent = client.get_run(parent_run_id)
-    return client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
+    )
 
 
 # --------------------------------------------------------------------------- parent runs
 
 
-def start_parent_run(cfg: Config, run_name: str, tags: dict[str, str],
-                     params: dict[str, str] | None = None) -> str | None:
+def start_parent_run(
+    cfg: Config, run_name: str, tags: dict[str, str], params: dict[str, str] | None = None
+) -> str | None:
     """Create the parent MLflow run that a job's training runs nest under; returns its id.
 
     The full config is logged as params. None when tracking is disabled.
@@ -176,13 +203,25 @@ def start_parent_run(cfg: Config, run_name: str, tags: dict[str, str],
     """
     if not cfg.tracking.enabled:
         return None
-    return create_run(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
-                      tags=tags, params={**config_params(cfg), **(params or {})})
+    return create_run(
+        resolve_tracking_uri(cfg.tracking),
+        cfg.tracking.experiment,
+        run_name,
+        tags=tags,
+        params={**config_params(cfg), **(params or {})},
+    )
 
 
-def finish_parent_run(cfg: Config, run_id: str | None, paths: dict[str, Path], *, failed: int,
-                      total: int, metrics: dict[str, float] | None = None,
-                      status: str | None = None) -> None:
+def finish_parent_run(
+    cfg: Config,
+    run_id: str | None,
+    paths: dict[str, Path],
+    *,
+    failed: int,
+    total: int,
+    metrics: dict[str, float] | None = None,
+    status: str | None = None,
+) -> None:
     """Log a job's output files and counts to its parent run and close it.
 
     Status: FINISHED, FAILED when every child failed, or ``status`` when given.
@@ -222,8 +261,14 @@ class TrackingGuard:
     def ok(self) -> bool:
         return self.failure is None
 
-    def call(self, what: str, fn: Callable[..., Any], *args: Any,
-             records: Sequence[dict] = (), **kwargs: Any) -> bool:
+    def call(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        records: Sequence[dict] = (),
+        **kwargs: Any,
+    ) -> bool:
         """``fn(*args, **kwargs)``; False (and ``records`` spilled) if the store failed.
 
         Args:
@@ -234,22 +279,27 @@ class TrackingGuard:
             try:
                 fn(*args, **kwargs)
                 return True
-            except Exception as exc:  # tracking must never end a training run
+            except Exception as exc:  # noqa: BLE001 - tracking must never end a training run
                 first = (str(exc).strip().splitlines() or [""])[0]
                 self.failure = f"{type(exc).__name__}: {first[:300]}"
                 where = f"; metrics not sent go to {self.spill_path}" if self.spill_path else ""
-                log.warning(f"[rayhybrid] MLflow tracking at {self.tracking_uri} failed to {what} "
-                            f"({self.failure}). The run continues and its checkpoints and model are "
-                            f"written as usual{where}; no further MLflow calls are made by this process.")
+                log.warning(
+                    f"[rayhybrid] MLflow tracking at {self.tracking_uri} failed to {what} "
+                    f"({self.failure}). The run continues and its checkpoints and model are "
+                    f"written as usual{where}; no further MLflow calls are made by this process."
+                )
         self._spill(records)
         return False
 
     def log_metrics(self, client: Any, run_id: str, metrics: Sequence[Any]) -> bool:
         """``client.log_batch`` of MLflow ``Metric`` objects; False if the store failed."""
-        records = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
-                   for m in metrics]
-        return self.call("log metrics", client.log_batch, run_id, metrics=list(metrics),
-                         records=records)
+        records = [
+            {"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+            for m in metrics
+        ]
+        return self.call(
+            "log metrics", client.log_batch, run_id, metrics=list(metrics), records=records
+        )
 
     def _spill(self, records: Sequence[dict]) -> None:
         if not records or self.spill_path is None:
@@ -282,8 +332,11 @@ class StepLogger:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                            if step > self._sent_up_to(k)]
+            self.buffer += [
+                Metric(k, float(v), now, step)
+                for k, v in metrics.items()
+                if step > self._sent_up_to(k)
+            ]
 
     def _sent_up_to(self, key: str) -> int:
         if not self.resumed:
@@ -321,8 +374,15 @@ def resend_unsent(spill_path: Path, tracking_uri: str, run_id: str) -> int:
     if not path.is_file():
         return 0
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    metrics = [Metric(r["key"], float(r["value"]), int(r.get("timestamp") or time.time() * 1000),
-                      int(r.get("step", 0))) for r in recs]
+    metrics = [
+        Metric(
+            r["key"],
+            float(r["value"]),
+            int(r.get("timestamp") or time.time() * 1000),
+            int(r.get("step", 0)),
+        )
+        for r in recs
+    ]
     mlflow_client(tracking_uri).log_batch(run_id, metrics=metrics)
     path.rename(path.with_name(path.name + ".sent"))
     return len(metrics)

@@ -33,11 +33,15 @@ def xquad_path() -> Path | None:
 def xquad_dir() -> Path:
     path = xquad_path()
     if path is None and os.environ.get("CI"):
-        pytest.fail("XQuAD-R not found and CI is set: a CI run without the data proves nothing; "
-                    "set RAYHYBRID_DATA to the folder holding xquad-r/")
+        pytest.fail(
+            "XQuAD-R not found and CI is set: a CI run without the data proves nothing; "
+            "set RAYHYBRID_DATA to the folder holding xquad-r/"
+        )
     if path is None:
-        pytest.skip("XQuAD-R not found: set RAYHYBRID_DATA to the folder holding xquad-r/ "
-                    "(expected ../shared/data/xquad-r beside the checkout)")
+        pytest.skip(
+            "XQuAD-R not found: set RAYHYBRID_DATA to the folder holding xquad-r/ "
+            "(expected ../shared/data/xquad-r beside the checkout)"
+        )
     return path
 
 

@@ -47,8 +47,11 @@ def test_bad_config_exits_2_with_the_key_before_touching_ray(capsys):
     from rayhybrid.cli import run_job
 
     calls = []
-    status = run_job(lambda cfg, args: calls.append(cfg), "doc",
-                            argv=["--config", str(REPO / "configs" / "quickstart.yaml"), "train.nope=1"])
+    status = run_job(
+        lambda cfg, args: calls.append(cfg),
+        "doc",
+        argv=["--config", str(REPO / "configs" / "quickstart.yaml"), "train.nope=1"],
+    )
     err = capsys.readouterr().err
     assert status == 2 and not calls
     assert "config error" in err and "unknown key train.nope" in err, err
@@ -99,9 +102,14 @@ def test_relative_outputs_in_a_submitted_job_are_warned_about(monkeypatch):
     text = "\n".join(common.path_warnings(cfg))
     assert "train.storage_path=./runs is relative" in text
     assert "no MLflow tracking URI" in text
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
-                      ["train.storage_path=/mnt/shared/runs", "eval.output_dir=/mnt/shared/out",
-                       "tracking.tracking_uri=http://mlflow:5000"])
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            "train.storage_path=/mnt/shared/runs",
+            "eval.output_dir=/mnt/shared/out",
+            "tracking.tracking_uri=http://mlflow:5000",
+        ],
+    )
     assert common.path_warnings(cfg) == []
 
 
@@ -126,20 +134,40 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
     # the head, `ray job submit` and the jobs read RAY_AUTH_TOKEN; ~/.ray is left alone.
     token = secrets.token_hex(32)
     headers = {"Authorization": f"Bearer {token}"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    cmd = [RAY_BIN, "start", "--head", "--block", f"--temp-dir={temp_dir}",
-           "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}",
-           "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-           f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={rt_agent}", f"--node-manager-port={node_mgr}",
-           f"--object-manager-port={obj_mgr}", "--num-cpus=2", "--num-gpus=0",
-           "--disable-usage-stats"]
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+    )
+    cmd = [
+        RAY_BIN,
+        "start",
+        "--head",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_agent}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+    ]
     head = Background(cmd, log=work / "ray_start.log", env=env)
     try:
-        head.wait_http(f"http://127.0.0.1:{dash}/api/version", 180, "ray start --head",
-                       headers=headers)
+        head.wait_http(
+            f"http://127.0.0.1:{dash}/api/version", 180, "ray start --head", headers=headers
+        )
         yield Head(address=f"http://127.0.0.1:{dash}", env=env, headers=headers, workdir=work)
     finally:
         head.stop()
@@ -172,8 +200,10 @@ def _wait(head: Head, job_id: str, timeout: float = 420) -> str:
             return status
         time.sleep(2)
     client.stop_job(job_id)
-    pytest.fail(f"job {job_id} still {status} after {timeout}s; logs:\n"
-                f"{client.get_job_logs(job_id)[-6000:]}")
+    pytest.fail(
+        f"job {job_id} still {status} after {timeout}s; logs:\n"
+        f"{client.get_job_logs(job_id)[-6000:]}"
+    )
 
 
 def _runtime_env_file(head: Head, **env_vars: str) -> Path:
@@ -189,32 +219,65 @@ def test_jobs_submitted_to_a_real_cluster(ray_head, xquad_dir):
     """One train-and-evaluate job SUCCEEDS and leaves an MLflow run; two bad ones end FAILED."""
     work = ray_head.workdir
     store = f"sqlite:///{work / 'mlflow.db'}"
-    runtime_env = _runtime_env_file(ray_head, RAYHYBRID_DATA=str(xquad_dir.parent),
-                                    MLFLOW_TRACKING_URI=store)
-    tiny = ["model.name=tiny", "data.languages=[en,de,es]", "train.max_steps=4",
-            "batch.batch_size=8", "train.log_every=1", "train.run_name=cluster-job",
-            f"train.storage_path={work / 'runs'}", f"eval.output_dir={work / 'outputs'}",
-            "eval.tasks=[{name: xquad_r, languages: [en, de, es], part: test}]",
-            "tracking.experiment=cluster"]
+    runtime_env = _runtime_env_file(
+        ray_head, RAYHYBRID_DATA=str(xquad_dir.parent), MLFLOW_TRACKING_URI=store
+    )
+    tiny = [
+        "model.name=tiny",
+        "data.languages=[en,de,es]",
+        "train.max_steps=4",
+        "batch.batch_size=8",
+        "train.log_every=1",
+        "train.run_name=cluster-job",
+        f"train.storage_path={work / 'runs'}",
+        f"eval.output_dir={work / 'outputs'}",
+        "eval.tasks=[{name: xquad_r, languages: [en, de, es], part: test}]",
+        "tracking.experiment=cluster",
+    ]
     # The documented command line, verbatim apart from the address and the overrides.
     submit = subprocess.run(
-        [RAY_BIN, "job", "submit", "--address", ray_head.address, "--working-dir", ".",
-         "--runtime-env", str(runtime_env), "--submission-id", "rh-good", "--no-wait", "--",
-         "python", "jobs/quickstart.py", "--config", "configs/quickstart.yaml", *tiny],
-        check=False, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=180)
+        [
+            RAY_BIN,
+            "job",
+            "submit",
+            "--address",
+            ray_head.address,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            str(runtime_env),
+            "--submission-id",
+            "rh-good",
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/quickstart.py",
+            "--config",
+            "configs/quickstart.yaml",
+            *tiny,
+        ],
+        check=False,
+        cwd=REPO,
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     client = _client(ray_head)
     bad_config = client.submit_job(
         submission_id="rh-bad-config",
         entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml train.nope=1",
-        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())})
+        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())},
+    )
     bad_data = client.submit_job(
         submission_id="rh-bad-data",
         entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml "
-                   f"data.path={work / 'no-such-data'} train.storage_path={work / 'runs-bad'} "
-                   f"eval.output_dir={work / 'out-bad'}",
-        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())})
+        f"data.path={work / 'no-such-data'} train.storage_path={work / 'runs-bad'} "
+        f"eval.output_dir={work / 'out-bad'}",
+        runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())},
+    )
 
     assert _wait(ray_head, bad_config) == "FAILED"
     logs = client.get_job_logs(bad_config)

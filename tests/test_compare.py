@@ -24,45 +24,77 @@ SMALL = REPO / "configs" / "small.yaml"
 
 
 def test_strategies_are_parsed_and_share_budget_and_seed():
-    cfg = load_config(SMALL, ["strategies=[mono, cross, hybrid, 'hybrid(0.25)', mixed, english, 'hybrid:0.75']"])
+    cfg = load_config(
+        SMALL, ["strategies=[mono, cross, hybrid, 'hybrid(0.25)', mixed, english, 'hybrid:0.75']"]
+    )
     specs = parse_strategies(cfg)
-    assert [s.label for s in specs] == ["mono", "cross", "hybrid(0.5)", "hybrid(0.25)", "mixed", "english",
-                                       "hybrid(0.75)"]
+    assert [s.label for s in specs] == [
+        "mono",
+        "cross",
+        "hybrid(0.5)",
+        "hybrid(0.25)",
+        "mixed",
+        "english",
+        "hybrid(0.75)",
+    ]
     configs = [strategy_config(cfg, s) for s in specs]
-    assert [c.batch.strategy for c in configs] == ["mono", "cross", "hybrid", "hybrid", "mixed", "english",
-                                                    "hybrid"]
+    assert [c.batch.strategy for c in configs] == [
+        "mono",
+        "cross",
+        "hybrid",
+        "hybrid",
+        "mixed",
+        "english",
+        "hybrid",
+    ]
     assert configs[3].batch.alpha == 0.25
     for c in configs:  # the same budget and seed for every strategy; own run name and outputs
         assert (c.train.max_steps, c.batch.batch_size, c.batch.seed, c.train.lr) == (
-            cfg.train.max_steps, cfg.batch.batch_size, cfg.batch.seed, cfg.train.lr)
-    assert len({c.train.run_name for c in configs}) == len({c.eval.output_dir for c in configs}) == 7
+            cfg.train.max_steps,
+            cfg.batch.batch_size,
+            cfg.batch.seed,
+            cfg.train.lr,
+        )
+    assert (
+        len({c.train.run_name for c in configs}) == len({c.eval.output_dir for c in configs}) == 7
+    )
 
 
-@pytest.mark.parametrize("strategies, fragment", [
-    ("[]", "strategies is empty"),
-    ("[mono, crosss]", "strategies[1] = 'crosss': expected one of"),
-    ("['hybrid(1.5)']", "alpha must be in [0, 1]"),
-    ("[mono, mono]", "mono is listed twice"),
-    ("['hybrid(0.3']", "expected one of"),
-    ("['hybrid(0.3:']", "expected one of"),
-])
+@pytest.mark.parametrize(
+    "strategies, fragment",
+    [
+        ("[]", "strategies is empty"),
+        ("[mono, crosss]", "strategies[1] = 'crosss': expected one of"),
+        ("['hybrid(1.5)']", "alpha must be in [0, 1]"),
+        ("[mono, mono]", "mono is listed twice"),
+        ("['hybrid(0.3']", "expected one of"),
+        ("['hybrid(0.3:']", "expected one of"),
+    ],
+)
 def test_bad_strategies_are_refused(strategies, fragment):
     with pytest.raises(ConfigError) as info:
         parse_strategies(load_config(SMALL, [f"strategies={strategies}"]))
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("strategies=[mono, bogus]", "strategies[1] = 'bogus'"),
-    ("baseline=mixed", "baseline = 'mixed' is not a row of the table; expected one of mono, cross"),
-    ("baseline=hybrid(0.3)", "baseline = 'hybrid(0.3)' is not a row"),
-    ("seeds=[]", "seeds: expected at least one seed"),
-    ("eval.bootstrap_samples=0", "eval.bootstrap_samples: expected an integer >= 1, got 0"),
-    ("eval.bootstrap_samples=-5", "eval.bootstrap_samples: expected an integer >= 1, got -5"),
-    ("eval.permutations=0", "eval.permutations: expected an integer >= 1"),
-])
-def test_cli_bad_compare_input_exits_before_training(tmp_path, capsys, monkeypatch, override,
-                                                     fragment):
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("strategies=[mono, bogus]", "strategies[1] = 'bogus'"),
+        (
+            "baseline=mixed",
+            "baseline = 'mixed' is not a row of the table; expected one of mono, cross",
+        ),
+        ("baseline=hybrid(0.3)", "baseline = 'hybrid(0.3)' is not a row"),
+        ("seeds=[]", "seeds: expected at least one seed"),
+        ("eval.bootstrap_samples=0", "eval.bootstrap_samples: expected an integer >= 1, got 0"),
+        ("eval.bootstrap_samples=-5", "eval.bootstrap_samples: expected an integer >= 1, got -5"),
+        ("eval.permutations=0", "eval.permutations: expected an integer >= 1"),
+    ],
+)
+def test_cli_bad_compare_input_exits_before_training(
+    tmp_path, capsys, monkeypatch, override, fragment
+):
     from rayhybrid.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -84,7 +116,8 @@ def _macro_from_file(path: Path, metric: str) -> tuple[float, dict[str, dict[str
 
 @pytest.mark.slow
 def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
-        ray_local, tmp_path, tiny_model_dir, xquad_dir):
+    ray_local, tmp_path, tiny_model_dir, xquad_dir
+):
     """2 strategies x 2 seeds: every figure of the table is recomputed here from the
     per-query files (mean and sd over seeds, the paired test against the baseline, Holm,
     the markers) and from the nested MLflow runs."""
@@ -94,21 +127,42 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     langs = "[en, de, es]"
-    cfg = load_config(SMALL, [
-        f"model.name={tiny_model_dir}", f"data.path={xquad_dir}", f"data.languages={langs}",
-        "batch.batch_size=8", "train.max_steps=3", "train.eval_every=0", "train.log_every=1",
-        "train.precision=fp32", "train.cpus_per_worker=1", f"train.storage_path={tmp_path / 'runs'}",
-        "train.run_name=cmp", f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp_path / 'out'}",
-        f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: {langs}}}]",
-        "eval.top_k=20", "strategies=[mono, cross]", "seeds=[0, 1]", "baseline=mono",
-        "eval.bootstrap_samples=300", "eval.permutations=2000"])
+    cfg = load_config(
+        SMALL,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.path={xquad_dir}",
+            f"data.languages={langs}",
+            "batch.batch_size=8",
+            "train.max_steps=3",
+            "train.eval_every=0",
+            "train.log_every=1",
+            "train.precision=fp32",
+            "train.cpus_per_worker=1",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=cmp",
+            f"tracking.tracking_uri={uri}",
+            f"eval.output_dir={tmp_path / 'out'}",
+            f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: {langs}}}]",
+            "eval.top_k=20",
+            "strategies=[mono, cross]",
+            "seeds=[0, 1]",
+            "baseline=mono",
+            "eval.bootstrap_samples=300",
+            "eval.permutations=2000",
+        ],
+    )
     table = compare(cfg)
 
     assert table.column("strategy") == ["mono", "cross"], table.to_markdown()
     assert all(not e for e in table.column("error")) and table.column("seeds") == [2, 2]
     client = MlflowClient(uri)
-    columns = {"mono mAP@20": ("mono", "map@20"), "cross mAP@20": ("cross", "map@20"),
-               "multi mAP": ("multi", "map"), "rank distance": ("bias", "rank_distance")}
+    columns = {
+        "mono mAP@20": ("mono", "map@20"),
+        "cross mAP@20": ("cross", "map@20"),
+        "multi mAP": ("multi", "map"),
+        "rank distance": ("bias", "rank_distance"),
+    }
     parents, seed_values = set(), {}
     out = tmp_path / "out" / "compare"
     for row in table.rows:
@@ -123,8 +177,11 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
                 folder = out / row["strategy"] / f"seed{seed}" / "xquad_r"
                 value, per_row = _macro_from_file(folder / f"per_query_{setting}.tsv", metric)
                 seed_values[(row["strategy"], col, seed)] = per_row
-                key = ("xquad_r/bias/rank_distance" if setting == "bias"
-                       else f"xquad_r/{setting}/{metric.replace('@', '_at_')}")
+                key = (
+                    "xquad_r/bias/rank_distance"
+                    if setting == "bias"
+                    else f"xquad_r/{setting}/{metric.replace('@', '_at_')}"
+                )
                 assert run.data.metrics[key] == pytest.approx(value, abs=1e-9), (row, col)
                 seed_values[(row["strategy"], col, seed, "figure")] = value
         for col in columns:
@@ -137,8 +194,13 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     assert all(mono.get(f"{c} p") is None for c in columns)  # the baseline is not tested
     for col, (setting, metric) in columns.items():
         # The test's own paired randomization test over items on the seed-averaged rows.
-        avg = {name: {k: statistics.mean(seed_values[(name, col, s)][k] for s in (0, 1))
-                      for k in seed_values[(name, col, 0)]} for name in ("mono", "cross")}
+        avg = {
+            name: {
+                k: statistics.mean(seed_values[(name, col, s)][k] for s in (0, 1))
+                for k in seed_values[(name, col, 0)]
+            }
+            for name in ("mono", "cross")
+        }
         cell_size = collections.Counter(cell for (_, cell) in avg["mono"])
         n_cells = len(cell_size)
         contrib = {name: collections.defaultdict(float) for name in avg}
@@ -156,7 +218,7 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     markdown = (out / "comparison.md").read_text()
     assert "| mono (baseline) | 2 |" in markdown
     cross_line = next(line for line in markdown.splitlines() if line.startswith("| cross |"))
-    for i, col in enumerate(table.columns[3:3 + 7]):
+    for i, col in enumerate(table.columns[3 : 3 + 7]):
         cell = cross_line.split(" | ")[2 + i]
         p = cross.get(f"{col} p_holm")
         want = "" if p is None else ("**" if p < 0.01 else "*" if p < 0.05 else "")
@@ -183,15 +245,25 @@ def test_cli_exits_non_zero_when_every_strategy_fails(tmp_path, capsys, monkeypa
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    status = main(["compare", "--config", str(SMALL), f"data.path={xquad_dir}",
-                   "data.languages=[de, es]", "strategies=[english]",
-                   f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path / 'runs'}",
-                   f"eval.output_dir={tmp_path / 'out'}"])
+    status = main(
+        [
+            "compare",
+            "--config",
+            str(SMALL),
+            f"data.path={xquad_dir}",
+            "data.languages=[de, es]",
+            "strategies=[english]",
+            f"tracking.tracking_uri={uri}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"eval.output_dir={tmp_path / 'out'}",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 1, out
     assert "| english |" in out and "English" in out  # the row carries the plan's error
     runs = MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("small").experiment_id])
+        [MlflowClient(uri).get_experiment_by_name("small").experiment_id]
+    )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FAILED"]
 

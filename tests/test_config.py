@@ -24,8 +24,15 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["train.lr=1e-4", "data.languages=[en,de]", "batch.alpha=0.3",
-                             "eval.tasks=[{name: dev, part: dev}]"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "data.languages=[en,de]",
+            "batch.alpha=0.3",
+            "eval.tasks=[{name: dev, part: dev}]",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.data.languages == ("en", "de")
     assert cfg.batch.alpha == pytest.approx(0.3)
@@ -33,15 +40,18 @@ def test_defaults_and_overrides():
     assert cfg.eval.tasks[0].format == "lareqa"  # default of the nested dataclass
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lrr=1", "unknown key train.lrr"),
-    ("train.lr=abc", "train.lr: expected float"),
-    ("train.max_steps=1.5", "train.max_steps: expected int"),
-    ("batch.strategy=random", "batch.strategy: expected one of"),
-    ("eval.tasks=[{name: x, bogus: 1}]", "unknown key eval.tasks[0].bogus"),
-    ("data.languages=en", "data.languages: expected a list"),
-    ("train", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=1", "unknown key train.lrr"),
+        ("train.lr=abc", "train.lr: expected float"),
+        ("train.max_steps=1.5", "train.max_steps: expected int"),
+        ("batch.strategy=random", "batch.strategy: expected one of"),
+        ("eval.tasks=[{name: x, bogus: 1}]", "unknown key eval.tasks[0].bogus"),
+        ("data.languages=en", "data.languages: expected a list"),
+        ("train", "expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as info:
         load_config(None, [override])
@@ -106,17 +116,20 @@ def test_every_shipped_config_passes_the_rules_of_its_commands(path):
         param_space(cfg, search_axes(cfg))
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("batch.alpha=1.5", "batch.alpha: expected a probability in [0, 1]"),
-    ("batch.batch_size=0", "batch.batch_size: expected a positive integer"),
-    ("batch.batch_size=10", "batch.batch_size=10 must divide by train.num_workers=4"),
-    ("data.train_fraction=1.2", "data.train_fraction: expected a value in [0, 1]"),
-    ("train.tau=0", "train.tau must be > 0"),
-    ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1)"),
-    ("eval.settings=[mono, bilingual]", "eval.settings[1]: expected one of"),
-    ("eval.top_k=0", "eval.top_k, eval.batch_size and eval.encode_workers must be >= 1"),
-    ("strategies=[mono, 'hybrid(2)']", "strategies[1] = 'hybrid(2)': alpha must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("batch.alpha=1.5", "batch.alpha: expected a probability in [0, 1]"),
+        ("batch.batch_size=0", "batch.batch_size: expected a positive integer"),
+        ("batch.batch_size=10", "batch.batch_size=10 must divide by train.num_workers=4"),
+        ("data.train_fraction=1.2", "data.train_fraction: expected a value in [0, 1]"),
+        ("train.tau=0", "train.tau must be > 0"),
+        ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1)"),
+        ("eval.settings=[mono, bilingual]", "eval.settings[1]: expected one of"),
+        ("eval.top_k=0", "eval.top_k, eval.batch_size and eval.encode_workers must be >= 1"),
+        ("strategies=[mono, 'hybrid(2)']", "strategies[1] = 'hybrid(2)': alpha must be in [0, 1]"),
+    ],
+)
 def test_the_schema_holds_the_rules(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["train.num_workers=4", override])
@@ -134,8 +147,12 @@ def test_cli_help_explains_every_subcommand():
     text = parser.format_help()
     for cmd in ("config", "batches", "train", "evaluate", "compare", "tune", "quickstart"):
         assert cmd in text
-    out = subprocess.run([sys.executable, "-m", "rayhybrid.cli", "train", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "rayhybrid.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--config" in out and "key=value" in out
 
 
@@ -147,5 +164,7 @@ def test_cli_config_error_exits_2(capsys):
 def test_readme_lists_every_knob():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, _, _ in explain() if f"`{key}`" not in readme]
-    assert not missing, f"README.md does not list: {missing} (regenerate with " \
+    assert not missing, (
+        f"README.md does not list: {missing} (regenerate with "
         "`rayhybrid config --explain --markdown`)"
+    )

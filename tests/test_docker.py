@@ -36,8 +36,12 @@ def _pyproject() -> dict:
 
 
 def _req_key(req: Requirement) -> tuple:
-    return (canonicalize_name(req.name), tuple(sorted(req.extras)), str(req.specifier),
-            str(req.marker or ""))
+    return (
+        canonicalize_name(req.name),
+        tuple(sorted(req.extras)),
+        str(req.specifier),
+        str(req.marker or ""),
+    )
 
 
 def _requirements_file(path: Path) -> list[Requirement]:
@@ -82,8 +86,24 @@ def _arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def test_dockerfile_syntax(instructions):
-    known = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "LABEL", "USER", "EXPOSE",
-             "ENTRYPOINT", "CMD", "VOLUME", "SHELL", "HEALTHCHECK", "ADD", "STOPSIGNAL"}
+    known = {
+        "FROM",
+        "ARG",
+        "ENV",
+        "WORKDIR",
+        "COPY",
+        "RUN",
+        "LABEL",
+        "USER",
+        "EXPOSE",
+        "ENTRYPOINT",
+        "CMD",
+        "VOLUME",
+        "SHELL",
+        "HEALTHCHECK",
+        "ADD",
+        "STOPSIGNAL",
+    }
     words = [w for w, _ in instructions]
     assert set(words) <= known, f"unknown Dockerfile instructions: {set(words) - known}"
     first_non_arg = next(w for w in words if w != "ARG")
@@ -91,9 +111,15 @@ def test_dockerfile_syntax(instructions):
     # ARGs used after FROM must be declared again after it.
     after_from = words.index("FROM")
     redeclared = {rest.split("=")[0].strip() for w, rest in instructions[after_from:] if w == "ARG"}
-    used_after = set(re.findall(r"\$\{?([A-Z_]+)\}?", " ".join(
-        rest for w, rest in instructions[after_from + 1:] if w == "RUN")))
-    env_names = {m for w, rest in instructions if w == "ENV" for m in re.findall(r"([A-Z_]+)=", rest)}
+    used_after = set(
+        re.findall(
+            r"\$\{?([A-Z_]+)\}?",
+            " ".join(rest for w, rest in instructions[after_from + 1 :] if w == "RUN"),
+        )
+    )
+    env_names = {
+        m for w, rest in instructions if w == "ENV" for m in re.findall(r"([A-Z_]+)=", rest)
+    }
     missing = used_after - redeclared - env_names - {"PATH", "HOME"}
     assert not missing, f"RUN uses {missing}, not declared as ARG/ENV after FROM"
 
@@ -105,13 +131,18 @@ def test_base_image_is_ray_gpu_with_a_version_pyproject_accepts(instructions):
     base = next(rest for w, rest in instructions if w == "FROM")
     image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-py3\d+-(gpu|cu\d+)", image), image
-    ray_req = next(Requirement(d) for d in _pyproject()["project"]["dependencies"]
-                   if canonicalize_name(Requirement(d).name) == "ray")
+    ray_req = next(
+        Requirement(d)
+        for d in _pyproject()["project"]["dependencies"]
+        if canonicalize_name(Requirement(d).name) == "ray"
+    )
     assert ray_req.specifier.contains(args["RAY_VERSION"]), (args["RAY_VERSION"], ray_req)
     # The image's Ray is the one developed and tested against here: clients must match nodes.
     assert args["RAY_VERSION"] == ray.__version__
     py = re.fullmatch(r"py3(\d+)", args["PYTHON_TAG"])
-    assert py and SpecifierSet(_pyproject()["project"]["requires-python"]).contains(f"3.{py.group(1)}")
+    assert py and SpecifierSet(_pyproject()["project"]["requires-python"]).contains(
+        f"3.{py.group(1)}"
+    )
 
 
 def test_requirements_match_pyproject_with_faiss_gpu():
@@ -126,7 +157,8 @@ def test_requirements_match_pyproject_with_faiss_gpu():
     assert len(got_keys) == len(set(got_keys)), "duplicate requirement"
     assert set(got_keys) == expected, (
         f"docker/requirements-gpu.txt drifted from pyproject.toml: missing "
-        f"{sorted(expected - set(got_keys))}, extra {sorted(set(got_keys) - expected)}")
+        f"{sorted(expected - set(got_keys))}, extra {sorted(set(got_keys) - expected)}"
+    )
 
 
 def test_dockerfile_installs_requirements_then_project_without_deps(instructions):
@@ -156,24 +188,35 @@ def _dockerignored(rel: str, patterns: list[str]) -> bool:
         pat = pat.lstrip("!").strip("/")
         for i in range(1, len(parts) + 1):
             prefix = "/".join(parts[:i])
-            if fnmatch.fnmatch(prefix, pat) or (pat.startswith("**/") and
-                                                fnmatch.fnmatch(parts[i - 1], pat[3:])):
+            if fnmatch.fnmatch(prefix, pat) or (
+                pat.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pat[3:])
+            ):
                 excluded = not neg
     return excluded
 
 
 def test_copied_paths_exist_and_are_not_dockerignored(instructions):
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     for must in (".venv", "runs", "mlruns", "mlflow.db", "data", ".git", "outputs"):
         assert _dockerignored(must, patterns), f".dockerignore should exclude {must}"
     assert _dockerignored("rayhybrid/__pycache__/x.pyc", patterns)
-    sources = [p for w, rest in instructions if w == "COPY"
-               for p in shlex.split(rest)[:-1] if not p.startswith("--")]
+    sources = [
+        p
+        for w, rest in instructions
+        if w == "COPY"
+        for p in shlex.split(rest)[:-1]
+        if not p.startswith("--")
+    ]
     assert sources
     for src in sources:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
-        assert not _dockerignored(src, patterns), f"Dockerfile copies {src} but .dockerignore drops it"
+        assert not _dockerignored(src, patterns), (
+            f"Dockerfile copies {src} but .dockerignore drops it"
+        )
 
 
 def test_console_script_named_by_the_image_exists(instructions):
@@ -199,8 +242,10 @@ def _repo_path(p: str) -> Path:
 
 
 # Scripts with a default --config (rayhybrid.cli.COMMANDS[...].default_config).
-DEFAULT_CONFIGS = {"quickstart.py": REPO / "configs" / "quickstart.yaml",
-                   "evaluate.py": REPO / "configs" / "evaluate_xquad_r.yaml"}
+DEFAULT_CONFIGS = {
+    "quickstart.py": REPO / "configs" / "quickstart.yaml",
+    "evaluate.py": REPO / "configs" / "evaluate_xquad_r.yaml",
+}
 CLUSTER_FILES = ["cluster.yaml", "rayjob.yaml", "README.md", "Dockerfile"]
 
 
@@ -223,7 +268,7 @@ def test_job_commands_name_existing_scripts_and_valid_configs(name):
         if "--config" in rest:
             i = rest.index("--config")
             config = _repo_path(rest[i + 1])
-            rest = rest[:i] + rest[i + 2:]
+            rest = rest[:i] + rest[i + 2 :]
             assert config.is_file(), f"{name}: config {config} does not exist"
         overrides = [a for a in rest if "=" in a and not a.startswith("-")]
         try:
@@ -255,12 +300,19 @@ def test_rayjob_manifest_is_consistent_with_the_image(instructions):
     yaml.safe_load(spec["runtimeEnvYAML"])
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == _arg_defaults(instructions)["RAY_VERSION"]
-    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    pods = [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
     images = {c["image"] for pod in pods for c in pod["spec"]["containers"]}
     assert len(images) == 1 and images.pop().endswith("rayhybrid:gpu")
     workers = cluster["workerGroupSpecs"]
-    gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]
-                                         ["limits"].get("nvidia.com/gpu", 0)) for g in workers)
+    gpus = sum(
+        int(g["replicas"])
+        * int(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        )
+        for g in workers
+    )
     num_workers = int(re.search(r"train.num_workers=(\d+)", spec["entrypoint"]).group(1))
     assert num_workers <= gpus, "more Ray Train GPU workers than GPUs in the cluster"
     for pod in pods:
@@ -269,7 +321,9 @@ def test_rayjob_manifest_is_consistent_with_the_image(instructions):
         assert {"HF_HOME", "RAYHYBRID_DATA", "MLFLOW_TRACKING_URI"} <= set(env)
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/mnt/shared" in mounts
-        assert {v["name"] for v in pod["spec"]["volumes"]} >= {m["name"] for m in container["volumeMounts"]}
+        assert {v["name"] for v in pod["spec"]["volumes"]} >= {
+            m["name"] for m in container["volumeMounts"]
+        }
     assert "/mnt/shared" in spec["entrypoint"], "checkpoints must go to shared storage"
 
 

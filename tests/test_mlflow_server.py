@@ -43,9 +43,20 @@ def start_server(root: Path) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # MLflow 3's server also starts a job runner and a pool of huey consumers, unused here.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    cmd = [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        MLFLOW_BIN,
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     proc = Background(cmd, log=root / "server.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -66,12 +77,24 @@ def mlflow_server(tmp_path_factory):
 
 
 def tiny_overrides(root: Path, xquad_dir: Path, name: str, uri: str, *extra: str) -> list[str]:
-    return [f"data.path={xquad_dir}", "data.languages=[en,de,es]", "data.max_query_length=24",
-            "data.max_passage_length=40", "model.name=tiny", "batch.batch_size=8",
-            "train.max_steps=4", "train.log_every=1", "train.num_workers=1",
-            "train.cpus_per_worker=1", f"train.storage_path={root / 'runs'}",
-            f"train.run_name={name}", f"tracking.tracking_uri={uri}",
-            "tracking.experiment=server", "eval.at_end_of_training=false", *extra]
+    return [
+        f"data.path={xquad_dir}",
+        "data.languages=[en,de,es]",
+        "data.max_query_length=24",
+        "data.max_passage_length=40",
+        "model.name=tiny",
+        "batch.batch_size=8",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+        f"train.storage_path={root / 'runs'}",
+        f"train.run_name={name}",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=server",
+        "eval.at_end_of_training=false",
+        *extra,
+    ]
 
 
 def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xquad_dir, tmp_path):
@@ -80,10 +103,19 @@ def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xqu
     from rayhybrid.train.driver import train_and_evaluate
 
     # What `rayhybrid train` runs: training, then the held-out evaluation into the same run.
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, xquad_dir, "to-server", mlflow_server.url, "eval.at_end_of_training=true",
-        f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: [en, de]}}]",
-        "eval.top_k=20", f"eval.output_dir={tmp_path / 'out'}"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            xquad_dir,
+            "to-server",
+            mlflow_server.url,
+            "eval.at_end_of_training=true",
+            f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: [en, de]}}]",
+            "eval.top_k=20",
+            f"eval.output_dir={tmp_path / 'out'}",
+        ),
+    )
     result, evaluated = train_and_evaluate(cfg)
 
     client = MlflowClient(mlflow_server.url)
@@ -98,8 +130,11 @@ def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xqu
     # The end-of-training evaluation's numbers are the run's, as the summary file has them.
     summary = json.loads((tmp_path / "out" / "xquad_r" / "summary.json").read_text())
     for key in ("multi/map@20", "cross/map@20", "bias/rank_distance"):
-        assert run.data.metrics[f"xquad_r/{key}".replace("@", "_at_")] == pytest.approx(
-            evaluated[f"xquad_r/{key}"]) == pytest.approx(summary["metrics"][key]), key
+        assert (
+            run.data.metrics[f"xquad_r/{key}".replace("@", "_at_")]
+            == pytest.approx(evaluated[f"xquad_r/{key}"])
+            == pytest.approx(summary["metrics"][key])
+        ), key
     assert run.data.tags["rayhybrid.eval_status"] == "finished"
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -130,8 +165,9 @@ def test_server_down_at_start_fails_before_training(ray_local, xquad_dir, tmp_pa
     assert not list(run_dir.glob("checkpoint*")), "a checkpoint was written before the check"
 
 
-def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_path, capsys,
-                                                      monkeypatch):
+def test_server_down_at_start_logs_locally_when_asked(
+    ray_local, xquad_dir, tmp_path, capsys, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.train.driver import train
@@ -139,8 +175,16 @@ def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_
     monkeypatch.chdir(tmp_path)  # the local store is ./mlflow.db of the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (port,) = free_ports(1)
-    cfg = load_config(None, tiny_overrides(tmp_path, xquad_dir, "fallback", f"http://127.0.0.1:{port}",
-                                           "tracking.on_unavailable=local"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            xquad_dir,
+            "fallback",
+            f"http://127.0.0.1:{port}",
+            "tracking.on_unavailable=local",
+        ),
+    )
     result = train(cfg)
     out = capsys.readouterr().out
     assert f"MLflow server http://127.0.0.1:{port} is down; logging to the local store" in out
@@ -149,8 +193,9 @@ def test_server_down_at_start_logs_locally_when_asked(ray_local, xquad_dir, tmp_
     assert "train/loss" in run.data.metrics
 
 
-def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(mlflow_server, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(
+    mlflow_server, tmp_path, monkeypatch, capsys
+):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -161,7 +206,8 @@ def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(mlflow_s
     run_id = live.create_run(live.create_experiment("guard")).info.run_id
     spill = tmp_path / "run" / "mlflow_unsent.jsonl"
     assert TrackingGuard(mlflow_server.url, spill).log_metrics(
-        live, run_id, [Metric("train/loss", 2.0 - i / 10, 1000 + i, i) for i in range(3)])
+        live, run_id, [Metric("train/loss", 2.0 - i / 10, 1000 + i, i) for i in range(3)]
+    )
     assert not spill.exists()
 
     (port,) = free_ports(1)  # a server that has gone away
@@ -189,16 +235,26 @@ def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
     server = start_server(tmp_path / "server")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     # A dead server would otherwise hold every MLflow call for minutes of HTTP retries.
-    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    overrides = tiny_overrides(tmp_path, xquad_dir, "dies", server.url, "train.max_steps=8",
-                               "train.checkpoint_every=4")
+    env.update(
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    overrides = tiny_overrides(
+        tmp_path, xquad_dir, "dies", server.url, "train.max_steps=8", "train.checkpoint_every=4"
+    )
     log = tmp_path / "train.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "rayhybrid"), "train", *overrides],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "rayhybrid"), "train", *overrides],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
     run_file = tmp_path / "runs" / "dies"
     try:
         deadline = time.monotonic() + 300

@@ -18,9 +18,14 @@ from rayhybrid.model import (
     load_biencoder,
 )
 
-TEXTS = ["Wie viele Punkte gab die Verteidigung ab?", "Combien de points la défense a-t-elle accordés ?",
-         "防守方丢了多少分？", "Kaç puan verdi savunma?", "How many points did the defense allow?",
-         "रक्षा ने कितने अंक दिए?"]
+TEXTS = [
+    "Wie viele Punkte gab die Verteidigung ab?",
+    "Combien de points la défense a-t-elle accordés ?",
+    "防守方丢了多少分？",
+    "Kaç puan verdi savunma?",
+    "How many points did the defense allow?",
+    "रक्षा ने कितने अंक दिए?",
+]
 
 
 def test_tiny_model_follows_its_config(tiny_model_dir, tiny_model_cfg, xquad_dir):
@@ -84,14 +89,20 @@ def test_pooler_is_frozen_so_every_trainable_weight_gets_a_gradient(tiny_model_d
 
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False)])
-def test_export_loads_in_transformers_and_sentence_transformers(tiny_model_dir, tmp_path,
-                                                                pooling, normalize):
+def test_export_loads_in_transformers_and_sentence_transformers(
+    tiny_model_dir, tmp_path, pooling, normalize
+):
     """Issue 3, shown 5 (tiny model, both poolings): same embeddings to 1e-5, prefixes as prompts."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    cfg = ModelConfig(name="tiny", pooling=pooling, normalize=normalize, query_prefix="Query: ",
-                      passage_prefix="Passage: ")
+    cfg = ModelConfig(
+        name="tiny",
+        pooling=pooling,
+        normalize=normalize,
+        query_prefix="Query: ",
+        passage_prefix="Passage: ",
+    )
     tokenizer, model = load_biencoder(cfg, path=str(tiny_model_dir))
     with torch.no_grad():  # move the weights away from the saved ones: the export must carry them
         for p in model.encoder.parameters():
@@ -123,8 +134,9 @@ def test_export_loads_in_transformers_and_sentence_transformers(tiny_model_dir, 
     np.testing.assert_allclose(emb.numpy(), ours_q, atol=1e-5)
     # And the folder loads back as a rayhybrid encoder with the same output.
     tok2, back = load_biencoder(cfg, path=str(out))
-    np.testing.assert_allclose(encode_texts(back, tok2, TEXTS, prefix="Query: ", max_length=64),
-                               ours_q, atol=1e-5)
+    np.testing.assert_allclose(
+        encode_texts(back, tok2, TEXTS, prefix="Query: ", max_length=64), ours_q, atol=1e-5
+    )
 
 
 def test_biencoder_rejects_unknown_pooling(tiny_model_dir, tiny_model_cfg):
@@ -150,13 +162,16 @@ def test_bf16_autocast_step_on_cpu(tiny_model_dir, tiny_model_cfg):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("flags, native", [
-    ("flags\t\t: fpu sse avx2 avx512f avx512bw", False),  # AVX-512 Xeon: bf16 emulated
-    ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni", True),  # Zen 4/5, Cooper Lake
-    ("flags\t\t: fpu avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids
-    ("Features\t: fp asimd sve bf16 i8mm", True),  # Arm v8.6
-    ("processor\t: 0", False),
-])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ("flags\t\t: fpu sse avx2 avx512f avx512bw", False),  # AVX-512 Xeon: bf16 emulated
+        ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni", True),  # Zen 4/5, Cooper Lake
+        ("flags\t\t: fpu avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids
+        ("Features\t: fp asimd sve bf16 i8mm", True),  # Arm v8.6
+        ("processor\t: 0", False),
+    ],
+)
 def test_precision_auto_follows_the_cpu_bf16_units(flags, native):
     from rayhybrid.train.precision import cpuinfo_has_bf16, resolve_precision
 

@@ -27,8 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # CI size: 3 languages, 6 steps; everything else is the shipped default.
-SHRINK = ["data.languages=[en,de,es]", "train.max_steps=6", "batch.batch_size=16",
-          "train.log_every=2", "eval.tasks=[{name: xquad_r, languages: [en, de, es], part: test}]"]
+SHRINK = [
+    "data.languages=[en,de,es]",
+    "train.max_steps=6",
+    "batch.batch_size=16",
+    "train.log_every=2",
+    "eval.tasks=[{name: xquad_r, languages: [en, de, es], part: test}]",
+]
 
 
 def test_default_config_is_found_from_any_directory(tmp_path, monkeypatch):
@@ -42,10 +47,20 @@ def test_default_config_is_found_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_table_shows_before_after_and_change():
-    before = {"x/mono/map": 0.5, "x/mono/map@20": 0.4, "x/mono/r@1": 0.3,
-              "x/multi/map": 0.2, "x/bias/rank_distance": 300.0}
-    after = {"x/mono/map": 0.6, "x/mono/map@20": 0.45, "x/mono/r@1": 0.3,
-             "x/multi/map": 0.25, "x/bias/rank_distance": 250.0}
+    before = {
+        "x/mono/map": 0.5,
+        "x/mono/map@20": 0.4,
+        "x/mono/r@1": 0.3,
+        "x/multi/map": 0.2,
+        "x/bias/rank_distance": 300.0,
+    }
+    after = {
+        "x/mono/map": 0.6,
+        "x/mono/map@20": 0.45,
+        "x/mono/r@1": 0.3,
+        "x/multi/map": 0.25,
+        "x/bias/rank_distance": 250.0,
+    }
     table = format_table("x", after, before)
     lines = table.splitlines()
     assert "pretrained" in lines[0] and "fine-tuned" in lines[0] and "change" in lines[0]
@@ -59,7 +74,10 @@ def test_table_shows_before_after_and_change():
 
 
 def test_ui_command_for_local_store_and_server():
-    assert ui_command("sqlite:////tmp/a/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////tmp/a/mlflow.db"
+    assert (
+        ui_command("sqlite:////tmp/a/mlflow.db")
+        == "mlflow ui --backend-store-uri sqlite:////tmp/a/mlflow.db"
+    )
     assert "http://mlflow:5000" in ui_command("http://mlflow:5000")
 
 
@@ -68,16 +86,31 @@ def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env.update(RAYHYBRID_DATA=str(xquad_dir.parent), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    proc = subprocess.run([str(BIN / "rayhybrid"), "quickstart", *SHRINK], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    env.update(
+        RAYHYBRID_DATA=str(xquad_dir.parent),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    proc = subprocess.run(
+        [str(BIN / "rayhybrid"), "quickstart", *SHRINK],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-6000:]
 
     # The summary table: every setting, before and after, with the numbers MLflow holds.
-    assert re.search(r"\|\s*setting\s*\|\s*metric\s*\|\s*pretrained\s*\|\s*fine-tuned\s*\|"
-                     r"\s*change\s*\|", out), out[-3000:]
+    assert re.search(
+        r"\|\s*setting\s*\|\s*metric\s*\|\s*pretrained\s*\|\s*fine-tuned\s*\|"
+        r"\s*change\s*\|",
+        out,
+    ), out[-3000:]
     for name in ("mono X→X", "cross X→Y", "multi X→all", "rank distance"):
         assert name in out, name
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -104,18 +137,33 @@ def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
     # The printed command itself serves the run and its artifacts.
     (port,) = free_ports(1)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey pool needed
-    ui = Background([str(BIN / "mlflow"), *shlex.split(command.split("MLflow UI:", 1)[1])[1:],
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                    log=tmp_path / "ui.log", env=env, cwd=tmp_path)
+    ui = Background(
+        [
+            str(BIN / "mlflow"),
+            *shlex.split(command.split("MLflow UI:", 1)[1])[1:],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        log=tmp_path / "ui.log",
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         ui.wait_http(f"http://127.0.0.1:{port}/health", 120, "mlflow ui")
         base_url = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-        with urllib.request.urlopen(f"{base_url}/runs/get?run_id={run.info.run_id}", timeout=30) as r:
+        with urllib.request.urlopen(
+            f"{base_url}/runs/get?run_id={run.info.run_id}", timeout=30
+        ) as r:
             got = json.load(r)["run"]
         assert got["info"]["status"] == "FINISHED"
         assert any(m["key"] == "xquad_r/multi/map_at_20" for m in got["data"]["metrics"])
-        with urllib.request.urlopen(f"{base_url}/artifacts/list?run_id={run.info.run_id}&path=eval",
-                                    timeout=30) as r:
+        with urllib.request.urlopen(
+            f"{base_url}/artifacts/list?run_id={run.info.run_id}&path=eval", timeout=30
+        ) as r:
             listed = [f["path"] for f in json.load(r).get("files", [])]
         assert listed, "the UI lists no evaluation artifacts"
     finally:

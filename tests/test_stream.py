@@ -27,17 +27,29 @@ WORKERS, BATCH, STEPS, RESUME_AT = 2, 16, 12, 5
 
 def xquad_cfg(xquad_dir: Path, *extra: str):
     # steps_per_epoch=5: the 12 steps cross two epoch boundaries (per-epoch shuffle).
-    return load_config(None, [f"data.path={xquad_dir}", f"batch.batch_size={BATCH}",
-                              "batch.strategy=hybrid", "batch.alpha=0.5", "batch.steps_per_epoch=5",
-                              "model.query_prefix='Query: '", "model.passage_prefix='Passage: '",
-                              "data.max_query_length=16", "data.max_passage_length=24",
-                              f"train.max_steps={STEPS}", *extra])
+    return load_config(
+        None,
+        [
+            f"data.path={xquad_dir}",
+            f"batch.batch_size={BATCH}",
+            "batch.strategy=hybrid",
+            "batch.alpha=0.5",
+            "batch.steps_per_epoch=5",
+            "model.query_prefix='Query: '",
+            "model.passage_prefix='Passage: '",
+            "data.max_query_length=16",
+            "data.max_passage_length=24",
+            f"train.max_steps={STEPS}",
+            *extra,
+        ],
+    )
 
 
 def read_all(datasets: dict, per_worker: int = BATCH // WORKERS) -> list[list[dict]]:
     """Per rank, the list of step batches."""
-    return [list(iter_step_batches(datasets[rank_key(r)], per_worker, 0))
-            for r in range(len(datasets))]
+    return [
+        list(iter_step_batches(datasets[rank_key(r)], per_worker, 0)) for r in range(len(datasets))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +107,20 @@ def test_tokens_are_prefixed_truncated_and_padded_per_step(xquad, minilm_dir):
     batch = full[1][3]
     for i in range(len(batch["group"])):
         item = items[batch["group"][i]]
-        q = tok("Query: " + item.queries[batch["q_lang"][i]], truncation=True, max_length=16)["input_ids"]
+        q = tok("Query: " + item.queries[batch["q_lang"][i]], truncation=True, max_length=16)[
+            "input_ids"
+        ]
         p_text = "Passage: " + item.positives[batch["p_lang"][i]][0]
         p = tok(p_text, truncation=True, max_length=24)["input_ids"]
         n = int(batch["q_attention_mask"][i].sum())
         assert batch["q_input_ids"][i, :n].tolist() == q
-        assert batch["p_input_ids"][i, :int(batch["p_attention_mask"][i].sum())].tolist() == p
+        assert batch["p_input_ids"][i, : int(batch["p_attention_mask"][i].sum())].tolist() == p
         assert (batch["q_input_ids"][i, n:] == 0).all()
     for rank in full:
         for b in rank:
-            assert b["q_input_ids"].dtype == torch.long and b["p_attention_mask"].dtype == torch.long
+            assert (
+                b["q_input_ids"].dtype == torch.long and b["p_attention_mask"].dtype == torch.long
+            )
             assert b["q_input_ids"].shape[1] <= 16 and b["p_input_ids"].shape[1] <= 24
             # Padded to the step's longest row, not to the maximum length.
             assert b["q_attention_mask"][:, -1].any() and b["p_attention_mask"][:, -1].any()
@@ -112,12 +128,16 @@ def test_tokens_are_prefixed_truncated_and_padded_per_step(xquad, minilm_dir):
 
 def test_restart_at_step_k_yields_the_uninterrupted_batches(xquad, minilm_dir):
     cfg, data, full, datasets = xquad
-    resumed = read_all(build_train_datasets(cfg, data, str(minilm_dir), WORKERS, start_step=RESUME_AT))
+    resumed = read_all(
+        build_train_datasets(cfg, data, str(minilm_dir), WORKERS, start_step=RESUME_AT)
+    )
     for r in range(WORKERS):
         assert resumed[r][0]["step"] == RESUME_AT
         assert_same_batches(resumed[r], full[r][RESUME_AT:])
         # A restart that keeps the datasets built from step 0 skips to its step instead.
-        skipped = iter_step_batches(datasets[rank_key(r)], BATCH // WORKERS, 0, start_step=RESUME_AT)
+        skipped = iter_step_batches(
+            datasets[rank_key(r)], BATCH // WORKERS, 0, start_step=RESUME_AT
+        )
         assert_same_batches(list(skipped), full[r][RESUME_AT:])
     # A run resumed at its last step gets an empty stream, not an error.
     done = build_train_datasets(cfg, data, str(minilm_dir), WORKERS, start_step=STEPS)
@@ -136,13 +156,22 @@ def test_stream_of_pairs(ray_local, minilm_dir):
     from transformers import AutoTokenizer
 
     # Non-parallel pairs: each serves only its own (query language, passage language).
-    pairs = [Pair(f"question {i} about topic {i % 7}", f"answer passage number {i} " * (1 + i % 4),
-                  ql, pl, group=f"g{i}") for i, (ql, pl) in
-             enumerate([("en", "en"), ("de", "de"), ("en", "de"), ("de", "en")] * 40)]
+    pairs = [
+        Pair(
+            f"question {i} about topic {i % 7}",
+            f"answer passage number {i} " * (1 + i % 4),
+            ql,
+            pl,
+            group=f"g{i}",
+        )
+        for i, (ql, pl) in enumerate([("en", "en"), ("de", "de"), ("en", "de"), ("de", "en")] * 40)
+    ]
     by_group = {p.group: p for p in pairs}
     data = TrainingData(items=[], pairs=pairs, report=LoadReport("synthetic"))
-    cfg = load_config(None, ["batch.batch_size=8", "batch.strategy=hybrid", "batch.alpha=0.3",
-                             "train.max_steps=6"])
+    cfg = load_config(
+        None,
+        ["batch.batch_size=8", "batch.strategy=hybrid", "batch.alpha=0.3", "train.max_steps=6"],
+    )
     eager = build_train_datasets(cfg, data, str(minilm_dir), WORKERS)
     assert type(eager[rank_key(0)]).__name__ == "MaterializedDataset"
     batches = read_all(eager, 4)
@@ -163,8 +192,11 @@ def test_stream_of_pairs(ray_local, minilm_dir):
 
 
 def test_plan_errors_surface_in_the_driver(ray_local, minilm_dir):
-    data = TrainingData(items=[], pairs=[Pair("q", "p", "en", "en", f"g{i}") for i in range(20)],
-                        report=LoadReport("synthetic"))
+    data = TrainingData(
+        items=[],
+        pairs=[Pair("q", "p", "en", "en", f"g{i}") for i in range(20)],
+        report=LoadReport("synthetic"),
+    )
     cfg = load_config(None, ["batch.batch_size=8", "batch.strategy=cross"])
     with pytest.raises(BatchPlanError, match="single language"):
         build_train_datasets(cfg, data, str(minilm_dir), 2)
@@ -172,9 +204,13 @@ def test_plan_errors_surface_in_the_driver(ray_local, minilm_dir):
     with pytest.raises(BatchPlanError, match="num_workers=2"):
         build_train_datasets(cfg, data, str(minilm_dir), 2)
     with pytest.raises(ValueError, match="start_step=30"):
-        build_train_datasets(load_config(None, ["batch.batch_size=8", "batch.strategy=mono",
-                                                "train.max_steps=20"]), data, str(minilm_dir), 2,
-                             start_step=30)
+        build_train_datasets(
+            load_config(None, ["batch.batch_size=8", "batch.strategy=mono", "train.max_steps=20"]),
+            data,
+            str(minilm_dir),
+            2,
+            start_step=30,
+        )
 
 
 def _train_loop(config: dict) -> None:
@@ -185,9 +221,16 @@ def _train_loop(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard(rank_key(rank))
-    seen = [{"step": b["step"], "mode": b["mode"], "group": b["group"],
-             "q_sum": int(b["q_input_ids"].sum()), "p_shape": list(b["p_input_ids"].shape)}
-            for b in iter_step_batches(shard, config["per_worker"], 0)]
+    seen = [
+        {
+            "step": b["step"],
+            "mode": b["mode"],
+            "group": b["group"],
+            "q_sum": int(b["q_input_ids"].sum()),
+            "p_shape": list(b["p_input_ids"].shape),
+        }
+        for b in iter_step_batches(shard, config["per_worker"], 0)
+    ]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -199,10 +242,13 @@ def test_two_worker_trainer_on_two_cpus_reads_its_planned_share(xquad, minilm_di
 
     _, _, full, datasets = xquad
     trainer = TorchTrainer(
-        _train_loop, train_loop_config={"per_worker": BATCH // WORKERS, "out": str(tmp_path)},
+        _train_loop,
+        train_loop_config={"per_worker": BATCH // WORKERS, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
-        datasets=datasets, dataset_config=train_data_config(),
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="stream_test"))
+        datasets=datasets,
+        dataset_config=train_data_config(),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="stream_test"),
+    )
     trainer.fit()
     for r in range(WORKERS):
         seen = json.loads((tmp_path / f"rank{r}.json").read_text())
@@ -233,10 +279,19 @@ def test_validation_batches_are_the_dev_plan_through_the_stream(xquad_dir, ray_l
     padded exactly as the training stream's steps (no second planner, no second tokenizer)."""
     from rayhybrid.stream import validation_batches, validation_plan
 
-    cfg = load_config(None, [f"data.path={xquad_dir}", "data.dev_fraction=0.1",
-                             f"batch.batch_size={BATCH}", "batch.strategy=hybrid",
-                             "batch.alpha=0.5", "model.query_prefix='Query: '",
-                             "data.max_query_length=16", "data.max_passage_length=24"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={xquad_dir}",
+            "data.dev_fraction=0.1",
+            f"batch.batch_size={BATCH}",
+            "batch.strategy=hybrid",
+            "batch.alpha=0.5",
+            "model.query_prefix='Query: '",
+            "data.max_query_length=16",
+            "data.max_passage_length=24",
+        ],
+    )
     dev = load_training_data(cfg.data, part="dev")
     _, plan = validation_plan(cfg, dev, WORKERS)
     n = min(4, plan.steps_per_epoch)

@@ -24,20 +24,36 @@ N = 3  # steps before the interruption; runs have 2N steps, a checkpoint every N
 
 
 def make_cfg(root: Path, xquad_dir: Path, name: str, *overrides: str):
-    return load_config(None, [
-        f"data.path={xquad_dir}", "data.max_query_length=24", "data.max_passage_length=40",
-        "batch.batch_size=8", "batch.strategy=hybrid", "batch.seed=7",
-        "train.lr=1e-3", "train.num_workers=2", "train.cpus_per_worker=1", "train.log_every=2",
-        f"train.max_steps={2 * N}", f"train.checkpoint_every={N}",
-        f"train.storage_path={root / 'runs'}", f"train.run_name={name}",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=tests",
-        *overrides])
+    return load_config(
+        None,
+        [
+            f"data.path={xquad_dir}",
+            "data.max_query_length=24",
+            "data.max_passage_length=40",
+            "batch.batch_size=8",
+            "batch.strategy=hybrid",
+            "batch.seed=7",
+            "train.lr=1e-3",
+            "train.num_workers=2",
+            "train.cpus_per_worker=1",
+            "train.log_every=2",
+            f"train.max_steps={2 * N}",
+            f"train.checkpoint_every={N}",
+            f"train.storage_path={root / 'runs'}",
+            f"train.run_name={name}",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "tracking.experiment=tests",
+            *overrides,
+        ],
+    )
 
 
 def read_batch_log(folder: Path) -> dict[int, list[dict]]:
     """rank -> logged steps in order ({step, pid, group})."""
-    return {r: [json.loads(line) for line in (folder / f"rank{r}.jsonl").read_text().splitlines()]
-            for r in (0, 1)}
+    return {
+        r: [json.loads(line) for line in (folder / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    }
 
 
 def final_weights(result) -> dict[str, torch.Tensor]:
@@ -68,8 +84,10 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(ray_local, root, xquad_dir, tiny_model_dir):
     """2N uninterrupted steps, 2 workers, batch log kept."""
-    return train(make_cfg(root, xquad_dir, "ref", f"model.name={tiny_model_dir}"),
-                 hooks=TrainHooks(batch_log=str(root / "log_ref")))
+    return train(
+        make_cfg(root, xquad_dir, "ref", f"model.name={tiny_model_dir}"),
+        hooks=TrainHooks(batch_log=str(root / "log_ref")),
+    )
 
 
 def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
@@ -86,7 +104,9 @@ def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2 * N, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model"} <= artifacts
-    assert "modules.json" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "modules.json" in {
+        Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")
+    }
     log = read_batch_log(root / "log_ref")
     assert [e["step"] for e in log[0]] == list(range(2 * N)) == [e["step"] for e in log[1]]
     for s in range(2 * N):  # no parallel item twice in one global batch
@@ -108,8 +128,10 @@ def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_mod
 
     with pytest.raises(TrainingError, match="already exists"):
         train(cfg, hooks=hooks)  # same name without resume/overwrite: refused, nothing touched
-    resumed = train(make_cfg(root, xquad_dir, "resume", f"model.name={tiny_model_dir}",
-                             "train.resume=true"), hooks=hooks)
+    resumed = train(
+        make_cfg(root, xquad_dir, "resume", f"model.name={tiny_model_dir}", "train.resume=true"),
+        hooks=hooks,
+    )
     assert resumed.resumed and resumed.metrics["step"] == 2 * N
     assert_same_weights(final_weights(resumed), final_weights(reference))
 
@@ -127,12 +149,17 @@ def test_exact_resume_after_an_interruption(reference, root, xquad_dir, tiny_mod
     assert runs[0].info.status == "FINISHED"
 
 
-def test_worker_killed_mid_run_recovers_from_the_last_checkpoint(reference, root, xquad_dir,
-                                                                 tiny_model_dir):
+def test_worker_killed_mid_run_recovers_from_the_last_checkpoint(
+    reference, root, xquad_dir, tiny_model_dir
+):
     """Issue 3, shown 4: os._exit in rank 1 at step N+1; FailureConfig restarts from checkpoint N."""
-    hooks = TrainHooks(batch_log=str(root / "log_crash"), fault=f"1:{N + 1}:{root / 'killed_crash'}")
-    result = train(make_cfg(root, xquad_dir, "crash", f"model.name={tiny_model_dir}",
-                            "train.max_failures=1"), hooks=hooks)
+    hooks = TrainHooks(
+        batch_log=str(root / "log_crash"), fault=f"1:{N + 1}:{root / 'killed_crash'}"
+    )
+    result = train(
+        make_cfg(root, xquad_dir, "crash", f"model.name={tiny_model_dir}", "train.max_failures=1"),
+        hooks=hooks,
+    )
     assert (root / "killed_crash").is_file(), "the fault was not injected"
     assert result.metrics["step"] == 2 * N
     assert_same_weights(final_weights(result), final_weights(reference))
@@ -162,8 +189,12 @@ def test_export_of_a_trained_run_matches_the_trainer_encoder(reference, tiny_mod
 
     tokenizer, trainer_model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
     trainer_model.load_state_dict(final_weights(reference))
-    texts = ["Wer gewann den Super Bowl 50?", "The Broncos defeated the Panthers 24–10.",
-             "¿Quién ganó?", "谁赢得了比赛？"]
+    texts = [
+        "Wer gewann den Super Bowl 50?",
+        "The Broncos defeated the Panthers 24–10.",
+        "¿Quién ganó?",
+        "谁赢得了比赛？",
+    ]
     ours = encode_texts(trainer_model, tokenizer, texts, max_length=40)
     st = SentenceTransformer(str(reference.model_dir), device="cpu")
     np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), ours, atol=1e-5)
@@ -209,18 +240,36 @@ def heldout_scores(model_dir: Path, pairs, batch: int = 16) -> tuple[float, floa
 
 def test_training_learns_on_xquad_r(ray_local, root, xquad_dir):
     """Issue 3, shown 2: tiny model built on the fly; loss falls, held-out accuracy rises."""
-    cfg = make_cfg(root, xquad_dir, "learn", "model.name=tiny", "batch.strategy=mono",
-                   "batch.batch_size=16", "train.num_workers=1", "train.cpus_per_worker=2",
-                   "train.max_steps=150", "train.lr=1e-3", "train.checkpoint_every=0",
-                   "train.log_every=10", "train.eval_every=75", "data.train_fraction=0.5",
-                   "data.dev_fraction=0.1", "data.max_query_length=32", "data.max_passage_length=64")
+    cfg = make_cfg(
+        root,
+        xquad_dir,
+        "learn",
+        "model.name=tiny",
+        "batch.strategy=mono",
+        "batch.batch_size=16",
+        "train.num_workers=1",
+        "train.cpus_per_worker=2",
+        "train.max_steps=150",
+        "train.lr=1e-3",
+        "train.checkpoint_every=0",
+        "train.log_every=10",
+        "train.eval_every=75",
+        "data.train_fraction=0.5",
+        "data.dev_fraction=0.1",
+        "data.max_query_length=32",
+        "data.max_passage_length=64",
+    )
     result = train(cfg)
     assert (result.run_dir / "init_model" / "tokenizer.json").is_file()
     assert result.metrics["best_step"] in (75, 150)
     assert result.metrics["best_val_loss"] < np.log(16) - 0.3  # below chance level, clearly
     client, runs = mlflow_runs(root, "learn")
-    losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"),
-                                      key=lambda m: m.step)]
+    losses = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step
+        )
+    ]
     assert len(losses) == 150
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.3, (losses[:20], losses[-20:])
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")} == {75, 150}
@@ -239,10 +288,20 @@ def test_early_stopping_keeps_the_best_model(ray_local, root, xquad_dir, tiny_mo
     lr=1e-30 leaves the fp32 weights bit-identical, so the validation loss never improves
     after the first validation (which beats +inf): the run must stop at step 6, best step 2.
     """
-    cfg = make_cfg(root, xquad_dir, "early", f"model.name={tiny_model_dir}", "train.lr=1e-30",
-                   "train.num_workers=1", "train.cpus_per_worker=2", "train.max_steps=20",
-                   "train.checkpoint_every=0", "train.eval_every=2",
-                   "train.early_stopping_patience=2", "data.dev_fraction=0.1")
+    cfg = make_cfg(
+        root,
+        xquad_dir,
+        "early",
+        f"model.name={tiny_model_dir}",
+        "train.lr=1e-30",
+        "train.num_workers=1",
+        "train.cpus_per_worker=2",
+        "train.max_steps=20",
+        "train.checkpoint_every=0",
+        "train.eval_every=2",
+        "train.early_stopping_patience=2",
+        "data.dev_fraction=0.1",
+    )
     result = train(cfg)
     m = result.metrics
     assert (m["step"], m["stopped_early"], m["best_step"]) == (6, True, 2)
@@ -256,19 +315,27 @@ def test_early_stopping_keeps_the_best_model(ray_local, root, xquad_dir, tiny_mo
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("override,error,message", [
-    ("train.tau=0", ConfigError, "train.tau must be > 0"),
-    ("train.tau=-0.1", ConfigError, "train.tau must be > 0"),
-    ("batch.batch_size=3", ConfigError, "too small for train.num_workers=2"),
-    ("batch.batch_size=9", ConfigError, "must divide by train.num_workers=2"),
-    ("batch.batch_size=4000", ConfigError, "larger than"),
-    ("train.eval_every=5", ConfigError, "needs a dev split"),
-    ("train.early_stopping_patience=2", ConfigError, "needs train.eval_every"),
-    ("train.max_failures=-2", ConfigError, "train.max_failures must be >= 0"),
-    ("model.name=no-such-org/no-such-model-xyz", ModelError, "neither a local folder nor available"),
-])
-def test_bad_settings_fail_in_the_driver_before_ray(override, error, message, tmp_path, xquad_dir,
-                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("train.tau=0", ConfigError, "train.tau must be > 0"),
+        ("train.tau=-0.1", ConfigError, "train.tau must be > 0"),
+        ("batch.batch_size=3", ConfigError, "too small for train.num_workers=2"),
+        ("batch.batch_size=9", ConfigError, "must divide by train.num_workers=2"),
+        ("batch.batch_size=4000", ConfigError, "larger than"),
+        ("train.eval_every=5", ConfigError, "needs a dev split"),
+        ("train.early_stopping_patience=2", ConfigError, "needs train.eval_every"),
+        ("train.max_failures=-2", ConfigError, "train.max_failures must be >= 0"),
+        (
+            "model.name=no-such-org/no-such-model-xyz",
+            ModelError,
+            "neither a local folder nor available",
+        ),
+    ],
+)
+def test_bad_settings_fail_in_the_driver_before_ray(
+    override, error, message, tmp_path, xquad_dir, monkeypatch
+):
     """Issue 3, shown 6: one clear error, raised before the run folder or Ray is touched."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(error, match=message):  # range checks: already when the config is built
@@ -290,7 +357,9 @@ def test_unknown_key_and_wrong_type_are_config_errors_on_the_command_line(capsys
 def test_unwritable_storage_and_existing_runs(tmp_path, xquad_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    cfg = make_cfg(tmp_path, xquad_dir, "x", "model.name=tiny", f"train.storage_path={blocker}/runs")
+    cfg = make_cfg(
+        tmp_path, xquad_dir, "x", "model.name=tiny", f"train.storage_path={blocker}/runs"
+    )
     with pytest.raises(TrainingError, match="cannot write the run folder"):
         train(cfg)
     existing = tmp_path / "runs" / "taken"
@@ -301,7 +370,15 @@ def test_unwritable_storage_and_existing_runs(tmp_path, xquad_dir):
         train(make_cfg(tmp_path, xquad_dir, "taken", "model.name=tiny"))
     assert (existing / "checkpoint_00000005" / "model.pt").read_text() == "precious"
     with pytest.raises(TrainingError, match="choose one"):
-        train(make_cfg(tmp_path, xquad_dir, "taken", "model.name=tiny", "train.resume=true",
-                       "train.overwrite=true"))
+        train(
+            make_cfg(
+                tmp_path,
+                xquad_dir,
+                "taken",
+                "model.name=tiny",
+                "train.resume=true",
+                "train.overwrite=true",
+            )
+        )
     with pytest.raises(TrainingError, match="run_name"):
         train(make_cfg(tmp_path, xquad_dir, "../escape", "model.name=tiny"))

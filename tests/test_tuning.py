@@ -35,24 +35,27 @@ def small(*overrides: str):
 # --------------------------------------------------------------------------- bad input, no Ray
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("tune.alphas=[]", "tune.alphas is empty"),
-    ("tune.alphas=[0.5, 1.2]", "tune.alphas[1] = 1.2 is outside [0, 1]"),
-    ("tune.alphas=[-0.1]", "tune.alphas[0] = -0.1 is outside [0, 1]"),
-    ("tune.alphas=[.nan]", "tune.alphas[0] = nan: expected a finite number"),
-    ("tune.alphas=[0.5, 0.5]", "tune.alphas lists 0.5 twice"),
-    ("tune.lrs=[0.0]", "tune.lrs[0] = 0.0 is outside (0, 1]"),
-    ("tune.taus=[-1.0]", "tune.taus[0] = -1.0 is outside (0, inf]"),
-    ("tune.extra_grid=['batch.batch_size=[]']", "empty list, the search space has no trial"),
-    ("tune.extra_grid=['batch.batch_size 16']", "expected 'key=[v1, v2, ...]'"),
-    ("tune.extra_grid=['batch.alpha=[0.1]']", "batch.alpha is set by the sweep itself"),
-    ("data.dev_fraction=0.0", "data.dev_fraction is 0"),
-    ("train.eval_every=0", "train.eval_every = 0"),
-    ("tune.objective=mean_accuracy", "unknown metric 'accuracy'"),
-    ("tune.objective=cross/ndcg@5", "expected mean_<metric>"),
-    ("tune.max_concurrent=0", "tune.max_concurrent = 0"),
-    ("tune.gpus_per_trial=0.5", "tune.gpus_per_trial = 0.5"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("tune.alphas=[]", "tune.alphas is empty"),
+        ("tune.alphas=[0.5, 1.2]", "tune.alphas[1] = 1.2 is outside [0, 1]"),
+        ("tune.alphas=[-0.1]", "tune.alphas[0] = -0.1 is outside [0, 1]"),
+        ("tune.alphas=[.nan]", "tune.alphas[0] = nan: expected a finite number"),
+        ("tune.alphas=[0.5, 0.5]", "tune.alphas lists 0.5 twice"),
+        ("tune.lrs=[0.0]", "tune.lrs[0] = 0.0 is outside (0, 1]"),
+        ("tune.taus=[-1.0]", "tune.taus[0] = -1.0 is outside (0, inf]"),
+        ("tune.extra_grid=['batch.batch_size=[]']", "empty list, the search space has no trial"),
+        ("tune.extra_grid=['batch.batch_size 16']", "expected 'key=[v1, v2, ...]'"),
+        ("tune.extra_grid=['batch.alpha=[0.1]']", "batch.alpha is set by the sweep itself"),
+        ("data.dev_fraction=0.0", "data.dev_fraction is 0"),
+        ("train.eval_every=0", "train.eval_every = 0"),
+        ("tune.objective=mean_accuracy", "unknown metric 'accuracy'"),
+        ("tune.objective=cross/ndcg@5", "expected mean_<metric>"),
+        ("tune.max_concurrent=0", "tune.max_concurrent = 0"),
+        ("tune.gpus_per_trial=0.5", "tune.gpus_per_trial = 0.5"),
+    ],
+)
 def test_bad_search_space_is_refused_with_the_key(override, fragment):
     with pytest.raises(TuneError) as info:
         search_axes(small(override))
@@ -74,8 +77,9 @@ def test_every_shipped_search_space_is_valid(space):
 def test_space_then_overrides_on_the_command_line():
     from rayhybrid.cli import _load, build_parser
 
-    args = build_parser().parse_args(["tune", "--config", str(TUNE_SMALL), "--space", "alpha_lr",
-                                      "tune.lrs=[2e-5, 5e-5]"])
+    args = build_parser().parse_args(
+        ["tune", "--config", str(TUNE_SMALL), "--space", "alpha_lr", "tune.lrs=[2e-5, 5e-5]"]
+    )
     cfg = _load(args)
     assert cfg.tune.alphas == (0.0, 0.25, 0.5, 0.75, 1.0)  # from the space
     assert cfg.tune.lrs == (2e-5, 5e-5)  # the command line wins
@@ -91,14 +95,23 @@ def test_extra_grid_values_are_type_checked_up_front():
 
 
 def test_axes_and_grid_space():
-    cfg = small("tune.alphas=[0.0, 1.0]", "tune.lrs=[1e-5, 1e-4]",
-                "tune.extra_grid=['batch.batch_size=[16, 32]']")
+    cfg = small(
+        "tune.alphas=[0.0, 1.0]",
+        "tune.lrs=[1e-5, 1e-4]",
+        "tune.extra_grid=['batch.batch_size=[16, 32]']",
+    )
     axes = search_axes(cfg)
-    assert axes == {"batch.alpha": [0.0, 1.0], "train.lr": [1e-5, 1e-4], "batch.batch_size": [16, 32]}
+    assert axes == {
+        "batch.alpha": [0.0, 1.0],
+        "train.lr": [1e-5, 1e-4],
+        "batch.batch_size": [16, 32],
+    }
     space, alg, n = param_space(cfg, axes)
     assert alg is None and n == 1
     assert space["batch.alpha"] == {"grid_search": [0.0, 1.0]}
-    rnd, alg, n = param_space(apply_overrides(cfg, {"tune.search": "random", "tune.num_samples": 3}), axes)
+    rnd, alg, n = param_space(
+        apply_overrides(cfg, {"tune.search": "random", "tune.num_samples": 3}), axes
+    )
     assert alg is None and n == 3
     assert (rnd["batch.alpha"].lower, rnd["batch.alpha"].upper) == (0.0, 1.0)
 
@@ -118,7 +131,9 @@ def test_optuna_search_without_optuna_says_how_to_get_it():
 def test_objective_parsing():
     obj = parse_objective("mean_map@20")
     assert obj.keys == ("mono/map@20", "cross/map@20", "multi/map@20") and obj.mode == "max"
-    assert obj.value({"mono/map@20": 0.3, "cross/map@20": 0.2, "multi/map@20": 0.1}) == pytest.approx(0.2)
+    assert obj.value(
+        {"mono/map@20": 0.3, "cross/map@20": 0.2, "multi/map@20": 0.1}
+    ) == pytest.approx(0.2)
     assert parse_objective("bias/rank_distance").mode == "min"
     assert parse_objective("mean_map@20", ("mono",)).keys == ("mono/map@20",)
     with pytest.raises(TuneError, match="needs dev metric"):
@@ -127,8 +142,15 @@ def test_objective_parsing():
 
 def test_cli_refuses_bad_space_before_starting_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status = main(["tune", "--config", str(TUNE_SMALL), "tune.alphas=[0.2, 7]",
-                   f"tune.storage_path={tmp_path / 'tune'}"])
+    status = main(
+        [
+            "tune",
+            "--config",
+            str(TUNE_SMALL),
+            "tune.alphas=[0.2, 7]",
+            f"tune.storage_path={tmp_path / 'tune'}",
+        ]
+    )
     assert status == 1
     assert "tune.alphas[1] = 7.0 is outside [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
@@ -136,28 +158,48 @@ def test_cli_refuses_bad_space_before_starting_anything(tmp_path, capsys, monkey
 
 def test_baseline_not_in_the_sweep_is_refused_before_starting(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status = main(["tune", "--config", str(TUNE_SMALL), "tune.alphas=[0.0, 0.5]", "baseline=0.3",
-                   f"tune.storage_path={tmp_path / 'tune'}"])
+    status = main(
+        [
+            "tune",
+            "--config",
+            str(TUNE_SMALL),
+            "tune.alphas=[0.0, 0.5]",
+            "baseline=0.3",
+            f"tune.storage_path={tmp_path / 'tune'}",
+        ]
+    )
     assert status == 1
     assert "baseline = 0.3 is not a row of the sweep" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_tradeoff_plot_and_table_round_trip(tmp_path):
-    table = ResultsTable(columns=["trial", "alpha", "dev mono/map@20", "dev bias/rank_distance", "error"])
+    table = ResultsTable(
+        columns=["trial", "alpha", "dev mono/map@20", "dev bias/rank_distance", "error"]
+    )
     for i, a in enumerate((0.0, 0.5, 1.0)):
-        table.add({"trial": f"t{i}", "alpha": a, "dev mono/map@20": 0.1 + a / 10,
-                   "dev bias/rank_distance": 300.0 - 50 * a, "error": ""})
+        table.add(
+            {
+                "trial": f"t{i}",
+                "alpha": a,
+                "dev mono/map@20": 0.1 + a / 10,
+                "dev bias/rank_distance": 300.0 - 50 * a,
+                "error": "",
+            }
+        )
     table.add({"trial": "t3", "alpha": 0.25, "error": "ModelError: no such model"})
     back = ResultsTable.from_csv(table.to_csv(tmp_path / "t.csv"))
     assert back.column("alpha") == [0.0, 0.5, 1.0, 0.25]
     assert back.column("dev mono/map@20")[:3] == table.column("dev mono/map@20")[:3]
     assert "ModelError: no such model" in table.to_markdown()
     for row in table.rows[:3]:  # interval ends draw error bars
-        row["dev mono/map@20 low"], row["dev mono/map@20 high"] = (row["dev mono/map@20"] - 0.01,
-                                                                   row["dev mono/map@20"] + 0.02)
-    png = plot_tradeoff(table, "alpha", {"mono": "dev mono/map@20"}, "dev bias/rank_distance",
-                        tmp_path / "p.png")
+        row["dev mono/map@20 low"], row["dev mono/map@20 high"] = (
+            row["dev mono/map@20"] - 0.01,
+            row["dev mono/map@20"] + 0.02,
+        )
+    png = plot_tradeoff(
+        table, "alpha", {"mono": "dev mono/map@20"}, "dev bias/rank_distance", tmp_path / "p.png"
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,12 +224,23 @@ class InterruptAfterFirstTrial(Callback):
 
 
 def sweep_config(tmp_path: Path, model_dir: Path, data_dir: Path, *extra: str):
-    return small(f"model.name={model_dir}", f"data.path={data_dir}", "data.languages=[en, de, es]",
-                 "batch.batch_size=8", "train.max_steps=4", "train.eval_every=2", "train.log_every=2",
-                 "train.precision=fp32", "train.num_workers=1",
-                 f"tune.storage_path={tmp_path / 'tune'}", "tune.cpus_per_trial=1",
-                 "tune.max_concurrent=2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 f"eval.output_dir={tmp_path / 'out'}", *extra)
+    return small(
+        f"model.name={model_dir}",
+        f"data.path={data_dir}",
+        "data.languages=[en, de, es]",
+        "batch.batch_size=8",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.log_every=2",
+        "train.precision=fp32",
+        "train.num_workers=1",
+        f"tune.storage_path={tmp_path / 'tune'}",
+        "tune.cpus_per_trial=1",
+        "tune.max_concurrent=2",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"eval.output_dir={tmp_path / 'out'}",
+        *extra,
+    )
 
 
 def children_of(cfg, parent_id: str) -> list:
@@ -195,8 +248,9 @@ def children_of(cfg, parent_id: str) -> list:
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=1000)
+    return client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+    )
 
 
 def parent_id(cfg) -> str:
@@ -206,14 +260,23 @@ def parent_id(cfg) -> str:
 
 
 @pytest.mark.slow
-def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, tiny_model_dir, xquad_dir):
+def test_alpha_sweep_end_to_end_interrupted_and_restored(
+    ray_local, tmp_path, tiny_model_dir, xquad_dir
+):
     import yaml
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.tuning.driver import run_tune
 
-    cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.0, 0.5, 1.0]",
-                       "tune.name=sweep", "baseline=0.5", "eval.bootstrap_samples=200")
+    cfg = sweep_config(
+        tmp_path,
+        tiny_model_dir,
+        xquad_dir,
+        "tune.alphas=[0.0, 0.5, 1.0]",
+        "tune.name=sweep",
+        "baseline=0.5",
+        "eval.bootstrap_samples=200",
+    )
     marker = tmp_path / "interrupted"
     first = run_tune(cfg, callbacks=[InterruptAfterFirstTrial(marker)])
     assert marker.exists(), "the sweep ended without being interrupted"
@@ -225,10 +288,12 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
         run_tune(cfg)
     # What the finished trials wrote: a rerun of their training would rewrite these files.
     # (A trial still running at the interruption may have written some too; it is rerun.)
-    written = {p: p.stat().st_mtime_ns for pattern in ("**/final_model/model.safetensors",
-                                                       "**/trial_results/*.json")
-               for p in tmp_path.glob(pattern)
-               if any(f"sweep_{trial}" in str(p) for trial in done_before)}
+    written = {
+        p: p.stat().st_mtime_ns
+        for pattern in ("**/final_model/model.safetensors", "**/trial_results/*.json")
+        for p in tmp_path.glob(pattern)
+        if any(f"sweep_{trial}" in str(p) for trial in done_before)
+    }
     assert len(written) == 2 * len(done_before), sorted(map(str, written))
     table = run_tune(apply_overrides(cfg, {"tune.resume": True}))
     assert {p: p.stat().st_mtime_ns for p in written} == written, "a finished trial was rerun"
@@ -248,7 +313,9 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
         # Its dev metrics are in the nested run, and the table shows the same numbers.
         metrics = run.data.metrics
         assert metrics["val/dev/objective"] == pytest.approx(row["objective"], rel=1e-9)
-        assert metrics["val/dev/multi/map_at_20"] == pytest.approx(row["dev multi/map@20"], rel=1e-9)
+        assert metrics["val/dev/multi/map_at_20"] == pytest.approx(
+            row["dev multi/map@20"], rel=1e-9
+        )
         assert 0.0 <= row["dev mono/map@20"] <= 1.0 and row["dev bias/rank_distance"] >= 0
         if row["trial"] in done_before:  # finished before the interruption: never rerun
             assert len(mine) == 1
@@ -283,16 +350,23 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(ray_local, tmp_path, ti
 
 
 @pytest.mark.slow
-def test_failed_trial_is_in_the_table_and_the_others_finish(ray_local, tmp_path, tiny_model_dir,
-                                                            xquad_dir):
+def test_failed_trial_is_in_the_table_and_the_others_finish(
+    ray_local, tmp_path, tiny_model_dir, xquad_dir
+):
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.tuning.driver import run_tune
 
     missing = tmp_path / "no_such_model"
-    cfg = sweep_config(tmp_path, tiny_model_dir, xquad_dir, "tune.alphas=[0.5]", "tune.name=fails",
-                       f"tune.extra_grid=['model.name=[{tiny_model_dir}, {missing}]']",
-                       "tune.scheduler=none")
+    cfg = sweep_config(
+        tmp_path,
+        tiny_model_dir,
+        xquad_dir,
+        "tune.alphas=[0.5]",
+        "tune.name=fails",
+        f"tune.extra_grid=['model.name=[{tiny_model_dir}, {missing}]']",
+        "tune.scheduler=none",
+    )
     table = run_tune(cfg)
     assert len(table) == 2, table.to_markdown()
     by_model = {r["model.name"]: r for r in table.rows}

@@ -16,8 +16,9 @@ __all__ = ["PARTS", "split_units"]
 PARTS = ("train", "dev", "test")
 
 
-def split_units(keys: Sequence[str], train_fraction: float, dev_fraction: float = 0.0,
-                seed: int | None = None) -> dict[str, set[str]]:
+def split_units(
+    keys: Sequence[str], train_fraction: float, dev_fraction: float = 0.0, seed: int | None = None
+) -> dict[str, set[str]]:
     """Split unit keys into ``train`` / ``dev`` / ``test`` sets.
 
     Args:
@@ -41,5 +42,8 @@ def split_units(keys: Sequence[str], train_fraction: float, dev_fraction: float 
     # Half-up rounding (not banker's) so 0.75 of 2 units is 2, predictable for users.
     n_train = min(n, int(n * train_fraction + 0.5))
     n_dev = min(n - n_train, int(n * dev_fraction + 0.5))
-    return {"train": set(units[:n_train]), "dev": set(units[n_train:n_train + n_dev]),
-            "test": set(units[n_train + n_dev:])}
+    return {
+        "train": set(units[:n_train]),
+        "dev": set(units[n_train : n_train + n_dev]),
+        "test": set(units[n_train + n_dev :]),
+    }

@@ -31,8 +31,9 @@ def trec_qid(setting: str, qid: str, pool: str) -> str:
     return f"{qid}@{pool}" if setting == "cross" else qid
 
 
-def write_trec(blocks: list, setting: str, query_ids: list[str], cand_ids: np.ndarray,
-               folder: Path, tag: str) -> tuple[Path, Path]:
+def write_trec(
+    blocks: list, setting: str, query_ids: list[str], cand_ids: np.ndarray, folder: Path, tag: str
+) -> tuple[Path, Path]:
     """Write ``<setting>.run`` and ``<setting>.qrels`` for the blocks of one setting.
 
     Returns:
@@ -52,9 +53,11 @@ def write_trec(blocks: list, setting: str, query_ids: list[str], cand_ids: np.nd
                     rank += 1
                     lines.append(f"{qid} Q0 {cand_ids[key]} {rank} {score:.9g} {tag}\n")
                 run.writelines(lines)
-                qrels.writelines(f"{qid} 0 {cand_ids[k]} {int(g) if float(g).is_integer() else g}\n"
-                                 for k, g in zip(b.rel_keys[j].tolist(), b.rel_gains[j].tolist())
-                                 if k >= 0)
+                qrels.writelines(
+                    f"{qid} 0 {cand_ids[k]} {int(g) if float(g).is_integer() else g}\n"
+                    for k, g in zip(b.rel_keys[j].tolist(), b.rel_gains[j].tolist())
+                    if k >= 0
+                )
     return run_path, qrels_path
 
 
@@ -77,8 +80,9 @@ def write_summary(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def cross_matrix(metrics: dict[str, float], langs: list[str], name: str,
-                 diagonal: bool = True) -> np.ndarray:
+def cross_matrix(
+    metrics: dict[str, float], langs: list[str], name: str, diagonal: bool = True
+) -> np.ndarray:
     """[query language, passage language] matrix of ``name``: cross off the diagonal, mono on
     it (``diagonal=False``: NaN there)."""
     m = np.full((len(langs), len(langs)), np.nan)

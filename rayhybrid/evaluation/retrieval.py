@@ -29,8 +29,17 @@ from rayhybrid.datamodel import EvalTask
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.search import SearchResult, ShardSearcher, merge_topk
 
-__all__ = ["SETTINGS", "Block", "CandidateIndex", "LocalShards", "Retrieval", "ShardPool",
-           "call_shard", "check_settings", "run_settings"]
+__all__ = [
+    "SETTINGS",
+    "Block",
+    "CandidateIndex",
+    "LocalShards",
+    "Retrieval",
+    "ShardPool",
+    "call_shard",
+    "check_settings",
+    "run_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,9 @@ class ShardPool(Protocol):
     def close(self) -> None: ...
 
 
-def call_shard(searcher: ShardSearcher, method: str, queries: np.ndarray, rows: np.ndarray,
-               **kwargs: Any) -> Any:
+def call_shard(
+    searcher: ShardSearcher, method: str, queries: np.ndarray, rows: np.ndarray, **kwargs: Any
+) -> Any:
     """Run ``searcher.<method>`` on ``queries[rows]`` (shared by local pools and actors)."""
     if method not in ("search", "count_before"):
         raise EvaluationError(f"unknown shard method {method!r}")
@@ -93,11 +103,16 @@ class CandidateIndex:
     def from_task(cls, task: EvalTask) -> CandidateIndex:
         ids = sorted({c.id for c in task.candidates}, reverse=True)
         if len(ids) != len(task.candidates):
-            raise EvaluationError(f"task {task.name}: candidate ids are not unique "
-                                  f"({len(task.candidates) - len(ids)} duplicates)")
+            raise EvaluationError(
+                f"task {task.name}: candidate ids are not unique "
+                f"({len(task.candidates) - len(ids)} duplicates)"
+            )
         lang = {c.id: c.lang for c in task.candidates}
-        return cls(np.array(ids, dtype=object), np.array([lang[i] for i in ids], dtype=object),
-                   {cid: k for k, cid in enumerate(ids)})
+        return cls(
+            np.array(ids, dtype=object),
+            np.array([lang[i] for i in ids], dtype=object),
+            {cid: k for k, cid in enumerate(ids)},
+        )
 
     def shard_keys(self) -> dict[str, np.ndarray]:
         return {lang: np.flatnonzero(self.langs == lang) for lang in sorted(set(self.langs))}
@@ -144,8 +159,9 @@ def check_settings(settings: Sequence[str]) -> tuple[str, ...]:
     """Validate setting names. Raises EvaluationError naming the bad one."""
     for s in settings:
         if s not in SETTINGS:
-            raise EvaluationError(f"eval.settings: unknown setting {s!r}; expected a subset of "
-                                  f"{list(SETTINGS)}")
+            raise EvaluationError(
+                f"eval.settings: unknown setting {s!r}; expected a subset of {list(SETTINGS)}"
+            )
     if not settings:
         raise EvaluationError("eval.settings is empty; expected a subset of mono, cross, multi")
     return tuple(s for s in SETTINGS if s in settings)
@@ -157,7 +173,9 @@ def _relevant(task: EvalTask, cands: CandidateIndex) -> list[tuple[np.ndarray, n
     for q in task.queries:
         judged = task.qrels.get(q.id, {})
         rel = sorted((cands.key_of[c], g) for c, g in judged.items() if g > 0 and c in cands.key_of)
-        out.append((np.array([k for k, _ in rel], np.int64), np.array([g for _, g in rel], np.float64)))
+        out.append(
+            (np.array([k for k, _ in rel], np.int64), np.array([g for _, g in rel], np.float64))
+        )
     return out
 
 
@@ -165,12 +183,19 @@ def _pad(rows: list[np.ndarray], fill: float, dtype: Any) -> np.ndarray:
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), fill, dtype=dtype)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return out
 
 
-def _make_block(setting: str, qlang: str, pool: str, rows: np.ndarray, scores: np.ndarray,
-                keys: np.ndarray, rel: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Block:
+def _make_block(
+    setting: str,
+    qlang: str,
+    pool: str,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    keys: np.ndarray,
+    rel: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> Block:
     """Keep rows with relevant candidates; sort each row's relevant by rank."""
     keep = np.array([len(r[0]) > 0 for r in rel], dtype=bool)
     rk, rr, rg = [], [], []
@@ -178,13 +203,29 @@ def _make_block(setting: str, qlang: str, pool: str, rows: np.ndarray, scores: n
         if ok:
             order = np.lexsort((k, r))
             rk.append(k[order]), rr.append(r[order]), rg.append(g[order])
-    return Block(setting, qlang, pool, rows[keep], scores[keep], keys[keep], _pad(rk, -1, np.int64),
-                 _pad(rr, 0, np.int64), _pad(rg, 0.0, np.float64), excluded=int((~keep).sum()))
+    return Block(
+        setting,
+        qlang,
+        pool,
+        rows[keep],
+        scores[keep],
+        keys[keep],
+        _pad(rk, -1, np.int64),
+        _pad(rr, 0, np.int64),
+        _pad(rg, 0.0, np.float64),
+        excluded=int((~keep).sum()),
+    )
 
 
-def run_settings(pool: ShardPool, task: EvalTask, q_emb: np.ndarray,
-                 settings: Sequence[str] = SETTINGS, top_k: int = 100,
-                 full_depth: bool = False, progress: bool = False) -> Retrieval:
+def run_settings(
+    pool: ShardPool,
+    task: EvalTask,
+    q_emb: np.ndarray,
+    settings: Sequence[str] = SETTINGS,
+    top_k: int = 100,
+    full_depth: bool = False,
+    progress: bool = False,
+) -> Retrieval:
     """Retrieve for every setting and collect exact ranks of the relevant candidates.
 
     Args:
@@ -219,25 +260,38 @@ def run_settings(pool: ShardPool, task: EvalTask, q_emb: np.ndarray,
             need[:] = True
         rows = np.flatnonzero(need)
         rel_keys = _pad([rel[i][0][rel_lang[i] == lang] for i in rows], -1, np.int64)
-        calls[lang] = {"queries": ref, "rows": rows, "k": sizes[lang] if full_depth else top_k,
-                       "rel_keys": rel_keys}
+        calls[lang] = {
+            "queries": ref,
+            "rows": rows,
+            "k": sizes[lang] if full_depth else top_k,
+            "rel_keys": rel_keys,
+        }
     if progress:
-        log.info(f"[rayhybrid eval] searching {len(q_langs)} queries in {len(sizes)} shards "
-                 f"({', '.join(f'{k}:{v}' for k, v in sizes.items())})")
+        log.info(
+            f"[rayhybrid eval] searching {len(q_langs)} queries in {len(sizes)} shards "
+            f"({', '.join(f'{k}:{v}' for k, v in sizes.items())})"
+        )
     found: dict[str, SearchResult] = pool.map("search", calls)
-    out = Retrieval(candidates=cands, query_ids=[q.id for q in task.queries],
-                    query_langs=list(q_langs), top_k=top_k, full_depth=full_depth)
+    out = Retrieval(
+        candidates=cands,
+        query_ids=[q.id for q in task.queries],
+        query_langs=list(q_langs),
+        top_k=top_k,
+        full_depth=full_depth,
+    )
     for setting in settings:
         if setting == "multi":
-            out.blocks["multi"] = _multi_blocks(pool, ref, found, calls, q_langs, rel,
-                                                sum(sizes.values()) if full_depth else top_k)
+            out.blocks["multi"] = _multi_blocks(
+                pool, ref, found, calls, q_langs, rel, sum(sizes.values()) if full_depth else top_k
+            )
         else:
             out.blocks[setting] = _shard_blocks(setting, found, calls, q_langs, rel)
     return out
 
 
-def _check_pool(sizes: dict[str, int], dims: dict[str, int], q_emb: np.ndarray, top_k: int,
-                full_depth: bool) -> None:
+def _check_pool(
+    sizes: dict[str, int], dims: dict[str, int], q_emb: np.ndarray, top_k: int, full_depth: bool
+) -> None:
     if not sizes:
         raise EvaluationError("no candidate shards: the task has no candidates")
     for lang, n in sizes.items():
@@ -246,17 +300,24 @@ def _check_pool(sizes: dict[str, int], dims: dict[str, int], q_emb: np.ndarray, 
         if not full_depth and top_k > n:
             raise EvaluationError(
                 f"eval.top_k={top_k} is larger than shard {lang!r} ({n} candidates); lower "
-                f"eval.top_k to at most {min(sizes.values())} (the smallest shard)")
+                f"eval.top_k to at most {min(sizes.values())} (the smallest shard)"
+            )
         if q_emb.ndim != 2 or q_emb.shape[1] != dims[lang]:
             raise EvaluationError(
                 f"query embeddings have dimension {q_emb.shape[-1]} but shard {lang!r} has "
-                f"dimension {dims[lang]} (queries and candidates encoded with different models?)")
+                f"dimension {dims[lang]} (queries and candidates encoded with different models?)"
+            )
     if top_k < 1:
         raise EvaluationError(f"eval.top_k must be >= 1, got {top_k}")
 
 
-def _shard_blocks(setting: str, found: dict[str, SearchResult], calls: dict[str, dict[str, Any]],
-                  q_langs: np.ndarray, rel: list) -> list[Block]:
+def _shard_blocks(
+    setting: str,
+    found: dict[str, SearchResult],
+    calls: dict[str, dict[str, Any]],
+    q_langs: np.ndarray,
+    rel: list,
+) -> list[Block]:
     """Mono (X->X) or cross (X->Y) blocks straight from the per-shard results."""
     blocks = []
     for pool_lang, res in found.items():
@@ -270,25 +331,50 @@ def _shard_blocks(setting: str, found: dict[str, SearchResult], calls: dict[str,
                 valid = sent[j] >= 0
                 gain_of = dict(zip(rel[rows[j]][0].tolist(), rel[rows[j]][1].tolist()))
                 k = sent[j][valid]
-                triples.append((k, res.rel_ranks[j][valid],
-                                np.array([gain_of[x] for x in k.tolist()], np.float64)))
-            blocks.append(_make_block(setting, qlang, pool_lang, rows[sel], res.scores[sel],
-                                      res.keys[sel], triples))
+                triples.append(
+                    (
+                        k,
+                        res.rel_ranks[j][valid],
+                        np.array([gain_of[x] for x in k.tolist()], np.float64),
+                    )
+                )
+            blocks.append(
+                _make_block(
+                    setting, qlang, pool_lang, rows[sel], res.scores[sel], res.keys[sel], triples
+                )
+            )
     return sorted(blocks, key=lambda b: (b.qlang, b.pool))
 
 
-def _multi_blocks(pool: ShardPool, ref: Any, found: dict[str, SearchResult],
-                  calls: dict[str, dict[str, Any]], q_langs: np.ndarray, rel: list,
-                  depth: int) -> list[Block]:
+def _multi_blocks(
+    pool: ShardPool,
+    ref: Any,
+    found: dict[str, SearchResult],
+    calls: dict[str, dict[str, Any]],
+    q_langs: np.ndarray,
+    rel: list,
+    depth: int,
+) -> list[Block]:
     """Merge per-shard top-k; exact pool ranks from every shard's count of candidates before."""
     # With multi on, every shard saw every query in order, so rows line up across shards.
-    thr = np.concatenate([np.where(found[lang].rel_ranks > 0, found[lang].rel_scores, np.inf)
-                          for lang in found], axis=1).astype(np.float32)
+    thr = np.concatenate(
+        [np.where(found[lang].rel_ranks > 0, found[lang].rel_scores, np.inf) for lang in found],
+        axis=1,
+    ).astype(np.float32)
     tkeys = np.concatenate([calls[lang]["rel_keys"] for lang in found], axis=1)
     tkeys = np.where(np.isfinite(thr), tkeys, -1)
-    counts = pool.map("count_before", {lang: {"queries": ref, "rows": calls[lang]["rows"],
-                                              "thresholds": thr, "threshold_keys": tkeys}
-                                       for lang in found})
+    counts = pool.map(
+        "count_before",
+        {
+            lang: {
+                "queries": ref,
+                "rows": calls[lang]["rows"],
+                "thresholds": thr,
+                "threshold_keys": tkeys,
+            }
+            for lang in found
+        },
+    )
     ranks = 1 + sum(counts.values())
     scores, keys = merge_topk([(r.scores, r.keys) for r in found.values()], depth)
     gain_of = [dict(zip(k.tolist(), g.tolist())) for k, g in rel]

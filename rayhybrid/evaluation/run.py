@@ -48,8 +48,11 @@ def mlflow_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def candidate_texts(task: EvalTask, with_context: bool = False, with_title: bool = True,
-                    ) -> list[str]:
+def candidate_texts(
+    task: EvalTask,
+    with_context: bool = False,
+    with_title: bool = True,
+) -> list[str]:
     """Text encoded for each candidate, by the recipe training passages use
     (:func:`~rayhybrid.datamodel.passage_text`): the LAReQA sentence (+ its paragraph with
     ``with_context``), or a BEIR document's title + text."""
@@ -73,9 +76,13 @@ class _Tracker:
         uri = resolve_tracking_uri(cfg.tracking)
         self.client = mlflow_client(uri)
         if run_id is None:
-            self.run_id = create_run(uri, cfg.tracking.experiment, f"evaluate_{Path(model).name}",
-                                     tags={"rayhybrid.job": "evaluate"},
-                                     params={**config_params(cfg), "eval.model": model})
+            self.run_id = create_run(
+                uri,
+                cfg.tracking.experiment,
+                f"evaluate_{Path(model).name}",
+                tags={"rayhybrid.job": "evaluate"},
+                params={**config_params(cfg), "eval.model": model},
+            )
         self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")
 
     def log(self, metrics: dict[str, float], folder: Path, artifact_path: str) -> None:
@@ -83,8 +90,11 @@ class _Tracker:
             return
         from rayhybrid.tracking import log_metrics
 
-        log_metrics(self.client, self.run_id, {mlflow_key(k): v for k, v in metrics.items()
-                                               if not np.isnan(v)})  # NaN (no cell): not logged
+        log_metrics(
+            self.client,
+            self.run_id,
+            {mlflow_key(k): v for k, v in metrics.items() if not np.isnan(v)},
+        )  # NaN (no cell): not logged
         with tempfile.TemporaryDirectory() as tmp:
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 if path.stat().st_size > _GZIP_ABOVE:  # e.g. the cross run of a whole corpus
@@ -106,19 +116,23 @@ class _Tracker:
             return
         try:
             self.client.set_tag(self.run_id, "rayhybrid.eval_status", "failed")
-            self.client.set_tag(self.run_id, "rayhybrid.eval_error",
-                                f"{type(exc).__name__}: {exc}"[:4000])
+            self.client.set_tag(
+                self.run_id, "rayhybrid.eval_error", f"{type(exc).__name__}: {exc}"[:4000]
+            )
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception as log_exc:  # noqa: BLE001 - never hide the original error
-            log.warning(f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}")
+            log.warning(
+                f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}"
+            )
 
 
 def _task_format(cfg: Config, name: str) -> str:
     return next((t.format for t in cfg.eval.tasks if t.name == name), "lareqa")
 
 
-def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
-                  fmt: str = "lareqa") -> tuple[dict[str, float], dict[str, Any], Path]:
+def evaluate_task(
+    cfg: Config, task: EvalTask, model_path: str | None = None, fmt: str = "lareqa"
+) -> tuple[dict[str, float], dict[str, Any], Path]:
     """Evaluate one task on Ray (encode, shard actors, metrics, files).
 
     Returns:
@@ -139,75 +153,129 @@ def evaluate_task(cfg: Config, task: EvalTask, model_path: str | None = None,
     if not cfg.eval.full_depth_runs and cfg.eval.top_k > smallest[0]:  # fail before encoding
         raise EvaluationError(
             f"eval.top_k={cfg.eval.top_k} is larger than shard {smallest[1]!r} of task {task.name} "
-            f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}")
+            f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}"
+        )
     start = time.perf_counter()
     (q_emb, c_emb), encode_s = encode_with_ray(
-        [([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
-         (candidate_texts(task, cfg.data.with_context, cfg.data.with_title),
-          cfg.model.passage_prefix,
-          cfg.data.max_passage_length)],
-        cfg.model, model_path, batch_size=cfg.eval.batch_size, workers=cfg.eval.encode_workers)
+        [
+            ([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
+            (
+                candidate_texts(task, cfg.data.with_context, cfg.data.with_title),
+                cfg.model.passage_prefix,
+                cfg.data.max_passage_length,
+            ),
+        ],
+        cfg.model,
+        model_path,
+        batch_size=cfg.eval.batch_size,
+        workers=cfg.eval.encode_workers,
+    )
     folder = Path(cfg.eval.output_dir).expanduser() / task.name
     if cfg.eval.save_embeddings:
         folder.mkdir(parents=True, exist_ok=True)
         # Plain arrays (unicode ids, float32), so np.load needs no pickle to read them back.
-        np.savez(folder / "embeddings.npz", queries=q_emb, candidates=c_emb,
-                 query_ids=np.array([q.id for q in task.queries], dtype=str),
-                 candidate_ids=np.array([c.id for c in task.candidates], dtype=str))
+        np.savez(
+            folder / "embeddings.npz",
+            queries=q_emb,
+            candidates=c_emb,
+            query_ids=np.array([q.id for q in task.queries], dtype=str),
+            candidate_ids=np.array([c.id for c in task.candidates], dtype=str),
+        )
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
     shards = {lang: (c_emb[row_of_key[keys]], keys) for lang, keys in cands.shard_keys().items()}
     search_start = time.perf_counter()
-    with ActorShards(shards, index=cfg.eval.index, use_gpu=None,
-                     openblas_coretype=cfg.eval.openblas_coretype) as pool:
-        retrieval = run_settings(pool, task, q_emb, settings, cfg.eval.top_k,
-                                 full_depth=cfg.eval.full_depth_runs, progress=True)
+    with ActorShards(
+        shards, index=cfg.eval.index, use_gpu=None, openblas_coretype=cfg.eval.openblas_coretype
+    ) as pool:
+        retrieval = run_settings(
+            pool,
+            task,
+            q_emb,
+            settings,
+            cfg.eval.top_k,
+            full_depth=cfg.eval.full_depth_runs,
+            progress=True,
+        )
     search_s = time.perf_counter() - search_start
     names = BEIR_METRICS if fmt == "beir" else LAREQA_METRICS
     metrics, counts = summarize(retrieval.blocks, cands.langs, names, cfg.eval.top_k)
     tables = per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, names)
-    intervals = interval_metrics(tables, samples=cfg.eval.bootstrap_samples,
-                                 level=cfg.eval.ci_level, seed=cfg.eval.bootstrap_seed)
+    intervals = interval_metrics(
+        tables,
+        samples=cfg.eval.bootstrap_samples,
+        level=cfg.eval.ci_level,
+        seed=cfg.eval.bootstrap_seed,
+    )
     for key, ci in intervals.items():  # interval ends of every macro figure, as metrics too
         metrics[f"{key}/ci_low"], metrics[f"{key}/ci_high"] = ci["low"], ci["high"]
     timing = {"encode_s": encode_s, "search_s": search_s, "total_s": time.perf_counter() - start}
     files = write_per_query(tables, folder)
-    summary = _write_outputs(task, retrieval, metrics, counts, folder, model_path or cfg.model.name,
-                             timing, files, {"level": cfg.eval.ci_level, "resampled":
-                                             "parallel items (all language versions together)",
-                                             "samples": cfg.eval.bootstrap_samples,
-                                             "values": intervals})
+    summary = _write_outputs(
+        task,
+        retrieval,
+        metrics,
+        counts,
+        folder,
+        model_path or cfg.model.name,
+        timing,
+        files,
+        {
+            "level": cfg.eval.ci_level,
+            "resampled": "parallel items (all language versions together)",
+            "samples": cfg.eval.bootstrap_samples,
+            "values": intervals,
+        },
+    )
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     return metrics, summary, folder
 
 
-def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, float],
-                   counts: dict, folder: Path, model: str, timing: dict[str, float],
-                   files: dict[str, str], intervals: dict[str, Any]) -> dict:
+def _write_outputs(
+    task: EvalTask,
+    retrieval: Retrieval,
+    metrics: dict[str, float],
+    counts: dict,
+    folder: Path,
+    model: str,
+    timing: dict[str, float],
+    files: dict[str, str],
+    intervals: dict[str, Any],
+) -> dict:
     from rayhybrid.evaluation.outputs import cross_matrix, write_summary, write_trec
     from rayhybrid.experiments.plots import plot_language_matrices, plot_per_language
 
     tag = f"rayhybrid_{Path(model).name}"
     for setting, blocks in retrieval.blocks.items():
-        run_path, qrels_path = write_trec(blocks, setting, retrieval.query_ids,
-                                          retrieval.candidates.ids, folder, tag)
+        run_path, qrels_path = write_trec(
+            blocks, setting, retrieval.query_ids, retrieval.candidates.ids, folder, tag
+        )
         files[f"{setting}_run"], files[f"{setting}_qrels"] = str(run_path), str(qrels_path)
     langs = task.languages
     title = f"{task.name}: {Path(model).name}"
     matrices = {name: cross_matrix(metrics, langs, name) for name in ("map", "map@20")}
-    for key, path in (("heatmap", plot_language_matrices(matrices, langs,
-                                                         folder / "cross_heatmap.png", title=title)),
-                      ("per_language", plot_per_language(metrics, langs, folder / "per_language.png",
-                                                         title))):
+    for key, path in (
+        (
+            "heatmap",
+            plot_language_matrices(matrices, langs, folder / "cross_heatmap.png", title=title),
+        ),
+        ("per_language", plot_per_language(metrics, langs, folder / "per_language.png", title)),
+    ):
         if path is not None:
             files[key] = str(path)
     summary = {
-        "task": task.name, "model": model, "settings": list(retrieval.blocks),
-        "top_k": retrieval.top_k, "full_depth_runs": retrieval.full_depth,
+        "task": task.name,
+        "model": model,
+        "settings": list(retrieval.blocks),
+        "top_k": retrieval.top_k,
+        "full_depth_runs": retrieval.full_depth,
         "languages": langs,
         "queries": {lang: sum(q.lang == lang for q in task.queries) for lang in langs},
         "candidates": {lang: sum(c.lang == lang for c in task.candidates) for lang in langs},
-        "metrics": metrics, "intervals": intervals, "cells": counts, "timing_s": timing,
+        "metrics": metrics,
+        "intervals": intervals,
+        "cells": counts,
+        "timing_s": timing,
         "files": files,
         "load_report": task.report.summary(),
     }
@@ -215,8 +283,12 @@ def _write_outputs(task: EvalTask, retrieval: Retrieval, metrics: dict[str, floa
     return summary
 
 
-def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTask] | None = None,
-             run_id: str | None = None) -> dict[str, float]:
+def evaluate(
+    cfg: Config,
+    model_path: str | None = None,
+    tasks: Sequence[EvalTask] | None = None,
+    run_id: str | None = None,
+) -> dict[str, float]:
     """Evaluate a model on every configured task; log to MLflow.
 
     Args:
@@ -240,11 +312,16 @@ def evaluate(cfg: Config, model_path: str | None = None, tasks: Sequence[EvalTas
     out: dict[str, float] = {}
     try:
         ensure_ray()
-        pending = list(tasks) if tasks is not None else [load_eval_task(t, cfg.data)
-                                                         for t in cfg.eval.tasks]
+        pending = (
+            list(tasks)
+            if tasks is not None
+            else [load_eval_task(t, cfg.data) for t in cfg.eval.tasks]
+        )
         for task in pending:
-            log.info(f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
-                     f"{len(task.candidates)} candidates, languages {task.languages}")
+            log.info(
+                f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
+                f"{len(task.candidates)} candidates, languages {task.languages}"
+            )
             metrics, _, folder = evaluate_task(cfg, task, model_path, _task_format(cfg, task.name))
             flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
             tracker.log(flat, folder, f"eval/{task.name}")
@@ -261,13 +338,17 @@ def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
     lines = [f"[rayhybrid eval] {name}: outputs in {folder}"]
     for setting in ("mono", "cross", "multi"):
         if f"{setting}/map" in metrics:
-            lines.append(f"  {setting:5s} mAP {metrics[f'{setting}/map']:.4f}  mAP@20 "
-                         f"{metrics[f'{setting}/map@20']:.4f}  R@1 {metrics[f'{setting}/r@1']:.4f}  "
-                         f"R@10 {metrics[f'{setting}/r@10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}")
+            lines.append(
+                f"  {setting:5s} mAP {metrics[f'{setting}/map']:.4f}  mAP@20 "
+                f"{metrics[f'{setting}/map@20']:.4f}  R@1 {metrics[f'{setting}/r@1']:.4f}  "
+                f"R@10 {metrics[f'{setting}/r@10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}"
+            )
     if "bias/rank_distance" in metrics:
-        lines.append(f"  rank distance {metrics['bias/rank_distance']:.1f} (macro), "
-                     f"{metrics['bias/rank_distance_micro']:.1f} (micro), "
-                     f"{metrics['bias/rank_distance_median']:.1f} (median)")
+        lines.append(
+            f"  rank distance {metrics['bias/rank_distance']:.1f} (macro), "
+            f"{metrics['bias/rank_distance_micro']:.1f} (micro), "
+            f"{metrics['bias/rank_distance_median']:.1f} (median)"
+        )
     return "\n".join(lines)
 
 
@@ -283,16 +364,28 @@ def _cli_tasks(cfg: Config, task: str | None, data: str | None) -> tuple[TaskCon
     base = cfg.eval.tasks[0] if cfg.eval.tasks else TaskConfig()
     name = Path(data.rstrip("/")).name.lower().replace("-", "_") or "task"
     if task == "beir" and not base.language:
-        raise ConfigError("--task beir needs the folder's language: add eval.tasks=[{language: xx}] "
-                          "or configure eval.tasks")
+        raise ConfigError(
+            "--task beir needs the folder's language: add eval.tasks=[{language: xx}] "
+            "or configure eval.tasks"
+        )
     # A folder named on the command line is evaluated whole (zero-shot); held-out parts of a
     # training corpus are configured in eval.tasks (part: test / dev).
-    return (TaskConfig(name=name, format=task, path=data, languages=base.languages, part="all",
-                       language=base.language, qrels_split=base.qrels_split),)
+    return (
+        TaskConfig(
+            name=name,
+            format=task,
+            path=data,
+            languages=base.languages,
+            part="all",
+            language=base.language,
+            qrels_split=base.qrels_split,
+        ),
+    )
 
 
-def evaluate_cli(cfg: Config, model: str | None = None, task: str | None = None,
-                 data: str | None = None) -> int:
+def evaluate_cli(
+    cfg: Config, model: str | None = None, task: str | None = None, data: str | None = None
+) -> int:
     """``rayhybrid evaluate``: evaluate ``model`` (default model.name) on ``--task/--data``
     (the whole folder) or on ``eval.tasks``. Returns the exit status.
 
@@ -302,7 +395,8 @@ def evaluate_cli(cfg: Config, model: str | None = None, task: str | None = None,
     """
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval,
-                                                            tasks=_cli_tasks(cfg, task, data)))
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, tasks=_cli_tasks(cfg, task, data))
+    )
     metrics = evaluate(cfg, model)
     return 0 if metrics else 1

@@ -27,8 +27,15 @@ log = logging.getLogger(__name__)
 class _ShardActor:
     """Actor body (made remote in :class:`ActorShards`, so importing this starts no Ray)."""
 
-    def __init__(self, name: str, embeddings: np.ndarray, keys: np.ndarray, index: str,
-                 device: str, threads: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        keys: np.ndarray,
+        index: str,
+        device: str,
+        threads: int,
+    ) -> None:
         import torch
 
         from rayhybrid.evaluation.search import ShardSearcher
@@ -86,8 +93,13 @@ class ActorShards:
             started are stopped first.
     """
 
-    def __init__(self, shards: dict[str, tuple[np.ndarray, np.ndarray]], index: str = "flat",
-                 use_gpu: bool | None = None, openblas_coretype: str = "auto") -> None:
+    def __init__(
+        self,
+        shards: dict[str, tuple[np.ndarray, np.ndarray]],
+        index: str = "flat",
+        use_gpu: bool | None = None,
+        openblas_coretype: str = "auto",
+    ) -> None:
         import ray
 
         if not shards:
@@ -102,13 +114,22 @@ class ActorShards:
         self._ray = ray
         self.actors: dict[str, Any] = {}
         for lang, (emb, keys) in shards.items():
-            self.actors[lang] = remote.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                               runtime_env={"env_vars": env} if env else None
-                                               ).remote(
-                lang, ray.put(np.asarray(emb, np.float32)), np.asarray(keys, np.int64), index,
-                "cuda" if num_gpus > 0 else "cpu", threads)
-        self._info = self._gather({lang: a.info.remote() for lang, a in self.actors.items()},
-                                  "start")
+            self.actors[lang] = remote.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                max_restarts=0,
+                runtime_env={"env_vars": env} if env else None,
+            ).remote(
+                lang,
+                ray.put(np.asarray(emb, np.float32)),
+                np.asarray(keys, np.int64),
+                index,
+                "cuda" if num_gpus > 0 else "cpu",
+                threads,
+            )
+        self._info = self._gather(
+            {lang: a.info.remote() for lang, a in self.actors.items()}, "start"
+        )
 
     def sizes(self) -> dict[str, int]:
         return {lang: size for lang, (size, _) in self._info.items()}
@@ -143,8 +164,10 @@ class ActorShards:
             if isinstance(cause, ray.exceptions.RayActorError):
                 msg = f"the actor of shard {failed!r} died during {what}"
             else:
-                msg = f"shard {failed!r} failed during {what}: {type(cause).__name__}: " \
-                      f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                msg = (
+                    f"shard {failed!r} failed during {what}: {type(cause).__name__}: "
+                    f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                )
             raise EvaluationError(msg + f"; all {len(refs)} shard actors were stopped") from exc
         return out
 

@@ -34,8 +34,14 @@ from rayhybrid.evaluation.uncertainty import Column, comparison_stats, format_ce
 from rayhybrid.experiments.plots import plot_language_matrices, plot_table_heatmap
 from rayhybrid.experiments.results import ResultsTable
 
-__all__ = ["StrategySpec", "baseline_label", "compare", "display_table", "parse_strategies",
-           "strategy_config"]
+__all__ = [
+    "StrategySpec",
+    "baseline_label",
+    "compare",
+    "display_table",
+    "parse_strategies",
+    "strategy_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +91,10 @@ def baseline_label(cfg: Config, specs: list[StrategySpec]) -> str:
     except ConfigError as exc:
         raise ConfigError(f"baseline = {cfg.baseline!r}: {exc}") from None
     if spec.label not in [s.label for s in specs]:
-        raise ConfigError(f"baseline = {cfg.baseline!r} is not a row of the table; expected one "
-                          f"of {', '.join(s.label for s in specs)}")
+        raise ConfigError(
+            f"baseline = {cfg.baseline!r} is not a row of the table; expected one "
+            f"of {', '.join(s.label for s in specs)}"
+        )
     return spec.label
 
 
@@ -102,8 +110,15 @@ def _metric_columns(cfg: Config) -> list[Column]:
                 if setting in cfg.eval.settings:
                     cols.append(Column(f"{prefix}{setting} {label}", task.name, setting, metric))
         if "multi" in cfg.eval.settings:
-            cols.append(Column(f"{prefix}rank distance", task.name, "bias", "rank_distance",
-                               lower_is_better=True))
+            cols.append(
+                Column(
+                    f"{prefix}rank distance",
+                    task.name,
+                    "bias",
+                    "rank_distance",
+                    lower_is_better=True,
+                )
+            )
     return cols
 
 
@@ -115,8 +130,11 @@ def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
     start = time.perf_counter()
     result = train(cfg, parent_run_id=parent_run_id)
     summary = evaluate(cfg, str(result.model_dir), run_id=result.mlflow_run_id)
-    return {"mlflow_run_id": result.mlflow_run_id or "", "summary": summary,
-            "minutes": (time.perf_counter() - start) / 60.0}
+    return {
+        "mlflow_run_id": result.mlflow_run_id or "",
+        "summary": summary,
+        "minutes": (time.perf_counter() - start) / 60.0,
+    }
 
 
 def compare(cfg: Config) -> ResultsTable:
@@ -143,25 +161,39 @@ def compare(cfg: Config) -> ResultsTable:
         for seed in seeds:
             strategy_config(cfg, spec, seed)
     columns = _metric_columns(cfg)
-    parent = start_parent_run(cfg, f"compare_{cfg.train.run_name}", {"rayhybrid.job": "compare"},
-                              {"compare.strategies": ",".join(s.label for s in specs),
-                               "compare.seeds": ",".join(str(s) for s in cfg.seeds or
-                                                         (cfg.batch.seed,)),
-                               "compare.baseline": baseline})
+    parent = start_parent_run(
+        cfg,
+        f"compare_{cfg.train.run_name}",
+        {"rayhybrid.job": "compare"},
+        {
+            "compare.strategies": ",".join(s.label for s in specs),
+            "compare.seeds": ",".join(str(s) for s in cfg.seeds or (cfg.batch.seed,)),
+            "compare.baseline": baseline,
+        },
+    )
     extra = [f"{c.name} {k}" for c in columns for k in _STAT_COLUMNS]
-    table = ResultsTable(columns=["strategy", "alpha", "seeds"] + [c.name for c in columns]
-                         + ["minutes", "mlflow_run_id", "error"] + extra, title=_title(cfg))
+    table = ResultsTable(
+        columns=["strategy", "alpha", "seeds"]
+        + [c.name for c in columns]
+        + ["minutes", "mlflow_run_id", "error"]
+        + extra,
+        title=_title(cfg),
+    )
     summaries: dict[str, dict[str, float]] = {}
     folders: dict[str, list[Path]] = {}
     n_runs = len(specs) * len(seeds)
     for i, spec in enumerate(specs):
-        row: dict[str, Any] = {"strategy": spec.label,
-                               "alpha": spec.alpha if spec.strategy == "hybrid" else None}
+        row: dict[str, Any] = {
+            "strategy": spec.label,
+            "alpha": spec.alpha if spec.strategy == "hybrid" else None,
+        }
         ids, errors, minutes = [], [], 0.0
         for j, seed in enumerate(seeds):
             scfg = strategy_config(cfg, spec, seed)
-            log.info(f"[rayhybrid compare] {i * len(seeds) + j + 1}/{n_runs}: {spec.label}"
-                     + ("" if seed is None else f" seed {seed}"))
+            log.info(
+                f"[rayhybrid compare] {i * len(seeds) + j + 1}/{n_runs}: {spec.label}"
+                + ("" if seed is None else f" seed {seed}")
+            )
             try:
                 out = _run_one(scfg, parent)
             except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
@@ -173,13 +205,20 @@ def compare(cfg: Config) -> ResultsTable:
             folders.setdefault(spec.label, []).append(Path(resolve_path(scfg.eval.output_dir)))
             ids.append(out["mlflow_run_id"])
             minutes += out["minutes"]
-        row.update(seeds=len(ids), minutes=minutes, mlflow_run_id=",".join(ids),
-                   error="; ".join(errors))
+        row.update(
+            seeds=len(ids), minutes=minutes, mlflow_run_id=",".join(ids), error="; ".join(errors)
+        )
         table.add(row)
     _fill_statistics(cfg, table, columns, folders, baseline)
     paths = _write_outputs(cfg, table, columns, summaries, baseline)
-    finish_parent_run(cfg, parent, paths, failed=sum(1 for r in table.rows if r.get("error")),
-                      total=len(table), metrics=_interval_metrics(table, columns))
+    finish_parent_run(
+        cfg,
+        parent,
+        paths,
+        failed=sum(1 for r in table.rows if r.get("error")),
+        total=len(table),
+        metrics=_interval_metrics(table, columns),
+    )
     log.info(f"[rayhybrid compare] table and heatmaps in {paths['markdown'].parent}")
     return table
 
@@ -187,16 +226,27 @@ def compare(cfg: Config) -> ResultsTable:
 _STAT_COLUMNS = ("sd", "low", "high", "diff", "diff_low", "diff_high", "p", "p_holm")
 
 
-def _fill_statistics(cfg: Config, table: ResultsTable, columns: list[Column],
-                     folders: dict[str, list[Path]], baseline: str) -> None:
+def _fill_statistics(
+    cfg: Config,
+    table: ResultsTable,
+    columns: list[Column],
+    folders: dict[str, list[Path]],
+    baseline: str,
+) -> None:
     """Mean over seeds, sd, intervals and tests into each row (from the per-query files)."""
     if not folders:
         return
     if baseline not in folders:  # the baseline failed: intervals, but nothing to test against
         log.warning(f"[rayhybrid compare] baseline {baseline} has no result: no significance tests")
-    stats = comparison_stats(folders, columns, baseline if baseline in folders else next(
-        iter(folders)), samples=cfg.eval.bootstrap_samples, level=cfg.eval.ci_level,
-        permutations=cfg.eval.permutations, seed=cfg.eval.bootstrap_seed)
+    stats = comparison_stats(
+        folders,
+        columns,
+        baseline if baseline in folders else next(iter(folders)),
+        samples=cfg.eval.bootstrap_samples,
+        level=cfg.eval.ci_level,
+        permutations=cfg.eval.permutations,
+        seed=cfg.eval.bootstrap_seed,
+    )
     for row in table.rows:
         for col in columns:
             cell = stats.get(row["strategy"], {}).get(col.name)
@@ -215,8 +265,11 @@ def _interval_metrics(table: ResultsTable, columns: list[Column]) -> dict[str, f
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["strategy"]).strip("_")
         for col in columns:
             key = col.name.replace(" ", "_").replace("@", "_at_")
-            for suffix, name in (("", col.name), ("_ci_low", f"{col.name} low"),
-                                 ("_ci_high", f"{col.name} high")):
+            for suffix, name in (
+                ("", col.name),
+                ("_ci_low", f"{col.name} low"),
+                ("_ci_high", f"{col.name} high"),
+            ):
                 value = row.get(name)
                 if isinstance(value, float) and not math.isnan(value):
                     out[f"compare/{slug}/{key}{suffix}"] = value
@@ -225,17 +278,22 @@ def _interval_metrics(table: ResultsTable, columns: list[Column]) -> dict[str, f
 
 def display_table(table: ResultsTable, columns: list[Column], baseline: str) -> ResultsTable:
     """The table as people read it: ``mean ± sd [low, high] marker`` per cell."""
-    shown = ResultsTable(columns=["strategy", "seeds"] + [c.name for c in columns] + ["error"],
-                         title=table.title)
+    shown = ResultsTable(
+        columns=["strategy", "seeds"] + [c.name for c in columns] + ["error"], title=table.title
+    )
     for row in table.rows:
-        out = {"strategy": row["strategy"] + (" (baseline)" if row["strategy"] == baseline
-                                              else ""),
-               "seeds": row.get("seeds"), "error": row.get("error") or ""}
+        out = {
+            "strategy": row["strategy"] + (" (baseline)" if row["strategy"] == baseline else ""),
+            "seeds": row.get("seeds"),
+            "error": row.get("error") or "",
+        }
         for col in columns:
             if row.get(col.name) is None:
                 continue
-            cell = {"mean": row[col.name], **{k: row.get(f"{col.name} {k}") for k in
-                                              ("sd", "low", "high", "p_holm")}}
+            cell = {
+                "mean": row[col.name],
+                **{k: row.get(f"{col.name} {k}") for k in ("sd", "low", "high", "p_holm")},
+            }
             cell = {k: (float("nan") if v is None else v) for k, v in cell.items()}
             out[col.name] = format_cell(cell)
         shown.add(out)
@@ -249,13 +307,20 @@ def _float(value: Any) -> float | None:
 def _title(cfg: Config) -> str:
     tasks = ", ".join(f"{t.name} ({t.part})" for t in cfg.eval.tasks)
     seeds = cfg.seeds or (cfg.batch.seed,)
-    return (f"{cfg.model.name}, {cfg.train.max_steps} steps x batch {cfg.batch.batch_size}, "
-            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; zero-shot on "
-            f"{tasks}")
+    return (
+        f"{cfg.model.name}, {cfg.train.max_steps} steps x batch {cfg.batch.batch_size}, "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; zero-shot on "
+        f"{tasks}"
+    )
 
 
-def _write_outputs(cfg: Config, table: ResultsTable, columns: list[Column],
-                   summaries: dict[str, dict[str, float]], baseline: str) -> dict[str, Path]:
+def _write_outputs(
+    cfg: Config,
+    table: ResultsTable,
+    columns: list[Column],
+    summaries: dict[str, dict[str, float]],
+    baseline: str,
+) -> dict[str, Path]:
     out = Path(resolve_path(cfg.eval.output_dir)).expanduser() / "compare"
     paths = dict(table.write(out, "comparison"))
     level = f"{cfg.eval.ci_level:.0%}"
@@ -263,14 +328,19 @@ def _write_outputs(cfg: Config, table: ResultsTable, columns: list[Column],
         display_table(table, columns, baseline).to_markdown() + "\n\n"
         f"Cells: mean over seeds ± sd over seeds (when more than one) [{level} bootstrap interval "
         "over parallel items of the seed-averaged figure]; * / ** : differs from the baseline "
-        "row with Holm-corrected p < 0.05 / 0.01 (paired randomization test over items).\n")
+        "row with Holm-corrected p < 0.05 / 0.01 (paired randomization test over items).\n"
+    )
     ok = [r for r in table.rows if r.get("seeds")]
     if ok:
         names = [c.name for c in columns]
         paths["heatmap"] = plot_table_heatmap(
-            [[r.get(c) for c in names] for r in ok], [r["strategy"] for r in ok], names,
-            out / "comparison_heatmap.png", title=table.title,
-            lower_is_better=[c.lower_is_better for c in columns])
+            [[r.get(c) for c in names] for r in ok],
+            [r["strategy"] for r in ok],
+            names,
+            out / "comparison_heatmap.png",
+            title=table.title,
+            lower_is_better=[c.lower_is_better for c in columns],
+        )
         cross = _cross_heatmaps(cfg, summaries, out / "cross_heatmaps.png")
         if cross is not None:
             paths["cross_heatmaps"] = cross
@@ -287,9 +357,15 @@ def _cross_heatmaps(cfg: Config, summaries: dict[str, dict[str, float]], path: P
         return None
     task = cfg.eval.tasks[0].name
     pattern = re.compile(rf"^{re.escape(task)}/cross/([a-z]+)-([a-z]+)/map@20$")
-    langs = sorted({x for s in summaries.values() for k in s if (m := pattern.match(k))
-                    for x in m.groups()})
-    panels = {label: cross_matrix({k.removeprefix(f"{task}/"): v for k, v in s.items()}, langs,
-                                  "map@20", diagonal=False) for label, s in summaries.items()}
-    return plot_language_matrices(panels, langs, path, shared_scale=True,
-                                  colorbar_label="cross-lingual mAP@20")
+    langs = sorted(
+        {x for s in summaries.values() for k in s if (m := pattern.match(k)) for x in m.groups()}
+    )
+    panels = {
+        label: cross_matrix(
+            {k.removeprefix(f"{task}/"): v for k, v in s.items()}, langs, "map@20", diagonal=False
+        )
+        for label, s in summaries.items()
+    }
+    return plot_language_matrices(
+        panels, langs, path, shared_scale=True, colorbar_label="cross-lingual mAP@20"
+    )

@@ -45,9 +45,15 @@ def _save(fig: Any, path: str | Path, dpi: int, **kwargs: Any) -> Path:
     return path
 
 
-def plot_language_matrices(panels: Mapping[str, np.ndarray], langs: Sequence[str],
-                           path: str | Path, *, title: str = "", shared_scale: bool = False,
-                           colorbar_label: str = "") -> Path | None:
+def plot_language_matrices(
+    panels: Mapping[str, np.ndarray],
+    langs: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    shared_scale: bool = False,
+    colorbar_label: str = "",
+) -> Path | None:
     """[query language, passage language] matrices side by side, one panel each.
 
     Args:
@@ -79,7 +85,9 @@ def plot_language_matrices(panels: Mapping[str, np.ndarray], langs: Sequence[str
     for ax, (name, m) in zip(axes[0], panels.items()):
         vmax = top if shared_scale else max(1e-9, float(np.nanmax(m)))
         im = ax.imshow(m, vmin=0.0, vmax=vmax, cmap="viridis")
-        ax.set_xticks(range(len(langs)), langs, **small, **({"rotation": 90} if shared_scale else {}))
+        ax.set_xticks(
+            range(len(langs)), langs, **small, **({"rotation": 90} if shared_scale else {})
+        )
         ax.set_yticks(range(len(langs)), langs, **small)
         ax.set_xlabel("passage language", **label)
         ax.set_ylabel("query language", **label)
@@ -91,8 +99,15 @@ def plot_language_matrices(panels: Mapping[str, np.ndarray], langs: Sequence[str
             for i in range(len(langs)):
                 for j in range(len(langs)):
                     if not np.isnan(m[i, j]):
-                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if m[i, j] < 0.6 * np.nanmax(m) else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{m[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if m[i, j] < 0.6 * np.nanmax(m) else "black",
+                        )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if shared_scale:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=colorbar_label)
@@ -102,17 +117,22 @@ def plot_language_matrices(panels: Mapping[str, np.ndarray], langs: Sequence[str
     return _save(fig, path, dpi=110)
 
 
-def plot_per_language(metrics: dict[str, float], langs: list[str], path: Path, title: str,
-                      name: str = "map") -> Path | None:
+def plot_per_language(
+    metrics: dict[str, float], langs: list[str], path: Path, title: str, name: str = "map"
+) -> Path | None:
     """Bars per language: mono, cross (mean over passage languages), multi; rank distance."""
 
     def cross_mean(x: str) -> float:
-        vals = [metrics[f"cross/{x}-{y}/{name}"] for y in langs if f"cross/{x}-{y}/{name}" in metrics]
+        vals = [
+            metrics[f"cross/{x}-{y}/{name}"] for y in langs if f"cross/{x}-{y}/{name}" in metrics
+        ]
         return float(np.mean(vals)) if vals else np.nan
 
-    series = {"mono": [metrics.get(f"mono/{x}/{name}", np.nan) for x in langs],
-              "cross": [cross_mean(x) for x in langs],
-              "multi": [metrics.get(f"multi/{x}/{name}", np.nan) for x in langs]}
+    series = {
+        "mono": [metrics.get(f"mono/{x}/{name}", np.nan) for x in langs],
+        "cross": [cross_mean(x) for x in langs],
+        "multi": [metrics.get(f"multi/{x}/{name}", np.nan) for x in langs],
+    }
     series = {k: v for k, v in series.items() if not np.isnan(v).all()}
     dist = [metrics.get(f"bias/rank_distance/{x}", np.nan) for x in langs]
     if not series:
@@ -147,14 +167,28 @@ def _yerr(rows: Sequence[dict[str, Any]], col: str) -> list[list[float]] | None:
     if not any(r.get(f"{col} low") is not None for r in rows):
         return None
     ys = _ys(rows, col)
-    return [[y - (r.get(f"{col} low") if r.get(f"{col} low") is not None else y)
-             for y, r in zip(ys, rows)],
-            [(r.get(f"{col} high") if r.get(f"{col} high") is not None else y) - y
-             for y, r in zip(ys, rows)]]
+    return [
+        [
+            y - (r.get(f"{col} low") if r.get(f"{col} low") is not None else y)
+            for y, r in zip(ys, rows)
+        ],
+        [
+            (r.get(f"{col} high") if r.get(f"{col} high") is not None else y) - y
+            for y, r in zip(ys, rows)
+        ],
+    ]
 
 
-def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: str | None,
-                  path: str | Path, *, group_by: Sequence[str] = (), title: str = "") -> Path:
+def plot_tradeoff(
+    table: ResultsTable,
+    x: str,
+    quality: dict[str, str],
+    bias: str | None,
+    path: str | Path,
+    *,
+    group_by: Sequence[str] = (),
+    title: str = "",
+) -> Path:
     """Two panels against ``x``: quality metrics (left) and rank distance (right), with
     error bars where the rows carry ``<column> low`` / ``<column> high`` interval ends.
 
@@ -178,16 +212,33 @@ def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: st
     for gi, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
         rows = sorted(rows, key=lambda r: r[x])
         xs = [r[x] for r in rows]
-        suffix = "" if not group_by else " (" + ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) + ")"
+        suffix = (
+            ""
+            if not group_by
+            else " (" + ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) + ")"
+        )
         for qi, (label, col) in enumerate(quality.items()):
-            axes[0][0].errorbar(xs, _ys(rows, col), yerr=_yerr(rows, col),
-                                marker=markers[qi % len(markers)], capsize=3,
-                                linestyle=["-", "--", ":", "-."][gi % 4], color=f"C{qi}",
-                                label=label + suffix)
+            axes[0][0].errorbar(
+                xs,
+                _ys(rows, col),
+                yerr=_yerr(rows, col),
+                marker=markers[qi % len(markers)],
+                capsize=3,
+                linestyle=["-", "--", ":", "-."][gi % 4],
+                color=f"C{qi}",
+                label=label + suffix,
+            )
         if bias:
-            axes[0][1].errorbar(xs, _ys(rows, bias), yerr=_yerr(rows, bias), marker="o",
-                                capsize=3, linestyle=["-", "--", ":", "-."][gi % 4], color="C3",
-                                label="rank distance" + suffix)
+            axes[0][1].errorbar(
+                xs,
+                _ys(rows, bias),
+                yerr=_yerr(rows, bias),
+                marker="o",
+                capsize=3,
+                linestyle=["-", "--", ":", "-."][gi % 4],
+                color="C3",
+                label="rank distance" + suffix,
+            )
     axes[0][0].set_xlabel(x)
     axes[0][0].set_ylabel("mAP@20")
     axes[0][0].set_title("retrieval quality (higher is better)")
@@ -205,9 +256,15 @@ def plot_tradeoff(table: ResultsTable, x: str, quality: dict[str, str], bias: st
     return _save(fig, path, dpi=120)
 
 
-def plot_table_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
-                 col_labels: Sequence[str], path: str | Path, *, title: str = "",
-                 lower_is_better: Sequence[bool] = ()) -> Path:
+def plot_table_heatmap(
+    matrix: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    lower_is_better: Sequence[bool] = (),
+) -> Path:
     """A table as a heatmap (rows: runs, columns: metrics), the values written in each cell.
 
     Colours are scaled per column (so mAP and rank distance share one figure); columns
@@ -219,7 +276,10 @@ def plot_table_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[s
     shade = np.full_like(values, 0.5)
     for j in range(values.shape[1]):
         col = values[:, j]
-        lo, hi = np.nanmin(col) if np.isfinite(col).any() else 0, np.nanmax(col) if np.isfinite(col).any() else 1
+        lo, hi = (
+            np.nanmin(col) if np.isfinite(col).any() else 0,
+            np.nanmax(col) if np.isfinite(col).any() else 1,
+        )
         scaled = (col - lo) / (hi - lo) if hi > lo else np.full_like(col, 0.5)
         flip = j < len(lower_is_better) and lower_is_better[j]
         shade[:, j] = 1 - scaled if flip else scaled
@@ -230,8 +290,14 @@ def plot_table_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[s
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j]
-            ax.text(j, i, "" if np.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"),
-                    ha="center", va="center", fontsize=7)
+            ax.text(
+                j,
+                i,
+                "" if np.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"),
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -63,8 +63,15 @@ def format_table(task: str, after: dict[str, float], before: dict[str, float] | 
             return
         b = before.get(f"{task}/{key}")
         change = a - b if a is not None and b is not None else None
-        rows.append([setting, label, _fmt(b, digits), _fmt(a, digits),
-                     "–" if change is None else f"{change:+.{digits}f}"])
+        rows.append(
+            [
+                setting,
+                label,
+                _fmt(b, digits),
+                _fmt(a, digits),
+                "–" if change is None else f"{change:+.{digits}f}",
+            ]
+        )
 
     for setting, name in SETTINGS:
         for key, label in METRICS:
@@ -73,8 +80,10 @@ def format_table(task: str, after: dict[str, float], before: dict[str, float] | 
     if f"{task}/bias/rank_distance" in after:
         row("language bias", "rank distance (lower is better)", "bias/rank_distance", 1)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -107,12 +116,15 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
     # and every step logs to the same store even if a fallback happened.
     uri = resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else ""
     if uri:
-        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-            cfg.tracking, tracking_uri=uri, on_unavailable="fail"))
+        cfg = dataclasses.replace(
+            cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri, on_unavailable="fail")
+        )
     tasks = ", ".join(f"{t.name} ({t.part} part)" for t in cfg.eval.tasks)
-    log.info(f"[rayhybrid quickstart] model {cfg.model.name}, {cfg.batch.strategy} batches "
-             f"(alpha={cfg.batch.alpha}), {cfg.train.max_steps} steps of {cfg.batch.batch_size} pairs; "
-             f"evaluation on {tasks}; MLflow {uri or 'disabled'}")
+    log.info(
+        f"[rayhybrid quickstart] model {cfg.model.name}, {cfg.batch.strategy} batches "
+        f"(alpha={cfg.batch.alpha}), {cfg.train.max_steps} steps of {cfg.batch.batch_size} pairs; "
+        f"evaluation on {tasks}; MLflow {uri or 'disabled'}"
+    )
 
     before = None
     if baseline and cfg.model.name == "tiny":
@@ -126,17 +138,24 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
     result = train(cfg)
     log.info(result.summary())
     log.info("[rayhybrid quickstart] 3/3 evaluation of the fine-tuned model")
-    after = evaluate(_with_output(cfg, "finetuned"), str(result.model_dir), run_id=result.mlflow_run_id)
+    after = evaluate(
+        _with_output(cfg, "finetuned"), str(result.model_dir), run_id=result.mlflow_run_id
+    )
 
     lines = ["", f"rayhybrid quickstart finished in {time.perf_counter() - start:.0f} s", ""]
     for task in cfg.eval.tasks:
-        lines += [f"{task.name}, held-out {task.part} part (macro averages over languages / pairs):",
-                  format_table(task.name, after, before), ""]
+        lines += [
+            f"{task.name}, held-out {task.part} part (macro averages over languages / pairs):",
+            format_table(task.name, after, before),
+            "",
+        ]
     lines.append(f"model:    {result.model_dir}")
     lines.append(f"outputs:  {Path(cfg.eval.output_dir).resolve()}/{{pretrained,finetuned}}")
     if uri:
-        lines.append(f"MLflow:   experiment {cfg.tracking.experiment!r}, training run "
-                     f"{result.mlflow_run_id} (fine-tuned metrics logged into it)")
+        lines.append(
+            f"MLflow:   experiment {cfg.tracking.experiment!r}, training run "
+            f"{result.mlflow_run_id} (fine-tuned metrics logged into it)"
+        )
         lines.append(f"MLflow UI: {ui_command(uri)}")
     log.info("\n".join(lines))
     return 0

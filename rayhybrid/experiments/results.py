@@ -98,7 +98,9 @@ class ResultsTable:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for row in self.rows:
-                writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in self.columns})
+                writer.writerow(
+                    {c: ("" if row.get(c) is None else row.get(c)) for c in self.columns}
+                )
         return path
 
     @classmethod
@@ -123,7 +125,9 @@ class ResultsTable:
 
     def select(self, columns: Sequence[str]) -> ResultsTable:
         """A table with only ``columns`` (in that order), same rows."""
-        return ResultsTable(columns=list(columns), rows=[dict(r) for r in self.rows], title=self.title)
+        return ResultsTable(
+            columns=list(columns), rows=[dict(r) for r in self.rows], title=self.title
+        )
 
     @staticmethod
     def union_columns(first: Sequence[str], rows: Iterable[dict[str, Any]]) -> list[str]:

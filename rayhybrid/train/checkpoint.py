@@ -35,8 +35,17 @@ from rayhybrid.train import TrainingError
 if TYPE_CHECKING:
     from rayhybrid.config import TrainConfig
 
-__all__ = ["RunPaths", "TrainState", "checkpoint_step", "latest_checkpoint",
-           "load_checkpoint", "prepare_run_dir", "read_run_file", "save_checkpoint", "write_run_file"]
+__all__ = [
+    "RunPaths",
+    "TrainState",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prepare_run_dir",
+    "read_run_file",
+    "save_checkpoint",
+    "write_run_file",
+]
 
 RUN_FILE = "rayhybrid_run.json"
 STATE_FILE = "state.json"
@@ -109,11 +118,15 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
 
     raw = train_cfg.storage_path
     if "://" in raw:
-        raise TrainingError(f"train.storage_path={raw!r}: only local or mounted shared folders "
-                            "(NFS, a cluster file system) are supported, not URIs")
+        raise TrainingError(
+            f"train.storage_path={raw!r}: only local or mounted shared folders "
+            "(NFS, a cluster file system) are supported, not URIs"
+        )
     if not re.fullmatch(r"[A-Za-z0-9._-]+", train_cfg.run_name or ""):
-        raise TrainingError(f"train.run_name={train_cfg.run_name!r}: use letters, digits, '.', '_' "
-                            "and '-' only (it names a folder)")
+        raise TrainingError(
+            f"train.run_name={train_cfg.run_name!r}: use letters, digits, '.', '_' "
+            "and '-' only (it names a folder)"
+        )
     if train_cfg.resume and train_cfg.overwrite:
         raise TrainingError("train.resume and train.overwrite are both true: choose one")
     storage = Path(resolve_path(raw)).absolute()
@@ -124,7 +137,8 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
             f"run folder {paths.root} already exists (an earlier run named "
             f"{train_cfg.run_name!r}); nothing was changed. Set train.resume=true to continue it "
             "from its latest checkpoint, train.overwrite=true to replace it, or choose another "
-            "train.run_name")
+            "train.run_name"
+        )
     try:
         if existed and train_cfg.overwrite:
             shutil.rmtree(paths.root)
@@ -133,8 +147,10 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise TrainingError(f"train.storage_path={raw!r}: cannot write the run folder "
-                            f"{paths.root} ({exc.strerror or exc}); choose a writable folder") from None
+        raise TrainingError(
+            f"train.storage_path={raw!r}: cannot write the run folder "
+            f"{paths.root} ({exc.strerror or exc}); choose a writable folder"
+        ) from None
     return paths, bool(existed and train_cfg.resume)
 
 
@@ -172,15 +188,23 @@ def latest_checkpoint(paths: RunPaths) -> tuple[int, Path | None]:
             state = TrainState.from_json((folder / STATE_FILE).read_text())
         except (OSError, ValueError, TypeError):
             continue
-        needed = ["model.pt", "optimizer.pt", "scheduler.pt",
-                  *(f"rng_rank{r}.pt" for r in range(state.world_size))]
+        needed = [
+            "model.pt",
+            "optimizer.pt",
+            "scheduler.pt",
+            *(f"rng_rank{r}.pt" for r in range(state.world_size)),
+        ]
         if all((folder / n).is_file() for n in needed) and state.step > best[0]:
             best = (state.step, folder)
     return best
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -194,8 +218,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState, rank: int) -> None:
+def save_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    rank: int,
+) -> None:
     """Write this worker's part of a checkpoint into ``folder``.
 
     Rank 0 writes weights, optimiser, scheduler and state (identical on every DDP rank);
@@ -212,8 +242,13 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
 
 
-def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, rank: int) -> TrainState:
+def load_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> TrainState:
     """Restore weights, optimiser, scheduler and this rank's RNG state; return the train state.
 
     Raises:
@@ -224,7 +259,9 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         raise TrainingError(f"{src}: not a rayhybrid checkpoint (no {STATE_FILE})")
     inner = getattr(model, "module", model)
     inner.load_state_dict(torch.load(src / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(
+        torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=True))
     rng = src / f"rng_rank{rank}.pt"
     if rng.is_file():  # absent when the run is resumed with more workers than it had

@@ -48,10 +48,13 @@ class TrainResult:
 
     def summary(self) -> str:
         m = self.metrics
-        lines = [f"run folder:  {self.run_dir}",
-                 f"model:       {self.model_dir}  (transformers / sentence-transformers format)",
-                 f"steps:       {m.get('step')}" + ("  (stopped early)" if m.get("stopped_early") else "")
-                 + ("  (resumed)" if self.resumed else "")]
+        lines = [
+            f"run folder:  {self.run_dir}",
+            f"model:       {self.model_dir}  (transformers / sentence-transformers format)",
+            f"steps:       {m.get('step')}"
+            + ("  (stopped early)" if m.get("stopped_early") else "")
+            + ("  (resumed)" if self.resumed else ""),
+        ]
         if m.get("best_step", -1) >= 0:
             lines.append(f"best val loss: {m['best_val_loss']:.4f} at step {m['best_step']}")
         if m.get("step_time_median_s") and not math.isnan(m["step_time_median_s"]):
@@ -79,7 +82,9 @@ def _model_source(cfg: Config, paths: RunPaths, data: Any) -> str:
     """
     if cfg.model.name == TINY:
         if not (paths.init_model / "config.json").is_file():  # a resumed run keeps its own
-            build_tiny_model(cfg.model, _training_texts(data), paths.init_model, seed=cfg.batch.seed)
+            build_tiny_model(
+                cfg.model, _training_texts(data), paths.init_model, seed=cfg.batch.seed
+            )
         return str(paths.init_model)
     target = resolve_model_path(cfg.model.name)
     from transformers import AutoConfig, AutoTokenizer
@@ -88,13 +93,17 @@ def _model_source(cfg: Config, paths: RunPaths, data: Any) -> str:
         AutoConfig.from_pretrained(target)
         AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.name={cfg.model.name!r} is neither a local folder nor available "
-                         f"from the Hugging Face hub (offline, or no such model): "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"model.name={cfg.model.name!r} is neither a local folder nor available "
+            f"from the Hugging Face hub (offline, or no such model): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     return target
 
 
-def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resumed: bool) -> dict | None:
+def _start_mlflow(
+    cfg: Config, paths: RunPaths, parent_run_id: str | None, resumed: bool
+) -> dict | None:
     """Create (or reattach to) the run's MLflow run; log params and the resolved config."""
     if not cfg.tracking.enabled:
         return None
@@ -111,8 +120,9 @@ def _start_mlflow(cfg: Config, paths: RunPaths, parent_run_id: str | None, resum
         client.log_text(run_id, config_yaml, f"config_resumed_{os.getpid()}.yaml")
     else:
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run_id = create_run(uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags,
-                            params=config_params(cfg))
+        run_id = create_run(
+            uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags, params=config_params(cfg)
+        )
         client.log_text(run_id, config_yaml, "config.yaml")
         write_run_file(paths, mlflow_run_id=run_id, tracking_uri=uri)
     return {"tracking_uri": uri, "run_id": run_id}
@@ -131,9 +141,20 @@ def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: st
         for key in ("best_val_loss", "step_time_median_s"):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                guard.call("log final metrics", client.log_metric, run_id, f"final/{key}",
-                           float(value), records=[{"key": f"final/{key}", "value": float(value),
-                                                   "step": metrics.get("step", 0)}])
+                guard.call(
+                    "log final metrics",
+                    client.log_metric,
+                    run_id,
+                    f"final/{key}",
+                    float(value),
+                    records=[
+                        {
+                            "key": f"final/{key}",
+                            "value": float(value),
+                            "step": metrics.get("step", 0),
+                        }
+                    ],
+                )
     guard.call("close the run", client.set_terminated, run_id, status)
 
 
@@ -151,14 +172,20 @@ def _check_dev_plan(cfg: Config) -> Any:
     try:
         validation_plan(cfg, dev, cfg.train.num_workers)
     except BatchPlanError as exc:
-        raise TrainingError(f"validation on the dev split: {exc}; raise data.dev_fraction or "
-                            "set train.eval_every=0") from None
+        raise TrainingError(
+            f"validation on the dev split: {exc}; raise data.dev_fraction or set train.eval_every=0"
+        ) from None
     return dev
 
 
-def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | None = None,
-          extra_report_fn: Callable[..., dict] | None = None,
-          hooks: TrainHooks | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    callbacks: Sequence[Any] = (),
+    parent_run_id: str | None = None,
+    extra_report_fn: Callable[..., dict] | None = None,
+    hooks: TrainHooks | None = None,
+) -> TrainResult:
     """Fine-tune the configured bi-encoder with Ray Train on the hybrid batch stream.
 
     Args:
@@ -187,7 +214,9 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
 
     data = load_training_data(cfg.data, part="train")
     nw = cfg.train.num_workers
-    BatchPlan(cfg.batch, units_from(data.items, data.pairs, cfg.data.languages), nw)  # BatchPlanError
+    BatchPlan(
+        cfg.batch, units_from(data.items, data.pairs, cfg.data.languages), nw
+    )  # BatchPlanError
     dev = _check_dev_plan(cfg) if cfg.train.eval_every else None
     # A bad model name fails before the run folder is touched; the tiny model lives in it.
     model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
@@ -196,8 +225,9 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
     from rayhybrid.stream import validation_batches
 
     # The validation steps of the dev plan, tokenized as the stream tokenizes training steps.
-    val_batches = [] if dev is None else validation_batches(cfg, dev, model_path, nw,
-                                                            MAX_VAL_BATCHES)
+    val_batches = (
+        [] if dev is None else validation_batches(cfg, dev, model_path, nw, MAX_VAL_BATCHES)
+    )
     hooks = hooks or TrainHooks()
     if hooks.batch_log:
         Path(hooks.batch_log).mkdir(parents=True, exist_ok=True)
@@ -217,35 +247,51 @@ def train(cfg: Config, *, callbacks: Sequence[Any] = (), parent_run_id: str | No
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "paths": {"run_dir": paths.run_dir},
-                           "model_path": model_path, "val_batches": val_batches,
-                           "mlflow": mlflow_spec, "hooks": hooks,
-                           "extra_report_fn": extra_report_fn},
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "paths": {"run_dir": paths.run_dir},
+            "model_path": model_path,
+            "val_batches": val_batches,
+            "mlflow": mlflow_spec,
+            "hooks": hooks,
+            "extra_report_fn": extra_report_fn,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=nw, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=nw, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=str(paths.root.parent),
+            name=cfg.train.run_name,
+            storage_path=str(paths.root.parent),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
             # Our own step lines say what happens; Ray Train's per-report INFO lines double them.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets, dataset_config=train_data_config())
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=train_data_config(),
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         _finish_mlflow(mlflow_spec, paths, {}, "FAILED")
-        raise TrainingError(f"training run {paths.root} failed: {_first_line(exc)} (checkpoints "
-                            "kept; continue with train.resume=true)") from exc
+        raise TrainingError(
+            f"training run {paths.root} failed: {_first_line(exc)} (checkpoints "
+            "kept; continue with train.resume=true)"
+        ) from exc
     metrics = dict(result.metrics or {})
     final = paths.root / FINAL_METRICS
     if final.is_file():
         metrics.update(json.loads(final.read_text()))
     _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED")
-    return TrainResult(run_dir=paths.root, model_dir=paths.final_model,
-                       mlflow_run_id=mlflow_spec["run_id"] if mlflow_spec else None,
-                       metrics=metrics, resumed=resumed)
+    return TrainResult(
+        run_dir=paths.root,
+        model_dir=paths.final_model,
+        mlflow_run_id=mlflow_spec["run_id"] if mlflow_spec else None,
+        metrics=metrics,
+        resumed=resumed,
+    )
 
 
 def train_and_evaluate(cfg: Config) -> tuple[TrainResult, dict[str, float]]:

@@ -58,8 +58,15 @@ class TrainHooks:
     batch_log: str = ""
 
 
-def _validate(model, cfg: Config, val_batches: list[dict], rank: int, world: int,
-              device: torch.device, precision: str) -> dict[str, float]:
+def _validate(
+    model,
+    cfg: Config,
+    val_batches: list[dict],
+    rank: int,
+    world: int,
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
     """Loss and in-batch accuracy of this rank's share of the fixed validation steps."""
     model.eval()
     losses, accs = [], []
@@ -68,10 +75,15 @@ def _validate(model, cfg: Config, val_batches: list[dict], rank: int, world: int
             embs = []
             for side in ("q", "p"):
                 with autocast(precision, device):
-                    embs.append(model(batch[f"{side}_input_ids"].to(device),
-                                      batch[f"{side}_attention_mask"].to(device)).float())
-            loss, _ = info_nce(*embs, tau=cfg.train.tau, rank=rank, world_size=world,
-                               symmetric=cfg.train.symmetric)
+                    embs.append(
+                        model(
+                            batch[f"{side}_input_ids"].to(device),
+                            batch[f"{side}_attention_mask"].to(device),
+                        ).float()
+                    )
+            loss, _ = info_nce(
+                *embs, tau=cfg.train.tau, rank=rank, world_size=world, symmetric=cfg.train.symmetric
+            )
             losses.append(loss.item())
             accs.append(in_batch_accuracy(*(gather_with_local_grad(e, rank, world) for e in embs)))
     model.train()
@@ -105,8 +117,9 @@ def _inject_fault(hooks: TrainHooks, rank: int, step: int) -> None:
         os._exit(1)
 
 
-def _restore(paths: RunPaths, model, optimizer, scheduler, rank: int,
-             world: int) -> tuple[TrainState | None, int]:
+def _restore(
+    paths: RunPaths, model, optimizer, scheduler, rank: int, world: int
+) -> tuple[TrainState | None, int]:
     """Load the newest checkpoint: Ray Train's (after a restart) or the run folder's.
 
     The run folder can hold a newer one than Ray Train knows: a worker that dies right
@@ -133,8 +146,10 @@ def _restore(paths: RunPaths, model, optimizer, scheduler, rank: int,
         steps = [None] * world
         dist.all_gather_object(steps, step)
         if len(set(steps)) != 1:
-            raise RuntimeError(f"workers restored different checkpoints (steps {steps}); "
-                               f"check that {paths.root} is shared storage every node sees")
+            raise RuntimeError(
+                f"workers restored different checkpoints (steps {steps}); "
+                f"check that {paths.root} is shared storage every node sees"
+            )
     return state, step
 
 
@@ -146,15 +161,23 @@ def _report(metrics: dict, ckpt_fn: Callable[[str], None] | None = None, step: i
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_fn(tmp)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{step:08d}",
+        )
 
 
 def _export(model, tokenizer, cfg: Config, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    export_model(unwrap_model(model), tokenizer, tmp, cfg.model,
-                 max_seq_length=max(cfg.data.max_query_length, cfg.data.max_passage_length))
+    export_model(
+        unwrap_model(model),
+        tokenizer,
+        tmp,
+        cfg.model,
+        max_seq_length=max(cfg.data.max_query_length, cfg.data.max_passage_length),
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # readers never see a half-written model
 
@@ -182,18 +205,23 @@ class _Worker:
         model.to(self.device)
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, tc.max_steps, tc.warmup_ratio)
-        state, self.saved_at = _restore(self.paths, model, self.optimizer, self.scheduler,
-                                        self.rank, self.world)
+        state, self.saved_at = _restore(
+            self.paths, model, self.optimizer, self.scheduler, self.rank, self.world
+        )
         self.state = state or TrainState()
         self.state.world_size = self.world  # a resume may use another number of workers
         self.model = ray.train.torch.prepare_model(model)  # DDP when world > 1
         self.model.train()
-        self.mlflow = StepLogger(loop_config.get("mlflow") if self.rank == 0 else None,
-                                 self.paths.mlflow_unsent, resumed=state is not None)
+        self.mlflow = StepLogger(
+            loop_config.get("mlflow") if self.rank == 0 else None,
+            self.paths.mlflow_unsent,
+            resumed=state is not None,
+        )
         self.precision = resolve_precision(tc.precision, self.device.type)
         if self.rank == 0:
-            log.info("precision %s (train.precision=%s) on %s", self.precision, tc.precision,
-                     self.device)
+            log.info(
+                "precision %s (train.precision=%s) on %s", self.precision, tc.precision, self.device
+            )
             self.mlflow.tag("train.precision_used", self.precision)
         log_dir = self.hooks.batch_log
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
@@ -210,29 +238,39 @@ class _Worker:
         shard = ray.train.get_dataset_shard(rank_key(self.rank))
         # A restarted worker group re-reads the stream from where the driver built it: skip to
         # the restored step.
-        yield from iter_step_batches(shard, self.cfg.batch.per_worker(self.world),
-                                     self.tokenizer.pad_token_id, start_step=self.state.step)
+        yield from iter_step_batches(
+            shard,
+            self.cfg.batch.per_worker(self.world),
+            self.tokenizer.pad_token_id,
+            start_step=self.state.step,
+        )
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step on this worker's share of a global batch; its metrics."""
         tc, dev = self.cfg.train, self.device
         if batch["step"] != self.state.step:
-            raise RuntimeError(f"the stream jumped from step {self.state.step} to {batch['step']}: "
-                               "batches would be skipped; rebuild it from the checkpoint's step")
+            raise RuntimeError(
+                f"the stream jumped from step {self.state.step} to {batch['step']}: "
+                "batches would be skipped; rebuild it from the checkpoint's step"
+            )
         _inject_fault(self.hooks, self.rank, batch["step"])
         if self.batch_log is not None:
             with open(self.batch_log, "a") as fh:
-                fh.write(json.dumps({"step": batch["step"], "pid": os.getpid(),
-                                     "group": batch["group"]}) + "\n")
+                fh.write(
+                    json.dumps({"step": batch["step"], "pid": os.getpid(), "group": batch["group"]})
+                    + "\n"
+                )
         with autocast(self.precision, dev):
             q = self.model(batch["q_input_ids"].to(dev), batch["q_attention_mask"].to(dev))
             p = self.model(batch["p_input_ids"].to(dev), batch["p_attention_mask"].to(dev))
-        loss, backward_loss = info_nce(q, p, tau=tc.tau, rank=self.rank, world_size=self.world,
-                                       symmetric=tc.symmetric)
+        loss, backward_loss = info_nce(
+            q, p, tau=tc.tau, rank=self.rank, world_size=self.world, symmetric=tc.symmetric
+        )
         self.optimizer.zero_grad(set_to_none=True)
         backward_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   tc.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip or float("inf")
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -241,9 +279,13 @@ class _Worker:
         self.step_times.append(now - self.last)
         self.step_cpu.append(cpu - self.last_cpu)
         self.last, self.last_cpu = now, cpu
-        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
-                   "train/pairs_per_s": self.cfg.batch.batch_size / self.step_times[-1],
-                   "train/mode_is_mono": float(batch["mode"] in ("mono", "english"))}
+        metrics = {
+            "train/loss": loss.item(),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/pairs_per_s": self.cfg.batch.batch_size / self.step_times[-1],
+            "train/mode_is_mono": float(batch["mode"] in ("mono", "english")),
+        }
         self.mlflow.log(metrics, self.state.step)
         self.window.append(metrics)
         return metrics
@@ -253,22 +295,37 @@ class _Worker:
         w, self.window = self.window, []
         out = {k.split("/", 1)[1]: sum(m[k] for m in w) / len(w) for k in w[0]} if w else {}
         if self.rank == 0 and out:  # logging, not print: Ray Train V2 echoes worker stdout twice
-            log.info("step %d/%d loss %.4f lr %.2e %.1f pairs/s", self.state.step,
-                     self.cfg.train.max_steps, out["loss"], out["lr"], out["pairs_per_s"])
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.1f pairs/s",
+                self.state.step,
+                self.cfg.train.max_steps,
+                out["loss"],
+                out["lr"],
+                out["pairs_per_s"],
+            )
         return out
 
     def validation_point(self) -> dict[str, float]:
         """Validation loss/accuracy, best-model export, early-stopping bookkeeping, extra metrics."""
         st, tc = self.state, self.cfg.train
-        val = _validate(self.model, self.cfg, self.val_batches, self.rank, self.world,
-                        self.device, self.precision)
+        val = _validate(
+            self.model,
+            self.cfg,
+            self.val_batches,
+            self.rank,
+            self.world,
+            self.device,
+            self.precision,
+        )
         if _agree(val["val_loss"] < st.best_val_loss, self.world, self.device):
             st.best_val_loss, st.best_step, st.bad_evals = val["val_loss"], st.step, 0
             if self.rank == 0:
                 _export(self.model, self.tokenizer, self.cfg, self.paths.best_model)
         else:
             st.bad_evals += 1
-        st.stopped_early = bool(tc.early_stopping_patience and st.bad_evals >= tc.early_stopping_patience)
+        st.stopped_early = bool(
+            tc.early_stopping_patience and st.bad_evals >= tc.early_stopping_patience
+        )
         val["best_val_loss"] = st.best_val_loss
         if self.extra_fn is not None and self.rank == 0:
             val.update(self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step))
@@ -280,7 +337,9 @@ class _Worker:
         metrics["step"] = self.state.step
 
         def write(folder: str) -> None:
-            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state, self.rank)
+            save_checkpoint(
+                folder, self.model, self.optimizer, self.scheduler, self.state, self.rank
+            )
 
         _report(metrics, write if checkpoint else None, self.state.step)
         self.saved_at = self.state.step if checkpoint else self.saved_at
@@ -292,11 +351,15 @@ class _Worker:
         travels with it (and in ``final_metrics.json`` for the driver).
         """
         st, tc = self.state, self.cfg.train
-        summary = {"step": st.step, "stopped_early": st.stopped_early,
-                   "best_val_loss": st.best_val_loss, "best_step": st.best_step,
-                   "step_time_median_s": _median(self.step_times[KEEP_STEP_TIMES:] or self.step_times),
-                   "step_cpu_median_s": _median(self.step_cpu[KEEP_STEP_TIMES:] or self.step_cpu),
-                   "steps_this_attempt": len(self.step_times)}
+        summary = {
+            "step": st.step,
+            "stopped_early": st.stopped_early,
+            "best_val_loss": st.best_val_loss,
+            "best_step": st.best_step,
+            "step_time_median_s": _median(self.step_times[KEEP_STEP_TIMES:] or self.step_times),
+            "step_cpu_median_s": _median(self.step_cpu[KEEP_STEP_TIMES:] or self.step_cpu),
+            "steps_this_attempt": len(self.step_times),
+        }
         if self.rank == 0:
             self.mlflow.flush()
             if tc.eval_every and self.paths.best_model.is_dir():
@@ -305,7 +368,9 @@ class _Worker:
             else:
                 _export(self.model, self.tokenizer, self.cfg, self.paths.final_model)
             if self.extra_fn is not None and not tc.eval_every:
-                summary.update(self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step))
+                summary.update(
+                    self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step)
+                )
             (self.paths.root / FINAL_METRICS).write_text(json.dumps(summary, indent=1))
         self.report(summary, checkpoint=self.saved_at != st.step)
 

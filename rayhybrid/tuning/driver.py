@@ -39,8 +39,14 @@ from rayhybrid.tuning.space import (
     search_axes,
 )
 
-__all__ = ["baseline_alpha", "dev_per_query_dir", "dev_report_fn", "dev_task", "run_tune",
-           "trial_config"]
+__all__ = [
+    "baseline_alpha",
+    "dev_per_query_dir",
+    "dev_report_fn",
+    "dev_task",
+    "run_tune",
+    "trial_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +92,9 @@ def dev_task(cfg: Config) -> Any:
 
     fmt = cfg.data.format
     if fmt == "lareqa":
-        task_cfg = TaskConfig(name="dev", format=fmt, path=cfg.data.path,
-                              languages=cfg.data.languages, part="dev")
+        task_cfg = TaskConfig(
+            name="dev", format=fmt, path=cfg.data.path, languages=cfg.data.languages, part="dev"
+        )
         return load_eval_task(task_cfg, cfg.data)
     data = load_training_data(cfg.data, part="dev")
     return task_from_items("dev", data.items, data.pairs, cfg.data.languages)
@@ -121,19 +128,32 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
             state["task"] = dev_task(c)
         was_training = model.training
         try:
-            dev = evaluate_in_process(model, tokenizer, state["task"], c.model, c.eval.settings, 20,
-                                      max_query_length=c.data.max_query_length,
-                                      max_passage_length=c.data.max_passage_length,
-                                      with_context=c.data.with_context,
-                                      with_title=c.data.with_title,
-                                      per_query_dir=dev_per_query_dir(c))
+            dev = evaluate_in_process(
+                model,
+                tokenizer,
+                state["task"],
+                c.model,
+                c.eval.settings,
+                20,
+                max_query_length=c.data.max_query_length,
+                max_passage_length=c.data.max_passage_length,
+                with_context=c.data.with_context,
+                with_title=c.data.with_title,
+                per_query_dir=dev_per_query_dir(c),
+            )
         finally:
             model.train(was_training)  # encoding switches to eval mode; training needs dropout back
         objective = parse_objective(c.tune.objective, c.eval.settings)
         # Macro averages and bias only (``setting/metric``); per-language cells stay out of the
         # Tune results (110 cross-lingual pairs x every metric would bury the objective).
-        out = {dev_key(k): float(v) for k, v in dev.items() if k.count("/") == 1
-               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        out = {
+            dev_key(k): float(v)
+            for k, v in dev.items()
+            if k.count("/") == 1
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        }
         out[OBJECTIVE_KEY] = objective.value(dev)
         # ASHA's clock. Left out at the last step: ASHA stops every trial that reaches its
         # max_t, which would kill the trial before it exports its model and closes its run.
@@ -152,8 +172,9 @@ def dev_report_fn(cfg: Config) -> Callable[..., dict[str, float]]:
 _DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
-def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | None,
-                  exp_dir: str) -> dict[str, Any]:
+def _trial_driver(
+    params: dict[str, Any], *, base: dict, parent_run_id: str | None, exp_dir: str
+) -> dict[str, Any]:
     """One Tune trial: train with the trial's values, reporting dev metrics to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -168,18 +189,31 @@ def _trial_driver(params: dict[str, Any], *, base: dict, parent_run_id: str | No
     done_file = Path(exp_dir) / "trial_results" / f"{tcfg.train.run_name}.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    result = train(tcfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
-                   extra_report_fn=dev_report_fn(tcfg))
+    result = train(
+        tcfg,
+        callbacks=[TuneReportCallback()],
+        parent_run_id=parent_run_id,
+        extra_report_fn=dev_report_fn(tcfg),
+    )
     # The returned dict is the trial's last result: the final dev metrics (for search
     # algorithms, which read the last result) without ASHA's clock, and the MLflow run.
-    final = {"mlflow_run_id": result.mlflow_run_id or "", "run_dir": str(result.run_dir),
-             "step": result.metrics.get("step"), "trial_done": 1}
+    final = {
+        "mlflow_run_id": result.mlflow_run_id or "",
+        "run_dir": str(result.run_dir),
+        "step": result.metrics.get("step"),
+        "trial_done": 1,
+    }
     if result.mlflow_run_id:
         from rayhybrid.tracking import mlflow_client, resolve_tracking_uri
 
         logged = mlflow_client(resolve_tracking_uri(tcfg.tracking)).get_run(result.mlflow_run_id)
-        final.update({k.removeprefix("val/"): v for k, v in logged.data.metrics.items()
-                      if k.startswith("val/" + DEV_PREFIX) and k != "val/" + STEP_KEY})
+        final.update(
+            {
+                k.removeprefix("val/"): v
+                for k, v in logged.data.metrics.items()
+                if k.startswith("val/" + DEV_PREFIX) and k != "val/" + STEP_KEY
+            }
+        )
     done_file.parent.mkdir(parents=True, exist_ok=True)
     done_file.write_text(json.dumps(final))
     return final
@@ -201,11 +235,15 @@ def _check_restore(cfg: Config, exp_dir: Path) -> bool:
 
     exists = exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir))
     if cfg.tune.resume and not exists:
-        raise TuneError(f"tune.resume = true but {exp_dir} holds no sweep to restore; drop "
-                        "tune.resume to start one")
+        raise TuneError(
+            f"tune.resume = true but {exp_dir} holds no sweep to restore; drop "
+            "tune.resume to start one"
+        )
     if not cfg.tune.resume and exp_dir.exists() and any(exp_dir.iterdir()):
-        raise TuneError(f"{exp_dir} already holds a sweep named {cfg.tune.name!r}: continue it "
-                        "with tune.resume=true, or choose another tune.name / tune.storage_path")
+        raise TuneError(
+            f"{exp_dir} already holds a sweep named {cfg.tune.name!r}: continue it "
+            "with tune.resume=true, or choose another tune.name / tune.storage_path"
+        )
     return cfg.tune.resume
 
 
@@ -227,8 +265,10 @@ def baseline_alpha(cfg: Config) -> float | None:
     except ConfigError:
         spec = None
     if spec is None or spec.strategy != "hybrid" or text == "hybrid":
-        raise TuneError(f"baseline = {cfg.baseline!r}: tune compares trials by alpha; expected "
-                        "an alpha such as 0.5")
+        raise TuneError(
+            f"baseline = {cfg.baseline!r}: tune compares trials by alpha; expected "
+            "an alpha such as 0.5"
+        )
     return spec.alpha
 
 
@@ -243,8 +283,10 @@ def _check_baseline(cfg: Config, axes: dict[str, list[Any]]) -> None:
         return
     alphas = axes.get("batch.alpha", [cfg.batch.alpha])
     if cfg.tune.search == "grid" and alpha not in alphas:
-        raise TuneError(f"baseline = {cfg.baseline!r} is not a row of the sweep; expected one "
-                        f"of the alphas {alphas}")
+        raise TuneError(
+            f"baseline = {cfg.baseline!r} is not a row of the sweep; expected one "
+            f"of the alphas {alphas}"
+        )
 
 
 def _scheduler(cfg: Config) -> Any:
@@ -256,8 +298,14 @@ def _scheduler(cfg: Config) -> Any:
     max_t = cfg.train.max_steps
     # Time is the training step of the dev report; the first cut comes after two validations.
     grace = min(max_t, 2 * cfg.train.eval_every)
-    return AsyncHyperBandScheduler(time_attr=STEP_KEY, metric=OBJECTIVE_KEY, mode=objective.mode,
-                                   max_t=max_t, grace_period=grace, reduction_factor=2)
+    return AsyncHyperBandScheduler(
+        time_attr=STEP_KEY,
+        metric=OBJECTIVE_KEY,
+        mode=objective.mode,
+        max_t=max_t,
+        grace_period=grace,
+        reduction_factor=2,
+    )
 
 
 def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
@@ -300,21 +348,40 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     # Reports between validation points carry no dev metric; Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, base=config_to_dict(cfg), parent_run_id=parent_run_id,
-                             exp_dir=str(exp_dir)),
-        _DRIVER_RESOURCES)
+        tune.with_parameters(
+            _trial_driver,
+            base=config_to_dict(cfg),
+            parent_run_id=parent_run_id,
+            exp_dir=str(exp_dir),
+        ),
+        _DRIVER_RESOURCES,
+    )
     if restoring:
-        log.info(f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False, param_space=space)
+        log.info(
+            f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun"
+        )
+        tuner = tune.Tuner.restore(
+            str(exp_dir),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=space,
+        )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(scheduler=_scheduler(cfg), search_alg=search_alg,
-                                        num_samples=num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent),
-            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent),
-                                      callbacks=list(callbacks)))
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(cfg),
+                search_alg=search_alg,
+                num_samples=num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.tune.name, storage_path=str(exp_dir.parent), callbacks=list(callbacks)
+            ),
+        )
     grid = tuner.fit()
     table = collect_table(grid, cfg, axes)
     add_significance(table, cfg, exp_dir)
@@ -322,7 +389,9 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     paths = write_outputs(table, cfg, axes)
     finish_parent(cfg, parent_run_id, table, paths)
     if any(str(r.get("status", "")).startswith("unfinished") for r in table.rows):
-        log.warning(f"[rayhybrid tune] the sweep was interrupted; continue it with the same command and "
-                    f"tune.resume=true (finished trials are kept): {exp_dir}")
+        log.warning(
+            f"[rayhybrid tune] the sweep was interrupted; continue it with the same command and "
+            f"tune.resume=true (finished trials are kept): {exp_dir}"
+        )
     log.info(f"[rayhybrid tune] table, plot and best config in {paths['markdown'].parent}")
     return table

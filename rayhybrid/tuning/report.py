@@ -32,7 +32,14 @@ from rayhybrid.tuning.space import (
     parse_objective,
 )
 
-__all__ = ["add_significance", "close_trial_runs", "collect_table", "finish_parent", "start_parent", "write_outputs"]
+__all__ = [
+    "add_significance",
+    "close_trial_runs",
+    "collect_table",
+    "finish_parent",
+    "start_parent",
+    "write_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +102,11 @@ def collect_table(grid: Any, cfg: Config, axes: dict[str, list[Any]]) -> Results
             dev_rows = df[df[OBJECTIVE_KEY].notna()]
             if len(dev_rows):
                 dev = dev_rows.iloc[-1]
-                best = dev_rows[OBJECTIVE_KEY].max() if objective.mode == "max" \
+                best = (
+                    dev_rows[OBJECTIVE_KEY].max()
+                    if objective.mode == "max"
                     else dev_rows[OBJECTIVE_KEY].min()
+                )
                 row["best_objective"] = float(best)
         if dev is not None:
             row["step"] = int(dev["step"]) if _num(dev.get("step")) is not None else None
@@ -108,10 +118,19 @@ def collect_table(grid: Any, cfg: Config, axes: dict[str, list[Any]]) -> Results
         row["mlflow_run_id"] = result.metrics.get("mlflow_run_id") or ""
         rows.append(row)
     axis_cols = [_axis_name(k) for k in axes]
-    rows.sort(key=lambda r: tuple((r.get(c) is None, r.get(c) if isinstance(r.get(c), (int, float))
-                                   else str(r.get(c))) for c in axis_cols))
-    columns = (["trial"] + axis_cols + ["status", "step"] + [f"dev {k}" for k in DEV_COLUMNS]
-               + ["objective", "best_objective", "mlflow_run_id", "error"])
+    rows.sort(
+        key=lambda r: tuple(
+            (r.get(c) is None, r.get(c) if isinstance(r.get(c), (int, float)) else str(r.get(c)))
+            for c in axis_cols
+        )
+    )
+    columns = (
+        ["trial"]
+        + axis_cols
+        + ["status", "step"]
+        + [f"dev {k}" for k in DEV_COLUMNS]
+        + ["objective", "best_objective", "mlflow_run_id", "error"]
+    )
     title = f"tune {cfg.tune.name}: objective {objective.name} ({objective.mode}) on the dev split"
     return ResultsTable(columns=columns, rows=rows, title=title)
 
@@ -140,27 +159,40 @@ def add_significance(table: ResultsTable, cfg: Config, exp_dir: Path) -> None:
         return
     alpha = baseline_alpha(cfg)
     if alpha is not None:
-        base = next((r["trial"] for r in table.rows if r.get("alpha") == alpha
-                     and r["trial"] in folders), None)
+        base = next(
+            (r["trial"] for r in table.rows if r.get("alpha") == alpha and r["trial"] in folders),
+            None,
+        )
         if base is None:
-            raise TuneError(f"baseline = {cfg.baseline!r}: no trial with alpha {alpha:g} has "
-                            "dev values; alphas: " + ", ".join(
-                                f"{r.get('alpha')}" for r in table.rows))
+            raise TuneError(
+                f"baseline = {cfg.baseline!r}: no trial with alpha {alpha:g} has "
+                "dev values; alphas: " + ", ".join(f"{r.get('alpha')}" for r in table.rows)
+            )
     else:
         base = next(iter(folders))
-    columns = [Column(f"dev {k}", "", *k.split("/"), lower_is_better=k.startswith("bias"))
-               for k in DEV_COLUMNS]
-    stats = comparison_stats(folders, columns, base, samples=cfg.eval.bootstrap_samples,
-                             level=cfg.eval.ci_level, permutations=cfg.eval.permutations,
-                             seed=cfg.eval.bootstrap_seed)
+    columns = [
+        Column(f"dev {k}", "", *k.split("/"), lower_is_better=k.startswith("bias"))
+        for k in DEV_COLUMNS
+    ]
+    stats = comparison_stats(
+        folders,
+        columns,
+        base,
+        samples=cfg.eval.bootstrap_samples,
+        level=cfg.eval.ci_level,
+        permutations=cfg.eval.permutations,
+        seed=cfg.eval.bootstrap_seed,
+    )
     for row in table.rows:
         row["baseline"] = row["trial"] == base
         for col in columns:
             cell = stats.get(row["trial"], {}).get(col.name, {})
-            row.update({f"{col.name} {k}": cell[k] for k in ("low", "high", "p", "p_holm")
-                        if k in cell})
-    table.columns += ["baseline"] + [f"{c.name} {k}" for c in columns
-                                     for k in ("low", "high", "p", "p_holm")]
+            row.update(
+                {f"{col.name} {k}": cell[k] for k in ("low", "high", "p", "p_holm") if k in cell}
+            )
+    table.columns += ["baseline"] + [
+        f"{c.name} {k}" for c in columns for k in ("low", "high", "p", "p_holm")
+    ]
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -203,16 +235,26 @@ def write_outputs(table: ResultsTable, cfg: Config, axes: dict[str, list[Any]]) 
     if plotted:
         quality = {k: f"dev {k}" for k in ("mono/map@20", "cross/map@20", "multi/map@20")}
         group = [_axis_name(k) for k in axes if k != "batch.alpha"]
-        paths["plot"] = plot_tradeoff(ResultsTable(table.columns, plotted), "alpha", quality,
-                                      "dev bias/rank_distance", out / "alpha_tradeoff.png",
-                                      group_by=group, title=table.title)
+        paths["plot"] = plot_tradeoff(
+            ResultsTable(table.columns, plotted),
+            "alpha",
+            quality,
+            "dev bias/rank_distance",
+            out / "alpha_tradeoff.png",
+            group_by=group,
+            title=table.title,
+        )
     best = best_row(table, cfg)
     if best is not None:
         params = {k: best[_axis_name(k)] for k in axes}
-        best_cfg = apply_overrides(cfg, {"batch.strategy": "hybrid", "tune.resume": False, **params})
+        best_cfg = apply_overrides(
+            cfg, {"batch.strategy": "hybrid", "tune.resume": False, **params}
+        )
         path = out / "best_config.yaml"
-        header = (f"# Best trial {best['trial']} of tune {cfg.tune.name}: {cfg.tune.objective} = "
-                  f"{best['objective']:.4f} on the dev split\n")
+        header = (
+            f"# Best trial {best['trial']} of tune {cfg.tune.name}: {cfg.tune.objective} = "
+            f"{best['objective']:.4f} on the dev split\n"
+        )
         path.write_text(header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
         paths["best_config"] = path
     return paths
@@ -221,7 +263,9 @@ def write_outputs(table: ResultsTable, cfg: Config, axes: dict[str, list[Any]]) 
 # --------------------------------------------------------------------------- MLflow parent
 
 
-def start_parent(cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restoring: bool) -> str | None:
+def start_parent(
+    cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restoring: bool
+) -> str | None:
     """Create (or, on restore, reopen) the sweep's parent MLflow run; returns its id.
 
     The id is kept in the experiment folder so that a restored sweep nests its remaining
@@ -237,9 +281,12 @@ def start_parent(cfg: Config, exp_dir: Path, axes: dict[str, list[Any]], restori
         run_id = marker.read_text().strip()
         mlflow_client(resolve_tracking_uri(cfg.tracking)).update_run(run_id, status="RUNNING")
         return run_id
-    run_id = start_parent_run(cfg, f"tune_{cfg.tune.name}",
-                              {"rayhybrid.job": "tune", "rayhybrid.tune.name": cfg.tune.name},
-                              {f"sweep.{_axis_name(k)}": str(v) for k, v in axes.items()})
+    run_id = start_parent_run(
+        cfg,
+        f"tune_{cfg.tune.name}",
+        {"rayhybrid.job": "tune", "rayhybrid.tune.name": cfg.tune.name},
+        {f"sweep.{_axis_name(k)}": str(v) for k, v in axes.items()},
+    )
     exp_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(run_id))
     return run_id
@@ -266,12 +313,19 @@ def close_trial_runs(cfg: Config, parent_run_id: str | None, table: ResultsTable
             row["mlflow_run_id"] = run.info.run_id
 
 
-def finish_parent(cfg: Config, run_id: str | None, table: ResultsTable,
-                  paths: dict[str, Path]) -> None:
+def finish_parent(
+    cfg: Config, run_id: str | None, table: ResultsTable, paths: dict[str, Path]
+) -> None:
     """Log the table, plot and best config to the parent run and close it."""
     best = best_row(table, cfg)
     failed = sum(1 for r in table.rows if r.get("status") == "error")
     unfinished = any(str(r.get("status", "")).startswith("unfinished") for r in table.rows)
-    finish_parent_run(cfg, run_id, paths, failed=failed, total=len(table),
-                      metrics={"best/objective": best["objective"]} if best else None,
-                      status="KILLED" if unfinished else None)
+    finish_parent_run(
+        cfg,
+        run_id,
+        paths,
+        failed=failed,
+        total=len(table),
+        metrics={"best/objective": best["objective"]} if best else None,
+        status="KILLED" if unfinished else None,
+    )

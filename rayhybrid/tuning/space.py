@@ -44,6 +44,7 @@ def dev_key(name: str) -> str:
     """
     return DEV_PREFIX + name.replace("@", "_at_")
 
+
 _METRICS = ("map", "map@20", "mrr", "r@1", "r@10", "ndcg@10", "recall@100")
 _MIN_METRICS = ("bias/rank_distance",)
 
@@ -73,8 +74,10 @@ class Objective:
         """
         missing = [k for k in self.keys if k not in dev]
         if missing:
-            raise TuneError(f"tune.objective {self.name!r} needs dev metric(s) {missing}; the dev "
-                            f"evaluation returned {sorted(dev)}")
+            raise TuneError(
+                f"tune.objective {self.name!r} needs dev metric(s) {missing}; the dev "
+                f"evaluation returned {sorted(dev)}"
+            )
         return float(sum(dev[k] for k in self.keys) / len(self.keys))
 
 
@@ -93,11 +96,15 @@ def parse_objective(text: str, settings: Sequence[str] = _SETTINGS) -> Objective
     if m:
         metric = m.group(1)
         if metric not in _METRICS:
-            raise TuneError(f"tune.objective {text!r}: unknown metric {metric!r}; expected one of {known}")
+            raise TuneError(
+                f"tune.objective {text!r}: unknown metric {metric!r}; expected one of {known}"
+            )
         used = [s for s in _SETTINGS if s in settings]
         if not used:
-            raise TuneError(f"tune.objective {text!r}: eval.settings {list(settings)} has none of "
-                            f"{list(_SETTINGS)}")
+            raise TuneError(
+                f"tune.objective {text!r}: eval.settings {list(settings)} has none of "
+                f"{list(_SETTINGS)}"
+            )
         return Objective(text, tuple(f"{s}/{metric}" for s in used), "max")
     if text in _MIN_METRICS:
         if "multi" not in settings:
@@ -106,11 +113,15 @@ def parse_objective(text: str, settings: Sequence[str] = _SETTINGS) -> Objective
     parts = text.split("/")
     if len(parts) == 2 and parts[0] in _SETTINGS and parts[1] in _METRICS:
         if parts[0] not in settings:
-            raise TuneError(f"tune.objective {text!r}: setting {parts[0]!r} is not in eval.settings "
-                            f"{list(settings)}")
+            raise TuneError(
+                f"tune.objective {text!r}: setting {parts[0]!r} is not in eval.settings "
+                f"{list(settings)}"
+            )
         return Objective(text, (text,), "max")
-    raise TuneError(f"tune.objective {text!r}: expected mean_<metric>, <setting>/<metric> with "
-                    f"setting in {list(_SETTINGS)} and metric in {known}, or bias/rank_distance")
+    raise TuneError(
+        f"tune.objective {text!r}: expected mean_<metric>, <setting>/<metric> with "
+        f"setting in {list(_SETTINGS)} and metric in {known}, or bias/rank_distance"
+    )
 
 
 # --------------------------------------------------------------------------- search space
@@ -140,8 +151,10 @@ def search_axes(cfg: Config) -> dict[str, list[Any]]:
     """
     t = cfg.tune
     if not t.alphas:
-        raise TuneError("tune.alphas is empty: the search space has no trial; give at least one "
-                        "value in [0, 1], e.g. tune.alphas=[0.0,0.5,1.0]")
+        raise TuneError(
+            "tune.alphas is empty: the search space has no trial; give at least one "
+            "value in [0, 1], e.g. tune.alphas=[0.0,0.5,1.0]"
+        )
     _check_values("tune.alphas", t.alphas, 0.0, 1.0, lo_open=False)
     _check_values("tune.lrs", t.lrs, 0.0, 1.0, lo_open=True)
     _check_values("tune.taus", t.taus, 0.0, math.inf, lo_open=True)
@@ -160,11 +173,14 @@ def search_axes(cfg: Config) -> dict[str, list[Any]]:
         if not key or not isinstance(values, list):
             raise TuneError(f"tune.extra_grid[{i}] = {entry!r}: expected 'key=[v1, v2, ...]'")
         if not values:
-            raise TuneError(f"tune.extra_grid[{i}] = {entry!r}: empty list, the search space has "
-                            "no trial")
+            raise TuneError(
+                f"tune.extra_grid[{i}] = {entry!r}: empty list, the search space has no trial"
+            )
         if key in axes or key in ("batch.strategy",):
-            raise TuneError(f"tune.extra_grid[{i}]: {key} is set by the sweep itself; use "
-                            "tune.alphas / tune.lrs / tune.taus")
+            raise TuneError(
+                f"tune.extra_grid[{i}]: {key} is set by the sweep itself; use "
+                "tune.alphas / tune.lrs / tune.taus"
+            )
         for v in values:  # type-check every value now, not in a trial an hour later
             apply_overrides(cfg, {key: v})
         axes[key] = values
@@ -175,19 +191,25 @@ def search_axes(cfg: Config) -> dict[str, list[Any]]:
 def _check_setup(cfg: Config) -> None:
     t = cfg.tune
     if cfg.data.dev_fraction <= 0:
-        raise TuneError("tuning scores trials on the dev split, and data.dev_fraction is 0: set "
-                        "data.dev_fraction > 0 (the dev articles come after the training ones; the "
-                        "test split is never used for tuning)")
+        raise TuneError(
+            "tuning scores trials on the dev split, and data.dev_fraction is 0: set "
+            "data.dev_fraction > 0 (the dev articles come after the training ones; the "
+            "test split is never used for tuning)"
+        )
     if cfg.train.eval_every <= 0 or cfg.train.eval_every > cfg.train.max_steps:
-        raise TuneError(f"train.eval_every = {cfg.train.eval_every}: tuning reports dev metrics at "
-                        "the validation points; set it to a value in [1, train.max_steps]")
+        raise TuneError(
+            f"train.eval_every = {cfg.train.eval_every}: tuning reports dev metrics at "
+            "the validation points; set it to a value in [1, train.max_steps]"
+        )
     if t.max_concurrent < 1:
         raise TuneError(f"tune.max_concurrent = {t.max_concurrent}: expected >= 1")
     if t.cpus_per_trial <= 0:
         raise TuneError(f"tune.cpus_per_trial = {t.cpus_per_trial}: expected > 0")
     if t.gpus_per_trial < 0 or (t.gpus_per_trial > 0 and t.gpus_per_trial != cfg.train.num_workers):
-        raise TuneError(f"tune.gpus_per_trial = {t.gpus_per_trial}: expected 0 (CPU) or "
-                        f"train.num_workers = {cfg.train.num_workers} (one GPU per worker)")
+        raise TuneError(
+            f"tune.gpus_per_trial = {t.gpus_per_trial}: expected 0 (CPU) or "
+            f"train.num_workers = {cfg.train.num_workers} (one GPU per worker)"
+        )
     if t.search != "grid" and t.num_samples < 1:
         raise TuneError(f"tune.num_samples = {t.num_samples}: expected >= 1")
     parse_objective(t.objective, cfg.eval.settings)
@@ -225,9 +247,9 @@ def param_space(cfg: Config, axes: dict[str, list[Any]]) -> tuple[dict[str, Any]
         import optuna  # noqa: F401 - OptunaSearch only fails later without it
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
-        raise TuneError("tune.search = optuna needs optuna: `pip install optuna`, or use "
-                        "tune.search = grid / random") from None
+        raise TuneError(
+            "tune.search = optuna needs optuna: `pip install optuna`, or use "
+            "tune.search = grid / random"
+        ) from None
     objective = parse_objective(t.objective, cfg.eval.settings)
     return space, OptunaSearch(metric=OBJECTIVE_KEY, mode=objective.mode), t.num_samples
-
-
