@@ -239,17 +239,16 @@ def plot_tradeoff(
                 color="C3",
                 label="rank distance" + suffix,
             )
-    axes[0][0].set_xlabel(x)
-    axes[0][0].set_ylabel("mAP@20")
-    axes[0][0].set_title("retrieval quality (higher is better)")
-    axes[0][0].legend(fontsize=7)
-    axes[0][0].grid(alpha=0.3)
-    if bias:
-        axes[0][1].set_xlabel(x)
-        axes[0][1].set_ylabel("rank distance")
-        axes[0][1].set_title("language bias (lower is better)")
-        axes[0][1].legend(fontsize=7)
-        axes[0][1].grid(alpha=0.3)
+    panels = [
+        ("mAP@20", "retrieval quality (higher is better)"),
+        ("rank distance", "language bias (lower is better)"),
+    ][:ncols]
+    for ax, (ylabel, panel_title) in zip(axes[0], panels):
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
