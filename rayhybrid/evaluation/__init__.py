@@ -9,7 +9,8 @@ Pure cores, thin Ray shells (DESIGN.md, "Evaluation"):
 - :mod:`~rayhybrid.evaluation.metrics`: metric definitions and aggregation (pure).
 - :mod:`~rayhybrid.evaluation.shards`: one Ray actor per candidate language.
 - :mod:`~rayhybrid.evaluation.encode`: Ray Data ``map_batches`` encoding with an actor pool.
-- :mod:`~rayhybrid.evaluation.outputs`: JSON summary, TREC run / qrels, plots.
+- :mod:`~rayhybrid.evaluation.outputs`: JSON summary, TREC run / qrels, the matrices plotted
+  by :mod:`rayhybrid.experiments.plots`.
 - :mod:`~rayhybrid.evaluation.run`: the job (``rayhybrid evaluate``), MLflow logging.
 - :mod:`~rayhybrid.evaluation.inprocess`: the same pipeline without actors (dev metrics).
 
