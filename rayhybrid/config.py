@@ -242,6 +242,11 @@ class ModelConfig:
     normalize: bool = _f(True, "L2-normalise embeddings (cosine similarity).")
     query_prefix: str = _f("", "Text put before every query, e.g. 'Query: '.")
     passage_prefix: str = _f("", "Text put before every passage, e.g. 'Passage: '.")
+    freeze_embeddings: bool = _f(
+        False,
+        "Do not train the word-embedding matrix (most of a multilingual encoder: 96 M of "
+        "multilingual-e5-small's 118 M parameters); saves its gradient and AdamW moments.",
+    )
     tiny_hidden_size: int = _f(64, "tiny: hidden size.")
     tiny_layers: int = _f(2, "tiny: number of layers.")
     tiny_vocab_size: int = _f(4000, "tiny: vocabulary of the tokenizer trained on the fly.")

@@ -24,7 +24,7 @@ import torch
 
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
-from rayhybrid.model import export_model, load_biencoder, unwrap_model
+from rayhybrid.model import export_model, freeze_embeddings, load_biencoder, unwrap_model
 from rayhybrid.tracking import StepLogger
 from rayhybrid.train.checkpoint import (
     RunPaths,
@@ -203,6 +203,8 @@ class _Worker:
         self.device = ray.train.torch.get_device()
         self.tokenizer, model = load_biencoder(cfg.model, path=loop_config["model_path"])
         model.to(self.device)
+        if cfg.model.freeze_embeddings:  # before the optimiser and DDP see the parameters
+            freeze_embeddings(model)
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, tc.max_steps, tc.warmup_ratio)
         state, self.saved_at = _restore(
