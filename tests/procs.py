@@ -61,21 +61,32 @@ def pids_with(marker: str) -> list[int]:
 class Background:
     """A command running in its own session, its output in ``log``; ``stop()`` ends its group."""
 
-    def __init__(self, cmd: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None):
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.cmd = list(cmd)
         self.log = log
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env=dict(env) if env is not None else None, cwd=cwd,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
         self.pgid = self.proc.pid  # a new session's leader: its pid is the group id
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_http(self, url: str, timeout: float, what: str,
-                  headers: Mapping[str, str] | None = None) -> None:
+    def wait_http(
+        self, url: str, timeout: float, what: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         """Wait until ``url`` answers 200.
 
         Raises:
@@ -84,12 +95,16 @@ class Background:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {self.proc.returncode} before {url} "
-                                   f"answered:\n{self.output()[-4000:]}")
+                raise RuntimeError(
+                    f"{what} exited with {self.proc.returncode} before {url} "
+                    f"answered:\n{self.output()[-4000:]}"
+                )
             if http_ok(url, headers=headers):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"{what}: {url} did not answer in {timeout:.0f}s:\n{self.output()[-4000:]}")
+        raise RuntimeError(
+            f"{what}: {url} did not answer in {timeout:.0f}s:\n{self.output()[-4000:]}"
+        )
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM the process (it shuts its children down), then SIGKILL what is left of its group."""

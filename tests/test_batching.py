@@ -15,8 +15,14 @@ LANGS = ("ar", "de", "en", "es", "zh")
 
 
 def items(n: int, langs=LANGS, prefix: str = "q") -> list[ParallelItem]:
-    return [ParallelItem(f"{prefix}{i}", {lang: f"question {i} in {lang}" for lang in langs},
-                         {lang: (f"passage {i} in {lang}",) for lang in langs}) for i in range(n)]
+    return [
+        ParallelItem(
+            f"{prefix}{i}",
+            {lang: f"question {i} in {lang}" for lang in langs},
+            {lang: (f"passage {i} in {lang}",) for lang in langs},
+        )
+        for i in range(n)
+    ]
 
 
 def plan_of(units_items=(), pairs=(), workers: int = 1, **kw) -> BatchPlan:
@@ -68,8 +74,11 @@ def test_mono_cross_and_group_properties_on_every_step():
 
 def test_no_group_twice_when_pairs_share_groups():
     # Three pairs per group (en-en, de-de, en-de): taking two of one group would be a false negative.
-    pairs = [Pair(f"q{g} {a}", f"p{g} {b}", a, b, group=f"g{g}")
-             for g in range(40) for a, b in (("en", "en"), ("de", "de"), ("en", "de"))]
+    pairs = [
+        Pair(f"q{g} {a}", f"p{g} {b}", a, b, group=f"g{g}")
+        for g in range(40)
+        for a, b in (("en", "en"), ("de", "de"), ("en", "de"))
+    ]
     for strategy in ("mixed", "cross", "hybrid"):
         plan = plan_of(pairs=pairs, strategy=strategy, batch_size=20, alpha=0.5)
         for g in range(200):
@@ -91,7 +100,7 @@ def test_plan_is_pure_function_of_seed_epoch_step():
 def test_restart_at_step_k_yields_the_same_rows():
     full = list(plan_of(items(100), batch_size=8, workers=2).rows(0, 60, rank=1))
     resumed = list(plan_of(items(100), batch_size=8, workers=2).rows(23, 60, rank=1))
-    assert resumed == full[23 * 4:]
+    assert resumed == full[23 * 4 :]
 
 
 def test_worker_shares_follow_one_plan():
@@ -121,7 +130,9 @@ def test_small_language_is_reused_but_never_twice_in_a_batch():
     pairs = [Pair(f"q{i}", f"p{i}", "en", "en", f"en{i}") for i in range(300)]
     pairs += [Pair(f"q{i}", f"p{i}", "fr", "fr", f"fr{i}") for i in range(10)]
     plan = plan_of(pairs=pairs, strategy="mono", batch_size=10)
-    fr_steps = [plan.step(g) for g in range(plan.steps_per_epoch) if plan.step(g)[0].query_lang == "fr"]
+    fr_steps = [
+        plan.step(g) for g in range(plan.steps_per_epoch) if plan.step(g)[0].query_lang == "fr"
+    ]
     assert len(fr_steps) >= 2
     for rows in fr_steps:
         assert len({r.group for r in rows}) == 10
@@ -136,22 +147,36 @@ def test_mixed_and_english_strategies():
         langs_per_batch.append(len({r.query_lang for r in rows}))
     assert max(langs_per_batch) > 1
     plan = plan_of(items(100), strategy="english", batch_size=16)
-    assert {(r.mode, r.query_lang, r.passage_lang) for r in plan.rows(0, 30)} == {("english", "en", "en")}
+    assert {(r.mode, r.query_lang, r.passage_lang) for r in plan.rows(0, 30)} == {
+        ("english", "en", "en")
+    }
 
 
 def unbalanced_pairs() -> list[Pair]:
     sizes = {"en": 400, "de": 100, "fr": 25}
-    return [Pair(f"q{i}", f"p{i}", lang, lang, f"{lang}{i}") for lang, n in sizes.items() for i in range(n)]
+    return [
+        Pair(f"q{i}", f"p{i}", lang, lang, f"{lang}{i}")
+        for lang, n in sizes.items()
+        for i in range(n)
+    ]
 
 
-@pytest.mark.parametrize(("sampling", "temperature", "expected"), [
-    ("uniform", 1.0, {"de": 1 / 3, "en": 1 / 3, "fr": 1 / 3}),
-    ("temperature", 1.0, {"de": 100 / 525, "en": 400 / 525, "fr": 25 / 525}),
-    ("temperature", 2.0, {"de": 10 / 35, "en": 20 / 35, "fr": 5 / 35}),
-])
+@pytest.mark.parametrize(
+    ("sampling", "temperature", "expected"),
+    [
+        ("uniform", 1.0, {"de": 1 / 3, "en": 1 / 3, "fr": 1 / 3}),
+        ("temperature", 1.0, {"de": 100 / 525, "en": 400 / 525, "fr": 25 / 525}),
+        ("temperature", 2.0, {"de": 10 / 35, "en": 20 / 35, "fr": 5 / 35}),
+    ],
+)
 def test_mono_languages_follow_sampling_weights(sampling, temperature, expected):
-    plan = plan_of(pairs=unbalanced_pairs(), strategy="mono", batch_size=8,
-                   language_sampling=sampling, temperature=temperature)
+    plan = plan_of(
+        pairs=unbalanced_pairs(),
+        strategy="mono",
+        batch_size=8,
+        language_sampling=sampling,
+        temperature=temperature,
+    )
     assert dict(zip([k[0] for k in plan.mono_keys], plan.mono_weights)) == pytest.approx(expected)
     counts = Counter(plan.step(g)[0].query_lang for g in range(3000))
     keys = sorted(expected)
@@ -161,10 +186,22 @@ def test_mono_languages_follow_sampling_weights(sampling, temperature, expected)
 @pytest.mark.parametrize("sampling", ["uniform", "temperature"])
 def test_cross_language_pairs_follow_sampling_weights(sampling):
     # Partly parallel data (like MLQA-R): pairs allowed only where an item has both languages.
-    data = items(300, ("en", "de", "fr"), "a") + items(300, ("en", "de"), "b") + items(100, ("en", "fr"), "c")
-    plan = plan_of(data, strategy="cross", batch_size=8, language_sampling=sampling, temperature=1.0)
-    n = {("de", "en"): 600, ("en", "de"): 600, ("en", "fr"): 400, ("fr", "en"): 400,
-         ("de", "fr"): 300, ("fr", "de"): 300}
+    data = (
+        items(300, ("en", "de", "fr"), "a")
+        + items(300, ("en", "de"), "b")
+        + items(100, ("en", "fr"), "c")
+    )
+    plan = plan_of(
+        data, strategy="cross", batch_size=8, language_sampling=sampling, temperature=1.0
+    )
+    n = {
+        ("de", "en"): 600,
+        ("en", "de"): 600,
+        ("en", "fr"): 400,
+        ("fr", "en"): 400,
+        ("de", "fr"): 300,
+        ("fr", "de"): 300,
+    }
     assert sorted(plan.cross_keys) == sorted(n)
     assert all(plan.key_count(k) == v for k, v in n.items())
     keys = sorted(n)

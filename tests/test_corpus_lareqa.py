@@ -22,8 +22,19 @@ from rayhybrid.corpus import (
 from rayhybrid.datamodel import DataError
 
 LANGS = ["ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"]
-CANDIDATES = {"ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244, "ru": 1219,
-              "th": 852, "tr": 1167, "vi": 1209, "zh": 1196}
+CANDIDATES = {
+    "ar": 1222,
+    "de": 1276,
+    "el": 1234,
+    "en": 1180,
+    "es": 1215,
+    "hi": 1244,
+    "ru": 1219,
+    "th": 852,
+    "tr": 1167,
+    "vi": 1209,
+    "zh": 1196,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +81,14 @@ def test_every_question_has_one_sentence_per_language(task, items) -> None:
 
 def test_quirk_report(task, items) -> None:
     counts = task.report.counts
-    for kind in ("answer_crosses_sentence_break", "sentence_offsets_drift",
-                 "text_after_last_break", "duplicate_sentence_in_paragraph",
-                 "text_between_sentences", "sentence_span_realigned"):
+    for kind in (
+        "answer_crosses_sentence_break",
+        "sentence_offsets_drift",
+        "text_after_last_break",
+        "duplicate_sentence_in_paragraph",
+        "text_between_sentences",
+        "sentence_span_realigned",
+    ):
         assert counts[kind] > 0, kind
     assert counts["answer_in_gap"] == 0 and counts["partly_parallel_question"] == 0
     assert "tr.json" in task.report.examples["sentence_offsets_drift"][0]
@@ -99,8 +115,10 @@ def test_languages_and_context(xquad_dir: Path, parsed) -> None:
     it = items[0]
     para = parsed.files["en"].paragraphs[0][0]
     assert it.positives["en"][0].endswith(" " + para.context)
-    assert it.positives["en"][0].startswith(para.sentences[0][:20]) or para.context in \
-        it.positives["en"][0]
+    assert (
+        it.positives["en"][0].startswith(para.sentences[0][:20])
+        or para.context in it.positives["en"][0]
+    )
     task = load_lareqa_task(xquad_dir, ("th",), name="th_only", parsed=parsed)
     assert task.languages == ["th"] and len(task.candidates) == 852
     with pytest.raises(DataError, match="unknown language code 'xx'"):
@@ -192,7 +210,9 @@ def test_partly_parallel_folder(tmp_path: Path, small) -> None:
     q = next(iter(drop_de))
     assert f"q:de:{q}" not in task.qrels
     assert sorted(c.split(":")[1] for c in task.qrels[f"q:en:{q}"]) == ["en", "es"]
-    with pytest.raises(DataError, match=r"de\.json: question ids disagree with en\.json: 3 missing"):
+    with pytest.raises(
+        DataError, match=r"de\.json: question ids disagree with en\.json: 3 missing"
+    ):
         load_lareqa_items(folder, require_parallel=True)
     sub = load_lareqa_task(folder, articles=[data["en"]["data"][1]["title"]])
     # One article key (the English title) in every language; the translated titles are
@@ -211,10 +231,10 @@ def test_answer_in_gap_goes_to_next_sentence(tmp_path: Path, small) -> None:
     ctx, spans = para["context"], para["sentence_breaks"]
     # Spans (and their sentence texts, so nothing looks drifted) now leave a gap at ``start``.
     spans[idx][0] = start + 1
-    para["sentences"][idx] = ctx[start + 1:spans[idx][1]]
+    para["sentences"][idx] = ctx[start + 1 : spans[idx][1]]
     if idx:
         spans[idx - 1][1] = min(spans[idx - 1][1], start)
-        para["sentences"][idx - 1] = ctx[spans[idx - 1][0]:spans[idx - 1][1]]
+        para["sentences"][idx - 1] = ctx[spans[idx - 1][0] : spans[idx - 1][1]]
     _write(folder, "en", data["en"])
     task = load_lareqa_task(folder)
     assert task.report.counts["answer_in_gap"] >= 1
@@ -228,19 +248,38 @@ def _corrupt(tmp_path: Path, small, mutate) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("mutate, pattern", [
-    (lambda d: d["data"][1]["paragraphs"][0]["qas"][2].pop("question"),
-     r"en\.json: data\[1\] \(Warsaw\) paragraphs\[0\] question id '\w+': missing field 'question'"),
-    (lambda d: d["data"][0]["paragraphs"][1].pop("context"),
-     r"en\.json: data\[0\] .*paragraphs\[1\]: missing field 'context' \(expected the paragraph"),
-    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start=10**6),
-     (r"en\.json: .*question id '56beb4343aeaaa14008c925b': answer_start 1000000 lies outside "
-     r"every sentence span")),
-    (lambda d: d["data"][0]["paragraphs"][0]["sentence_breaks"].pop(),
-     r"en\.json: .*paragraphs\[0\]: \d+ sentences but \d+ sentence_breaks"),
-    (lambda d: d["data"][0]["paragraphs"][0]["qas"].append(d["data"][0]["paragraphs"][0]["qas"][0]),
-     r"question id '56beb4343aeaaa14008c925b': question id appears twice in en\.json"),
-])
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (
+            lambda d: d["data"][1]["paragraphs"][0]["qas"][2].pop("question"),
+            r"en\.json: data\[1\] \(Warsaw\) paragraphs\[0\] question id '\w+': missing field 'question'",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][1].pop("context"),
+            r"en\.json: data\[0\] .*paragraphs\[1\]: missing field 'context' \(expected the paragraph",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(
+                answer_start=10**6
+            ),
+            (
+                r"en\.json: .*question id '56beb4343aeaaa14008c925b': answer_start 1000000 lies outside "
+                r"every sentence span"
+            ),
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["sentence_breaks"].pop(),
+            r"en\.json: .*paragraphs\[0\]: \d+ sentences but \d+ sentence_breaks",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["qas"].append(
+                d["data"][0]["paragraphs"][0]["qas"][0]
+            ),
+            r"question id '56beb4343aeaaa14008c925b': question id appears twice in en\.json",
+        ),
+    ],
+)
 def test_malformed_lareqa_files(tmp_path: Path, small, mutate, pattern) -> None:
     folder = _corrupt(tmp_path, small, mutate)
     with pytest.raises(DataError, match=pattern):
@@ -253,7 +292,8 @@ def test_answer_after_last_break_is_an_error(tmp_path: Path, small) -> None:
         last = para["sentence_breaks"][-1]
         para["qas"][0]["answers"][0]["answer_start"] = last[1] - 2
         last[1] -= 5  # leaves trailing text after the last span, holding the answer start
-        para["sentences"][-1] = para["context"][last[0]:last[1]]
+        para["sentences"][-1] = para["context"][last[0] : last[1]]
+
     folder = _corrupt(tmp_path, small, mutate)
     with pytest.raises(DataError, match="outside every sentence span"):
         load_lareqa_task(folder)

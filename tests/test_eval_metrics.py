@@ -62,20 +62,28 @@ def test_agrees_with_pytrec_eval_on_random_graded_rankings():
     r = np.array([x + [0] * (width - len(x)) for x in ranks])
     g = np.array([x + [0] * (width - len(x)) for x in gains], float)
     mine = per_query(r, g, BEIR_METRICS)
-    ev = pytrec_eval.RelevanceEvaluator(qrels, {"map", "recip_rank", "recall.1,10,100",
-                                                "ndcg_cut.10", "map_cut.20"})
+    ev = pytrec_eval.RelevanceEvaluator(
+        qrels, {"map", "recip_rank", "recall.1,10,100", "ndcg_cut.10", "map_cut.20"}
+    )
     ref = ev.evaluate(runs)
-    for name, key in (("map", "map"), ("mrr", "recip_rank"), ("r@1", "recall_1"),
-                      ("r@10", "recall_10"), ("r@100", "recall_100"), ("ndcg@10", "ndcg_cut_10"),
-                      ("map@20", "map_cut_20")):  # R <= 14 < 20: LAReQA and trec_eval agree
+    for name, key in (
+        ("map", "map"),
+        ("mrr", "recip_rank"),
+        ("r@1", "recall_1"),
+        ("r@10", "recall_10"),
+        ("r@100", "recall_100"),
+        ("ndcg@10", "ndcg_cut_10"),
+        ("map@20", "map_cut_20"),
+    ):  # R <= 14 < 20: LAReQA and trec_eval agree
         expect = [ref[f"q{q}"][key] for q in range(40)]
         assert mine[name] == pytest.approx(expect, abs=1e-9), name
 
 
 def test_rank_distance_uses_best_rank_per_language():
     ranks = np.array([[3, 10, 40, 0], [7, 9, 0, 0], [5, 0, 0, 0]])
-    langs = np.array([["en", "de", "en", None], ["de", "de", None, None], ["en", None, None, None]],
-                     dtype=object)
+    langs = np.array(
+        [["en", "de", "en", None], ["de", "de", None, None], ["en", None, None, None]], dtype=object
+    )
     d = rank_distances(ranks, langs)
     assert d[0] == 7  # en best 3, de best 10
     assert np.isnan(d[1]) and np.isnan(d[2])  # one language only: no distance

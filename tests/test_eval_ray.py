@@ -47,8 +47,10 @@ def brute(task: EvalTask, q_emb: np.ndarray, c_emb: np.ndarray, pool_langs) -> t
     emb = c_emb[[i for i, c in enumerate(task.candidates) if c.lang in pool_langs]]
     s = (q_emb.astype(np.float64) @ emb.astype(np.float64).T).astype(np.float32)
     # trec_eval order: score descending, then candidate id descending
-    order = [sorted(range(len(ids)), key=lambda j, r=r: (-r[j], tuple(-ord(ch) for ch in ids[j])))
-             for r in s]
+    order = [
+        sorted(range(len(ids)), key=lambda j, r=r: (-r[j], tuple(-ord(ch) for ch in ids[j])))
+        for r in s
+    ]
     return [ids[o] for o in order], [r[o] for r, o in zip(s, order)]
 
 
@@ -77,7 +79,10 @@ def test_sharded_multilingual_topk_equals_one_global_search(ray_local):
                 assert list(ids[row]).index(ci.ids[key]) + 1 == rank
     first = got.blocks["multi"][0]
     assert first.qlang == "ar" and list(ci.ids[first.top_keys[0][:3]]) == [
-        "c:en:005", "c:de:005", "c:ar:005"]  # the tie, in trec_eval order
+        "c:en:005",
+        "c:de:005",
+        "c:ar:005",
+    ]  # the tie, in trec_eval order
     for block in got.blocks["cross"]:
         ids_y, _ = brute(task, q_emb, c_emb, (block.pool,))
         for j, row in enumerate(block.rows):
@@ -87,14 +92,23 @@ def test_sharded_multilingual_topk_equals_one_global_search(ray_local):
 
 def test_partly_parallel_data_counts_exclusions(ray_local):
     rng = np.random.default_rng(1)
-    cands = [Candidate(f"c:{lang}:{j}", lang, "") for lang, n in (("ar", 6), ("de", 8), ("en", 7))
-             for j in range(n)]
-    queries = [Query("q:en:a", "en", ""), Query("q:de:b", "de", ""), Query("q:ar:c", "ar", ""),
-               Query("q:en:z", "en", "")]
-    qrels = {"q:en:a": {"c:en:0": 1, "c:de:0": 1, "c:de:1": 1},  # two relevant in de, none in ar
-             "q:de:b": {"c:de:2": 1},  # one language only: no rank distance
-             "q:ar:c": {"c:ar:0": 1, "c:en:1": 1},  # a question that exists only in ar
-             "q:en:z": {"c:missing:9": 1}}  # no relevant candidate anywhere
+    cands = [
+        Candidate(f"c:{lang}:{j}", lang, "")
+        for lang, n in (("ar", 6), ("de", 8), ("en", 7))
+        for j in range(n)
+    ]
+    queries = [
+        Query("q:en:a", "en", ""),
+        Query("q:de:b", "de", ""),
+        Query("q:ar:c", "ar", ""),
+        Query("q:en:z", "en", ""),
+    ]
+    qrels = {
+        "q:en:a": {"c:en:0": 1, "c:de:0": 1, "c:de:1": 1},  # two relevant in de, none in ar
+        "q:de:b": {"c:de:2": 1},  # one language only: no rank distance
+        "q:ar:c": {"c:ar:0": 1, "c:en:1": 1},  # a question that exists only in ar
+        "q:en:z": {"c:missing:9": 1},
+    }  # no relevant candidate anywhere
     task = EvalTask("partial", queries, cands, qrels)
     c_emb = rng.standard_normal((len(cands), 8)).astype(np.float32)
     q_emb = rng.standard_normal((4, 8)).astype(np.float32)
@@ -132,8 +146,9 @@ def test_one_dead_actor_stops_all_the_others(ray_local):
     pool = ActorShards(shards_of(task, c_emb))
     survivors = {k: v for k, v in pool.actors.items() if k != "de"}
     ray_local.kill(pool.actors["de"])
-    with pytest.raises(EvaluationError, match="shard 'de' died during search; all 3 shard actors "
-                                              "were stopped"):
+    with pytest.raises(
+        EvaluationError, match="shard 'de' died during search; all 3 shard actors were stopped"
+    ):
         run_settings(pool, task, q_emb, top_k=5)
     for actor in survivors.values():
         with pytest.raises(ray_local.exceptions.RayActorError):
@@ -146,8 +161,9 @@ def test_shard_error_inside_an_actor_names_the_shard(ray_local):
     task, q_emb, c_emb = make_task(seed=3)
     with ActorShards(shards_of(task, c_emb)) as pool:
         ref = pool.put(q_emb)
-        with pytest.raises(EvaluationError, match="shard 'ar' failed during search: "
-                                                  "EvaluationError: .*top-k 41"):
+        with pytest.raises(
+            EvaluationError, match="shard 'ar' failed during search: EvaluationError: .*top-k 41"
+        ):
             pool.map("search", {"ar": {"queries": ref, "rows": np.arange(3), "k": 41}})
         assert pool.actors == {}
 
@@ -169,8 +185,11 @@ def test_failed_evaluation_marks_the_mlflow_run_failed(ray_local, tmp_path, mini
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     (tmp_path / "empty").mkdir()
-    overrides = [f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp_path}/out",
-                 f"model.name={minilm_dir}"]
+    overrides = [
+        f"tracking.tracking_uri={uri}",
+        f"eval.output_dir={tmp_path}/out",
+        f"model.name={minilm_dir}",
+    ]
     if case == "missing_files":
         task_list = f"eval.tasks=[{{name: x, path: {tmp_path}/empty, part: all}}]"
         cfg = load_config(None, [*overrides, task_list])
@@ -184,5 +203,7 @@ def test_failed_evaluation_marks_the_mlflow_run_failed(ray_local, tmp_path, mini
     run = _mlflow_run(uri)
     assert run.info.status == "FAILED"
     assert run.data.tags["rayhybrid.eval_status"] == "failed"
-    assert ("DataError" if case == "missing_files" else "top_k=41") in run.data.tags["rayhybrid.eval_error"]
+    assert ("DataError" if case == "missing_files" else "top_k=41") in run.data.tags[
+        "rayhybrid.eval_error"
+    ]
     assert wait_for_cpus(ray_local) == 2.0

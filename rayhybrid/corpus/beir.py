@@ -28,8 +28,10 @@ def _find(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"{folder}: no {stem}.jsonl; expected a BEIR folder with corpus.jsonl, "
-                    "queries.jsonl and qrels/<split>.tsv")
+    raise DataError(
+        f"{folder}: no {stem}.jsonl; expected a BEIR folder with corpus.jsonl, "
+        "queries.jsonl and qrels/<split>.tsv"
+    )
 
 
 def _id(obj: dict, where: str) -> str:
@@ -47,8 +49,10 @@ def _read_docs(path: Path, report: LoadReport, with_title: bool) -> dict[str, tu
         doc_id = _id(obj, where)
         text, title = obj.get("text"), obj.get("title") or ""
         if not isinstance(text, str) or not isinstance(title, str):
-            raise DataError(f"{where}: field 'text' is {text!r}; expected a string "
-                            "(and 'title' a string if present)")
+            raise DataError(
+                f"{where}: field 'text' is {text!r}; expected a string "
+                "(and 'title' a string if present)"
+            )
         if doc_id in out:
             raise DataError(f"{where}: _id {doc_id!r} appears twice; expected unique ids")
         if not text.strip() and not (with_title and title.strip()):
@@ -59,11 +63,16 @@ def _read_docs(path: Path, report: LoadReport, with_title: bool) -> dict[str, tu
     return out
 
 
-def _read_qrels(path: Path, queries: dict, corpus: dict, report: LoadReport,
-                ) -> dict[str, dict[str, int]]:
+def _read_qrels(
+    path: Path,
+    queries: dict,
+    corpus: dict,
+    report: LoadReport,
+) -> dict[str, dict[str, int]]:
     if not path.is_file():
-        raise DataError(f"{path}: qrels file not found; expected "
-                        "query-id<TAB>corpus-id<TAB>score lines")
+        raise DataError(
+            f"{path}: qrels file not found; expected query-id<TAB>corpus-id<TAB>score lines"
+        )
     qrels: dict[str, dict[str, int]] = {}
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -73,8 +82,10 @@ def _read_qrels(path: Path, queries: dict, corpus: dict, report: LoadReport,
             if lineno == 1 and cols[:2] == ["query-id", "corpus-id"]:
                 continue
             if len(cols) != 3 or not cols[2].strip().lstrip("-").isdigit():
-                raise DataError(f"{path}:{lineno}: {line.strip()!r}; expected "
-                                "query-id<TAB>corpus-id<TAB>integer score")
+                raise DataError(
+                    f"{path}:{lineno}: {line.strip()!r}; expected "
+                    "query-id<TAB>corpus-id<TAB>integer score"
+                )
             qid, cid, score = cols[0], cols[1], int(cols[2])
             if qid not in queries:
                 raise DataError(f"{path}:{lineno}: query-id {qid!r} is not in queries.jsonl")
@@ -85,9 +96,11 @@ def _read_qrels(path: Path, queries: dict, corpus: dict, report: LoadReport,
     return qrels
 
 
-def read_beir_folder(folder: str | Path, split: str = "test") -> tuple[
-        dict[str, tuple[str, str]], dict[str, tuple[str, str]], dict[str, dict[str, int]],
-        LoadReport]:
+def read_beir_folder(
+    folder: str | Path, split: str = "test"
+) -> tuple[
+    dict[str, tuple[str, str]], dict[str, tuple[str, str]], dict[str, dict[str, int]], LoadReport
+]:
     """Raw corpus, queries and qrels of a BEIR folder (unprefixed ids).
 
     Raises:
@@ -106,8 +119,9 @@ def read_beir_folder(folder: str | Path, split: str = "test") -> tuple[
     return corpus, queries, qrels, report
 
 
-def load_beir_task(folder: str | Path, language: str, split: str = "test",
-                   name: str | None = None) -> EvalTask:
+def load_beir_task(
+    folder: str | Path, language: str, split: str = "test", name: str | None = None
+) -> EvalTask:
     """An evaluation task from a BEIR / MIRACL folder.
 
     Only queries with judgements in ``qrels/<split>.tsv`` are kept (as BEIR does); the
@@ -118,22 +132,28 @@ def load_beir_task(folder: str | Path, language: str, split: str = "test",
     """
     lang = check_language(language, f"{folder}: language tag")
     corpus, queries, qrels, report = read_beir_folder(folder, split)
-    cands = [Candidate(f"c:{lang}:{cid}", lang, text, "", title)
-             for cid, (text, title) in corpus.items()]
+    cands = [
+        Candidate(f"c:{lang}:{cid}", lang, text, "", title) for cid, (text, title) in corpus.items()
+    ]
     qs = []
     for qid, (text, _) in queries.items():
         if qid in qrels:
             qs.append(Query(f"q:{lang}:{qid}", lang, text))
         else:
             report.note("query_without_qrels", qid)
-    rels = {f"q:{lang}:{qid}": {f"c:{lang}:{cid}": s for cid, s in qrels[qid].items()}
-            for qid in queries if qid in qrels}
-    return EvalTask(name=name or Path(folder).name, queries=qs, candidates=cands, qrels=rels,
-                    report=report)
+    rels = {
+        f"q:{lang}:{qid}": {f"c:{lang}:{cid}": s for cid, s in qrels[qid].items()}
+        for qid in queries
+        if qid in qrels
+    }
+    return EvalTask(
+        name=name or Path(folder).name, queries=qs, candidates=cands, qrels=rels, report=report
+    )
 
 
-def load_beir_pairs(folder: str | Path, language: str, split: str = "train",
-                    with_title: bool = True) -> tuple[list, list[Pair], LoadReport]:
+def load_beir_pairs(
+    folder: str | Path, language: str, split: str = "train", with_title: bool = True
+) -> tuple[list, list[Pair], LoadReport]:
     """Training pairs (query, judged-relevant passage) from a BEIR folder; group = query id.
 
     The passage text is built by :func:`~rayhybrid.datamodel.passage_text` (title + text
@@ -147,10 +167,18 @@ def load_beir_pairs(folder: str | Path, language: str, split: str = "train",
     """
     lang = check_language(language, f"{folder}: language tag")
     corpus, queries, qrels, report = read_beir_folder(folder, split)
-    pairs = [Pair(query=queries[qid][0], query_lang=lang,
-                  passage=passage_text(corpus[cid][0], title=corpus[cid][1], with_title=with_title),
-                  passage_lang=lang, group=qid)
-             for qid, rel in qrels.items() for cid, score in rel.items() if score > 0]
+    pairs = [
+        Pair(
+            query=queries[qid][0],
+            query_lang=lang,
+            passage=passage_text(corpus[cid][0], title=corpus[cid][1], with_title=with_title),
+            passage_lang=lang,
+            group=qid,
+        )
+        for qid, rel in qrels.items()
+        for cid, score in rel.items()
+        if score > 0
+    ]
     if not pairs:
         raise DataError(f"{folder}: qrels/{split}.tsv has no positive judgement")
     return [], pairs, report

@@ -59,20 +59,25 @@ def _restrict_item(item: ParallelItem, langs: set[str]) -> ParallelItem | None:
     keep = set(item.languages) & langs
     if not keep:
         return None
-    return replace(item, queries={k: v for k, v in item.queries.items() if k in keep},
-                   positives={k: v for k, v in item.positives.items() if k in keep},
-                   negatives={k: v for k, v in item.negatives.items() if k in keep})
+    return replace(
+        item,
+        queries={k: v for k, v in item.queries.items() if k in keep},
+        positives={k: v for k, v in item.positives.items() if k in keep},
+        negatives={k: v for k, v in item.negatives.items() if k in keep},
+    )
 
 
-def _load_source(data_cfg: DataConfig) -> tuple[list[ParallelItem], list[Pair], LoadReport,
-                                                 list[str] | None]:
+def _load_source(
+    data_cfg: DataConfig,
+) -> tuple[list[ParallelItem], list[Pair], LoadReport, list[str] | None]:
     """Read the configured source; the last element is the LAReQA split units (or None)."""
     path = resolve_path(data_cfg.path)
     fmt = data_cfg.format
     if fmt == "lareqa":
         parsed = read_lareqa_folder(path)
-        items, report = load_lareqa_items(path, data_cfg.languages, data_cfg.with_context,
-                                          parsed=parsed)
+        items, report = load_lareqa_items(
+            path, data_cfg.languages, data_cfg.with_context, parsed=parsed
+        )
         return items, [], report, lareqa_split_units(parsed, data_cfg.split_by)
     if fmt in ("jsonl", "parquet"):
         from rayhybrid.corpus.formats import load_pairs_file
@@ -86,16 +91,22 @@ def _load_source(data_cfg: DataConfig) -> tuple[list[ParallelItem], list[Pair], 
         from rayhybrid.corpus.beir import load_beir_pairs
 
         if len(data_cfg.languages) != 1:
-            raise DataError(f"data.languages: a beir training folder needs exactly one language "
-                            f"tag, got {list(data_cfg.languages)}")
-        return (*load_beir_pairs(path, data_cfg.languages[0], data_cfg.hf_split,
-                                 data_cfg.with_title), None)
-    raise DataError(f"data.format: unknown format {fmt!r}; expected lareqa, beir, jsonl, parquet, "
-                    "hf or hf_disk")
+            raise DataError(
+                f"data.languages: a beir training folder needs exactly one language "
+                f"tag, got {list(data_cfg.languages)}"
+            )
+        return (
+            *load_beir_pairs(path, data_cfg.languages[0], data_cfg.hf_split, data_cfg.with_title),
+            None,
+        )
+    raise DataError(
+        f"data.format: unknown format {fmt!r}; expected lareqa, beir, jsonl, parquet, hf or hf_disk"
+    )
 
 
-def _part_units(units: Sequence[str], part: str, train_fraction: float, dev_fraction: float,
-                seed: int | None) -> set[str] | None:
+def _part_units(
+    units: Sequence[str], part: str, train_fraction: float, dev_fraction: float, seed: int | None
+) -> set[str] | None:
     if part not in _PARTS:
         raise DataError(f"part: expected one of {', '.join(_PARTS)}, got {part!r}")
     if part == "all":
@@ -117,11 +128,17 @@ def load_training_data(data_cfg: DataConfig, part: str = "train") -> TrainingDat
     for lang in data_cfg.languages:
         check_language(lang, "data.languages")
     items, pairs, report, lareqa_units = _load_source(data_cfg)
-    units = lareqa_units if lareqa_units is not None else (
-        [_unit(i.article, i.id, data_cfg.split_by) for i in items]
-        + [_unit(p.article, p.group, data_cfg.split_by) for p in pairs])
-    keep = _part_units(units, part, data_cfg.train_fraction, data_cfg.dev_fraction,
-                       data_cfg.split_seed)
+    units = (
+        lareqa_units
+        if lareqa_units is not None
+        else (
+            [_unit(i.article, i.id, data_cfg.split_by) for i in items]
+            + [_unit(p.article, p.group, data_cfg.split_by) for p in pairs]
+        )
+    )
+    keep = _part_units(
+        units, part, data_cfg.train_fraction, data_cfg.dev_fraction, data_cfg.split_seed
+    )
     if keep is not None:
         items = [i for i in items if _unit(i.article, i.id, data_cfg.split_by) in keep]
         pairs = [p for p in pairs if _unit(p.article, p.group, data_cfg.split_by) in keep]
@@ -130,14 +147,21 @@ def load_training_data(data_cfg: DataConfig, part: str = "train") -> TrainingDat
         items = [r for r in (_restrict_item(i, langs) for i in items) if r is not None]
         pairs = [p for p in pairs if p.query_lang in langs and p.passage_lang in langs]
     if not items and not pairs:
-        raise DataError(f"{data_cfg.path}: no training data left for part {part!r} and languages "
-                        f"{list(data_cfg.languages) or 'all'} (check data.train_fraction / "
-                        "data.dev_fraction / data.languages)")
+        raise DataError(
+            f"{data_cfg.path}: no training data left for part {part!r} and languages "
+            f"{list(data_cfg.languages) or 'all'} (check data.train_fraction / "
+            "data.dev_fraction / data.languages)"
+        )
     return TrainingData(items=items, pairs=pairs, report=report)
 
 
-def task_from_items(name: str, items: Iterable[ParallelItem], pairs: Iterable[Pair] = (),
-                    languages: Sequence[str] = (), report: LoadReport | None = None) -> EvalTask:
+def task_from_items(
+    name: str,
+    items: Iterable[ParallelItem],
+    pairs: Iterable[Pair] = (),
+    languages: Sequence[str] = (),
+    report: LoadReport | None = None,
+) -> EvalTask:
     """An evaluation task from items / pairs: each distinct (language, passage) is a candidate.
 
     A query is relevant to every positive of its item (or pair group) in every language.
@@ -173,8 +197,13 @@ def task_from_items(name: str, items: Iterable[ParallelItem], pairs: Iterable[Pa
             qid = f"q:{lang}:{group}"
             queries.append(Query(qid, lang, text))
             qrels[qid] = {c: 1 for c in sorted(group_cands[group])}
-    return EvalTask(name=name, queries=queries, candidates=candidates, qrels=qrels,
-                    report=report or LoadReport(name))
+    return EvalTask(
+        name=name,
+        queries=queries,
+        candidates=candidates,
+        qrels=qrels,
+        report=report or LoadReport(name),
+    )
 
 
 def _keep_queries(task: EvalTask, keep: set[str]) -> None:
@@ -200,8 +229,13 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
         parsed = read_lareqa_folder(path)
         keep = _part_units(lareqa_split_units(parsed, data_cfg.split_by), task_cfg.part, *split)
         by_article = data_cfg.split_by == "article"
-        task = load_lareqa_task(path, task_cfg.languages, task_cfg.name, parsed=parsed,
-                                articles=keep if by_article else None)
+        task = load_lareqa_task(
+            path,
+            task_cfg.languages,
+            task_cfg.name,
+            parsed=parsed,
+            articles=keep if by_article else None,
+        )
         if keep is not None and not by_article:  # split by question: drop the other queries
             _keep_queries(task, keep)
     elif task_cfg.format == "beir":
@@ -215,18 +249,23 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
         from rayhybrid.corpus.formats import load_hf
 
         items, pairs, report = load_hf(path, data_cfg.hf_split, task_cfg.format == "hf_disk")
-        units = ([_unit(i.article, i.id, data_cfg.split_by) for i in items]
-                 + [_unit(p.article, p.group, data_cfg.split_by) for p in pairs])
+        units = [_unit(i.article, i.id, data_cfg.split_by) for i in items] + [
+            _unit(p.article, p.group, data_cfg.split_by) for p in pairs
+        ]
         keep = _part_units(units, task_cfg.part, *split)
         if keep is not None:
             items = [i for i in items if _unit(i.article, i.id, data_cfg.split_by) in keep]
             pairs = [p for p in pairs if _unit(p.article, p.group, data_cfg.split_by) in keep]
         task = task_from_items(task_cfg.name, items, pairs, task_cfg.languages, report)
     else:
-        raise DataError(f"task {task_cfg.name}: unknown format {task_cfg.format!r}; expected "
-                        "lareqa, beir, hf or hf_disk")
+        raise DataError(
+            f"task {task_cfg.name}: unknown format {task_cfg.format!r}; expected "
+            "lareqa, beir, hf or hf_disk"
+        )
     if not task.queries or not task.candidates:
-        raise DataError(f"task {task_cfg.name} ({path}): no queries or candidates in part "
-                        f"{task_cfg.part!r} (check data.train_fraction / data.dev_fraction / "
-                        "task languages)")
+        raise DataError(
+            f"task {task_cfg.name} ({path}): no queries or candidates in part "
+            f"{task_cfg.part!r} (check data.train_fraction / data.dev_fraction / "
+            "task languages)"
+        )
     return task

@@ -42,8 +42,10 @@ def _texts_by_lang(row: dict, field: str, where: str, required: bool) -> dict[st
     if raw is None and not required:
         return {}
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: field {field!r} is {type(raw).__name__}; expected a mapping "
-                        "language -> list of texts")
+        raise DataError(
+            f"{where}: field {field!r} is {type(raw).__name__}; expected a mapping "
+            "language -> list of texts"
+        )
     out = {}
     for lang, texts in raw.items():
         if texts is None:  # a struct field of a language this row lacks
@@ -51,8 +53,9 @@ def _texts_by_lang(row: dict, field: str, where: str, required: bool) -> dict[st
         check_language(lang, f"{where}: {field}")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, (list, tuple)):
-            raise DataError(f"{where}: {field}[{lang!r}] is {type(texts).__name__}; expected a "
-                            "list of texts")
+            raise DataError(
+                f"{where}: {field}[{lang!r}] is {type(texts).__name__}; expected a list of texts"
+            )
         out[lang] = tuple(_text(t, where, f"{field}[{lang!r}][{i}]") for i, t in enumerate(texts))
     return {k: v for k, v in out.items() if v}
 
@@ -63,8 +66,9 @@ def _item(row: dict, where: str, report: LoadReport) -> ParallelItem:
     queries = {}
     for lang, text in raw_q.items():
         if text is not None:
-            queries[check_language(lang, f"{where}: queries")] = _text(text, where,
-                                                                       f"queries[{lang!r}]")
+            queries[check_language(lang, f"{where}: queries")] = _text(
+                text, where, f"queries[{lang!r}]"
+            )
     if not queries:
         raise DataError(f"{where}: item {item_id!r} has no query; expected at least one language")
     positives = _texts_by_lang(row, "positives", where, required=True)
@@ -74,11 +78,18 @@ def _item(row: dict, where: str, report: LoadReport) -> ParallelItem:
     for lang in sorted(set(positives) - set(queries)):
         report.note("positive_without_query", f"{where}: {lang}")
     if not set(queries) & set(positives):
-        raise DataError(f"{where}: item {item_id!r} has no language with both a query and a "
-                        "positive; expected queries and positives in the same language(s)")
+        raise DataError(
+            f"{where}: item {item_id!r} has no language with both a query and a "
+            "positive; expected queries and positives in the same language(s)"
+        )
     article = row.get("article")
-    return ParallelItem(id=item_id, queries=queries, positives=positives, negatives=negatives,
-                        article="" if article is None else _key(article, where, "article"))
+    return ParallelItem(
+        id=item_id,
+        queries=queries,
+        positives=positives,
+        negatives=negatives,
+        article="" if article is None else _key(article, where, "article"),
+    )
 
 
 def _pair(row: dict, where: str, n: int) -> Pair:
@@ -92,13 +103,20 @@ def _pair(row: dict, where: str, n: int) -> Pair:
         langs.append(check_language(value, f"{where}: {field}"))
     group = row.get("group")
     article = row.get("article")
-    return Pair(query=query, passage=passage, query_lang=langs[0], passage_lang=langs[1],
-                group=f"pair-{n}" if group is None else _key(group, where, "group"),
-                article="" if article is None else _key(article, where, "article"))
+    return Pair(
+        query=query,
+        passage=passage,
+        query_lang=langs[0],
+        passage_lang=langs[1],
+        group=f"pair-{n}" if group is None else _key(group, where, "group"),
+        article="" if article is None else _key(article, where, "article"),
+    )
 
 
-def parse_rows(rows: Iterable[tuple[str, dict]], source: str,
-               ) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
+def parse_rows(
+    rows: Iterable[tuple[str, dict]],
+    source: str,
+) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
     """Turn ``(location, row)`` pairs into items and pairs, validating every row.
 
     Raises:
@@ -118,17 +136,21 @@ def parse_rows(rows: Iterable[tuple[str, dict]], source: str,
             extra = set(row) - _ITEM_KEYS
             item = _item(row, where, report)
             if item.id in seen:
-                raise DataError(f"{where}: item id {item.id!r} already used at {seen[item.id]}; "
-                                "expected unique ids")
+                raise DataError(
+                    f"{where}: item id {item.id!r} already used at {seen[item.id]}; "
+                    "expected unique ids"
+                )
             seen[item.id] = where
             items.append(item)
         elif "query" in row or "passage" in row:
             extra = set(row) - _PAIR_KEYS
             pairs.append(_pair(row, where, len(pairs)))
         else:
-            raise DataError(f"{where}: keys {sorted(row)}; expected a pair row (query, passage, "
-                            "query_lang, passage_lang[, group]) or an item row (id, queries, "
-                            "positives[, negatives, article])")
+            raise DataError(
+                f"{where}: keys {sorted(row)}; expected a pair row (query, passage, "
+                "query_lang, passage_lang[, group]) or an item row (id, queries, "
+                "positives[, negatives, article])"
+            )
         for key in sorted(extra):
             report.note("ignored_field", f"{where}: {key}")
     if not items and not pairs:
@@ -149,8 +171,10 @@ def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-def load_pairs_file(path: str | Path, format: str,
-                    ) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
+def load_pairs_file(
+    path: str | Path,
+    format: str,
+) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
     """Items and pairs from a JSONL or Parquet file.
 
     Args:
@@ -170,8 +194,12 @@ def load_pairs_file(path: str | Path, format: str,
     return parse_rows(rows, str(path))
 
 
-def load_hf(name_or_folder: str, split: str, from_disk: bool, cache_dir: str | None = None,
-            ) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
+def load_hf(
+    name_or_folder: str,
+    split: str,
+    from_disk: bool,
+    cache_dir: str | None = None,
+) -> tuple[list[ParallelItem], list[Pair], LoadReport]:
     """Items and pairs from a Hugging Face dataset.
 
     Args:
@@ -193,14 +221,16 @@ def load_hf(name_or_folder: str, split: str, from_disk: bool, cache_dir: str | N
             ds = datasets.load_from_disk(name_or_folder)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"{name_or_folder}: no split {split!r}; found "
-                                    + ", ".join(sorted(ds)))
+                    raise DataError(
+                        f"{name_or_folder}: no split {split!r}; found " + ", ".join(sorted(ds))
+                    )
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(name_or_folder, split=split, cache_dir=cache_dir)
     except DataError:
         raise
     except (DatasetsError, OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{where}: cannot load the Hugging Face dataset "
-                        f"({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{where}: cannot load the Hugging Face dataset ({type(exc).__name__}: {exc})"
+        ) from None
     return parse_rows(((f"{where} row {i}", row) for i, row in enumerate(ds)), where)

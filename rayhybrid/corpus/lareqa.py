@@ -44,8 +44,14 @@ from rayhybrid.datamodel import (
     passage_text,
 )
 
-__all__ = ["LareqaFolder", "lareqa_article_keys", "lareqa_split_units", "load_lareqa_items",
-           "load_lareqa_task", "read_lareqa_folder"]
+__all__ = [
+    "LareqaFolder",
+    "lareqa_article_keys",
+    "lareqa_split_units",
+    "load_lareqa_items",
+    "load_lareqa_task",
+    "read_lareqa_folder",
+]
 
 
 @dataclass
@@ -145,13 +151,18 @@ def lareqa_article_keys(folder: str | Path | LareqaFolder) -> list[str]:
     return list(parsed.key_order)
 
 
-def _select(parsed: LareqaFolder, languages: Sequence[str], require_parallel: bool,
-            ) -> tuple[dict[str, LangFile], LoadReport]:
+def _select(
+    parsed: LareqaFolder,
+    languages: Sequence[str],
+    require_parallel: bool,
+) -> tuple[dict[str, LangFile], LoadReport]:
     for lang in languages:
         check_language(lang, f"{parsed.path}: requested languages")
         if lang not in parsed.files:
-            raise DataError(f"{parsed.path}: no file for language {lang!r}; found "
-                            + ", ".join(sorted(parsed.files)))
+            raise DataError(
+                f"{parsed.path}: no file for language {lang!r}; found "
+                + ", ".join(sorted(parsed.files))
+            )
     files = {k: v for k, v in parsed.files.items() if not languages or k in languages}
     report = LoadReport(str(parsed.path))
     for lf in files.values():
@@ -165,7 +176,8 @@ def _select(parsed: LareqaFolder, languages: Sequence[str], require_parallel: bo
             raise DataError(
                 f"{lf.path}: question ids disagree with {ref.path.name}: {len(missing)} missing "
                 f"(e.g. {missing[:3]}), {len(extra)} extra (e.g. {extra[:3]}); expected the same "
-                "ids in every language file (require_parallel=True)")
+                "ids in every language file (require_parallel=True)"
+            )
     for qid in sorted(all_ids):
         have = [lang for lang, lf in files.items() if qid in lf.questions]
         if len(have) < len(files):
@@ -182,9 +194,13 @@ def _question_order(files: dict[str, LangFile]) -> list[str]:
     return list(seen)
 
 
-def load_lareqa_items(folder: str | Path, languages: Sequence[str] = (), with_context: bool = False,
-                      require_parallel: bool = False, parsed: LareqaFolder | None = None,
-                      ) -> tuple[list[ParallelItem], LoadReport]:
+def load_lareqa_items(
+    folder: str | Path,
+    languages: Sequence[str] = (),
+    with_context: bool = False,
+    require_parallel: bool = False,
+    parsed: LareqaFolder | None = None,
+) -> tuple[list[ParallelItem], LoadReport]:
     """Parallel training items: one per question id, the answer sentence as its positive.
 
     Args:
@@ -221,9 +237,14 @@ def load_lareqa_items(folder: str | Path, languages: Sequence[str] = (), with_co
     return items, report
 
 
-def load_lareqa_task(folder: str | Path, languages: Sequence[str] = (), name: str = "xquad_r",
-                     articles: Iterable[str] | None = None, require_parallel: bool = False,
-                     parsed: LareqaFolder | None = None) -> EvalTask:
+def load_lareqa_task(
+    folder: str | Path,
+    languages: Sequence[str] = (),
+    name: str = "xquad_r",
+    articles: Iterable[str] | None = None,
+    require_parallel: bool = False,
+    parsed: LareqaFolder | None = None,
+) -> EvalTask:
     """Evaluation task: every sentence a candidate, relevance across all loaded languages.
 
     Query ids are ``q:{lang}:{qid}``, candidate ids ``c:{lang}:{article}:{para}:{sent}``
@@ -246,8 +267,10 @@ def load_lareqa_task(folder: str | Path, languages: Sequence[str] = (), name: st
     keep = None if articles is None else set(articles)
     if keep is not None and keep - set(parsed.key_order):
         unknown = sorted(keep - set(parsed.key_order))
-        raise DataError(f"{parsed.path}: unknown article keys {unknown[:3]}; expected keys from "
-                        "lareqa_article_keys()")
+        raise DataError(
+            f"{parsed.path}: unknown article keys {unknown[:3]}; expected keys from "
+            "lareqa_article_keys()"
+        )
     candidates: list[Candidate] = []
     for lang, lf in files.items():
         for ai, paras in enumerate(lf.paragraphs):
@@ -258,8 +281,15 @@ def load_lareqa_task(folder: str | Path, languages: Sequence[str] = (), name: st
                 # The candidate is the sentence (its paragraph as context), never the title:
                 # XQuAD-R titles are English in every language (a cross-lingual leak).
                 candidates.extend(
-                    Candidate(f"c:{lang}:{ai}:{para.index}:{si}", lang, sent, para.context,
-                              article=article) for si, sent in enumerate(para.sentences))
+                    Candidate(
+                        f"c:{lang}:{ai}:{para.index}:{si}",
+                        lang,
+                        sent,
+                        para.context,
+                        article=article,
+                    )
+                    for si, sent in enumerate(para.sentences)
+                )
     queries: list[Query] = []
     qrels: dict[str, dict[str, int]] = {}
     for lang, lf in files.items():

@@ -46,14 +46,26 @@ class _Encoder:
         emb = np.zeros((len(texts), self.model.dim), np.float32)
         for limit in np.unique(max_len):  # queries and passages have different token limits
             sel = np.flatnonzero(max_len == limit)
-            emb[sel] = encode_texts(self.model, self.tokenizer, [str(t) for t in texts[sel]],
-                                    max_length=int(limit), batch_size=len(sel), device=self.device)
+            emb[sel] = encode_texts(
+                self.model,
+                self.tokenizer,
+                [str(t) for t in texts[sel]],
+                max_length=int(limit),
+                batch_size=len(sel),
+                device=self.device,
+            )
         return {"row": batch["row"], "emb": emb}
 
 
-def encode_with_ray(groups: Sequence[tuple[Sequence[str], str, int]], model_cfg: ModelConfig,
-                    model_path: str | None = None, *, batch_size: int = 128, workers: int = 1,
-                    use_gpu: bool | None = None) -> tuple[list[np.ndarray], float]:
+def encode_with_ray(
+    groups: Sequence[tuple[Sequence[str], str, int]],
+    model_cfg: ModelConfig,
+    model_path: str | None = None,
+    *,
+    batch_size: int = 128,
+    workers: int = 1,
+    use_gpu: bool | None = None,
+) -> tuple[list[np.ndarray], float]:
     """Encode several groups of texts in one Ray Data pass.
 
     Args:
@@ -97,15 +109,29 @@ def encode_with_ray(groups: Sequence[tuple[Sequence[str], str, int]], model_cfg:
     # In-memory blocks (no read or repartition tasks competing with the encoders for CPUs),
     # enough for a pool of actors to share and for the progress bar to move.
     n_blocks = max(1, min(len(texts) // max(1, batch_size), max(64, 8 * workers)))
-    tables = [pa.table({"row": part.astype(np.int64), "text": [texts[i] for i in part],
-                        "max_length": limits_arr[part]})
-              for part in np.array_split(order, n_blocks)]
+    tables = [
+        pa.table(
+            {
+                "row": part.astype(np.int64),
+                "text": [texts[i] for i in part],
+                "max_length": limits_arr[part],
+            }
+        )
+        for part in np.array_split(order, n_blocks)
+    ]
     ds = ray.data.from_arrow(tables).map_batches(
-        _Encoder, batch_size=batch_size, batch_format="numpy",
+        _Encoder,
+        batch_size=batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs={"model_cfg": config_to_dict(model_cfg), "model_path": model_path,
-                               "threads": int(per_actor)},
-        num_cpus=per_actor, num_gpus=1 if use_gpu else 0)
+        fn_constructor_kwargs={
+            "model_cfg": config_to_dict(model_cfg),
+            "model_path": model_path,
+            "threads": int(per_actor),
+        },
+        num_cpus=per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
     emb = None
     seen = 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -23,8 +23,9 @@ def best_openblas_coretype() -> str | None:
     """
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f
-                              if line.startswith("flags")), []))
+            flags = set(
+                next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            )
     except OSError:
         return None
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
@@ -50,9 +51,16 @@ def openblas_env(setting: str) -> dict[str, str]:
     return {"OPENBLAS_CORETYPE": core} if core else {}
 
 
-def build_faiss_index(emb: np.ndarray, kind: str, *, nlist: int | None = None,
-                      nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 128,
-                      use_gpu: bool = False):
+def build_faiss_index(
+    emb: np.ndarray,
+    kind: str,
+    *,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    use_gpu: bool = False,
+):
     """A FAISS inner-product index over ``emb`` (``flat``, ``ivf`` or ``hnsw``).
 
     IVF: ``nlist`` defaults to ~4 sqrt(n) lists (at most n / 39), ``nprobe`` to a quarter of them (favouring
@@ -79,7 +87,11 @@ def build_faiss_index(emb: np.ndarray, kind: str, *, nlist: int | None = None,
         raise EvaluationError(f"eval.index: unknown index {kind!r}; expected flat, ivf or hnsw")
     index.add(emb)
     # HNSW has no GPU implementation in FAISS; flat / IVF move over when faiss-gpu is there.
-    if use_gpu and kind != "hnsw" and hasattr(faiss, "StandardGpuResources") \
-            and faiss.get_num_gpus() > 0:
+    if (
+        use_gpu
+        and kind != "hnsw"
+        and hasattr(faiss, "StandardGpuResources")
+        and faiss.get_num_gpus() > 0
+    ):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index

@@ -25,12 +25,22 @@ if TYPE_CHECKING:
 __all__ = ["evaluate_in_process"]
 
 
-def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: ModelConfig,
-                        settings: Sequence[str] = ("mono", "cross", "multi"), top_k: int = 20,
-                        *, max_query_length: int = 64, max_passage_length: int = 128,
-                        batch_size: int = 64, metrics: Sequence[str] = LAREQA_METRICS,
-                        with_context: bool = False, with_title: bool = True,
-                        per_query_dir: str | Path | None = None) -> dict[str, float]:
+def evaluate_in_process(
+    model: Any,
+    tokenizer: Any,
+    task: EvalTask,
+    model_cfg: ModelConfig,
+    settings: Sequence[str] = ("mono", "cross", "multi"),
+    top_k: int = 20,
+    *,
+    max_query_length: int = 64,
+    max_passage_length: int = 128,
+    batch_size: int = 64,
+    metrics: Sequence[str] = LAREQA_METRICS,
+    with_context: bool = False,
+    with_title: bool = True,
+    per_query_dir: str | Path | None = None,
+) -> dict[str, float]:
     """Encode ``task`` with ``model`` and return flat metrics without a task prefix.
 
     Keys: ``mono/map@20``, ``cross/map@20``, ``multi/map@20``, ``bias/rank_distance`` and
@@ -59,22 +69,39 @@ def evaluate_in_process(model: Any, tokenizer: Any, task: EvalTask, model_cfg: M
         device = str(next(module.parameters()).device)
     except StopIteration:
         device = "cpu"
-    q_emb = encode_texts(module, tokenizer, [q.text for q in task.queries],
-                         prefix=model_cfg.query_prefix, max_length=max_query_length,
-                         batch_size=batch_size, device=device)
-    c_emb = encode_texts(module, tokenizer, candidate_texts(task, with_context, with_title),
-                         prefix=model_cfg.passage_prefix,
-                         max_length=max_passage_length, batch_size=batch_size, device=device)
+    q_emb = encode_texts(
+        module,
+        tokenizer,
+        [q.text for q in task.queries],
+        prefix=model_cfg.query_prefix,
+        max_length=max_query_length,
+        batch_size=batch_size,
+        device=device,
+    )
+    c_emb = encode_texts(
+        module,
+        tokenizer,
+        candidate_texts(task, with_context, with_title),
+        prefix=model_cfg.passage_prefix,
+        max_length=max_passage_length,
+        batch_size=batch_size,
+        device=device,
+    )
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
     search_device = "cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-    pool = LocalShards({lang: ShardSearcher(lang, c_emb[row_of_key[keys]], keys,
-                                            device=search_device)
-                        for lang, keys in cands.shard_keys().items()})
+    pool = LocalShards(
+        {
+            lang: ShardSearcher(lang, c_emb[row_of_key[keys]], keys, device=search_device)
+            for lang, keys in cands.shard_keys().items()
+        }
+    )
     k = max(1, min(top_k, min(pool.sizes().values())))
     retrieval = run_settings(pool, task, q_emb, settings, k)
     out, _ = summarize(retrieval.blocks, cands.langs, metrics, k)
     if per_query_dir is not None:  # so that runs (Tune trials) can be compared item by item
-        write_per_query(per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs,
-                                         metrics), per_query_dir)
+        write_per_query(
+            per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, metrics),
+            per_query_dir,
+        )
     return out

@@ -45,8 +45,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BEIR_METRICS", "LAREQA_METRICS", "bias_metrics", "macro", "per_query",
-           "rank_distances", "summarize", "topk_shares"]
+__all__ = [
+    "BEIR_METRICS",
+    "LAREQA_METRICS",
+    "bias_metrics",
+    "macro",
+    "per_query",
+    "rank_distances",
+    "summarize",
+    "topk_shares",
+]
 
 LAREQA_METRICS = ("map", "map@20", "r@1", "r@10", "mrr")
 BEIR_METRICS = LAREQA_METRICS + ("ndcg@10", "r@100")
@@ -61,8 +69,9 @@ def _check_name(name: str) -> re.Match:
     return m
 
 
-def per_query(ranks: np.ndarray, gains: np.ndarray, names: Sequence[str] = LAREQA_METRICS
-              ) -> dict[str, np.ndarray]:
+def per_query(
+    ranks: np.ndarray, gains: np.ndarray, names: Sequence[str] = LAREQA_METRICS
+) -> dict[str, np.ndarray]:
     """Per-query values of each metric.
 
     Args:
@@ -143,8 +152,9 @@ def topk_shares(top_langs: np.ndarray, languages: Sequence[str]) -> dict[str, np
     return {lang: (top_langs == lang).sum(1) / denom for lang in languages}
 
 
-def bias_metrics(distances: dict[str, np.ndarray], shares: dict[str, dict[str, np.ndarray]],
-                 k: int) -> dict[str, float]:
+def bias_metrics(
+    distances: dict[str, np.ndarray], shares: dict[str, dict[str, np.ndarray]], k: int
+) -> dict[str, float]:
     """Flat ``bias/...`` metrics from per-query distances and shares per query language.
 
     Args:
@@ -170,13 +180,15 @@ def bias_metrics(distances: dict[str, np.ndarray], shares: dict[str, dict[str, n
     out["bias/excluded"] = float(excluded)
     cand_langs = sorted({c for s in shares.values() for c in s})
     for c in cand_langs:
-        out[f"bias/share@{k}/{c}"] = macro([float(s[c].mean()) for s in shares.values()
-                                            if c in s and len(s[c])])
+        out[f"bias/share@{k}/{c}"] = macro(
+            [float(s[c].mean()) for s in shares.values() if c in s and len(s[c])]
+        )
     return out
 
 
-def summarize(blocks: dict[str, list], langs_of_key: np.ndarray, names: Sequence[str],
-              share_k: int) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+def summarize(
+    blocks: dict[str, list], langs_of_key: np.ndarray, names: Sequence[str], share_k: int
+) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
     """Flat metrics of every cell, setting macro-averages and the language bias.
 
     Args:

@@ -133,10 +133,10 @@ def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
         tie = np.broadcast_to(np.arange(n), vals.shape)
     if k >= n:
         return _order_rows(vals, tie)
-    idx = np.argpartition(vals, n - k, axis=1)[:, n - k:]
+    idx = np.argpartition(vals, n - k, axis=1)[:, n - k :]
     kth = np.take_along_axis(vals, idx, 1).min(axis=1, keepdims=True)
     for row in np.flatnonzero((vals >= kth).sum(1) > k).tolist():
-        idx[row] = _order_rows(vals[row:row + 1], tie[row:row + 1])[0, :k]
+        idx[row] = _order_rows(vals[row : row + 1], tie[row : row + 1])[0, :k]
     sub = _order_rows(np.take_along_axis(vals, idx, 1), np.take_along_axis(tie, idx, 1))
     return np.take_along_axis(idx, sub, 1)
 
@@ -184,11 +184,11 @@ def _count_before(scores: Any, thr: np.ndarray, boundary: np.ndarray) -> np.ndar
         col = torch.arange(s.shape[1], device=s.device)
         out = torch.zeros(thr.shape, dtype=torch.int64, device=s.device)
     for j in range(thr.shape[1]):  # one pass per threshold column keeps memory at [rows, n]
-        tj = t[:, j:j + 1]
+        tj = t[:, j : j + 1]
         out[:, j] = (s > tj).sum(1)
         eq = s == tj
         if bool(eq.any()):
-            out[:, j] += (eq & (col[None, :] < b[:, j:j + 1])).sum(1)
+            out[:, j] += (eq & (col[None, :] < b[:, j : j + 1])).sum(1)
     return _host(out)
 
 
@@ -211,8 +211,9 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
 
 
-def check_shard(name: str, embeddings: np.ndarray, keys: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def check_shard(
+    name: str, embeddings: np.ndarray, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Validate one shard's embeddings and keys; returns them as float32 / int64 arrays.
 
     Raises:
@@ -221,15 +222,19 @@ def check_shard(name: str, embeddings: np.ndarray, keys: np.ndarray | None = Non
     """
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     if emb.ndim != 2 or emb.shape[0] == 0:
-        raise EvaluationError(f"shard {name!r} is empty: expected a [n, dim] array of candidate "
-                              f"embeddings with n >= 1, got shape {tuple(emb.shape)} (no "
-                              "candidates in this language?)")
+        raise EvaluationError(
+            f"shard {name!r} is empty: expected a [n, dim] array of candidate "
+            f"embeddings with n >= 1, got shape {tuple(emb.shape)} (no "
+            "candidates in this language?)"
+        )
     if not np.isfinite(emb).all():
         raise EvaluationError(f"shard {name!r}: embeddings contain NaN or inf")
     keys = np.arange(len(emb), dtype=np.int64) if keys is None else np.asarray(keys, np.int64)
     if keys.shape != (len(emb),) or len(np.unique(keys)) != len(keys):
-        raise EvaluationError(f"shard {name!r}: expected {len(emb)} distinct keys, got shape "
-                              f"{keys.shape} with {len(np.unique(keys))} distinct")
+        raise EvaluationError(
+            f"shard {name!r}: expected {len(emb)} distinct keys, got shape "
+            f"{keys.shape} with {len(np.unique(keys))} distinct"
+        )
     return emb, keys
 
 
@@ -250,9 +255,17 @@ class ShardSearcher:
             not distinct.
     """
 
-    def __init__(self, name: str, embeddings: np.ndarray, keys: np.ndarray | None = None, *,
-                 index: str = "flat", device: str = "cpu", tile: int = _TILE,
-                 **index_options: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        keys: np.ndarray | None = None,
+        *,
+        index: str = "flat",
+        device: str = "cpu",
+        tile: int = _TILE,
+        **index_options: Any,
+    ) -> None:
         emb, keys = check_shard(name, embeddings, keys)
         order = np.argsort(keys, kind="stable")
         self.name, self.keys, self.kind, self.device = name, keys[order], index, device
@@ -283,7 +296,8 @@ class ShardSearcher:
             got = q.shape[1] if q.ndim == 2 else tuple(q.shape)
             raise EvaluationError(
                 f"shard {self.name!r}: query embeddings have dimension {got} but the shard's index "
-                f"has dimension {self.dim} (queries and candidates encoded with different models?)")
+                f"has dimension {self.dim} (queries and candidates encoded with different models?)"
+            )
         return q
 
     def _blocks(self, n: int):
@@ -315,11 +329,14 @@ class ShardSearcher:
         pos = np.searchsorted(self.keys, keys).clip(0, self.size - 1)
         bad = (keys >= 0) & (self.keys[pos] != keys)
         if bad.any():
-            raise EvaluationError(f"shard {self.name!r}: candidate key {int(keys[bad][0])} is not "
-                                  "in this shard")
+            raise EvaluationError(
+                f"shard {self.name!r}: candidate key {int(keys[bad][0])} is not in this shard"
+            )
         return np.where(keys >= 0, pos, -1)
 
-    def search(self, queries: np.ndarray, k: int, rel_keys: np.ndarray | None = None) -> SearchResult:
+    def search(
+        self, queries: np.ndarray, k: int, rel_keys: np.ndarray | None = None
+    ) -> SearchResult:
         """Top-k of every query in this shard, and the exact score / in-shard rank of given keys.
 
         Args:
@@ -334,14 +351,24 @@ class ShardSearcher:
         if not 1 <= k <= self.size:
             raise EvaluationError(
                 f"shard {self.name!r} holds {self.size} candidates but top-k {k} was requested; "
-                f"lower eval.top_k to at most {self.size} (or evaluate a larger task part)")
-        rel_keys = np.full((len(q), 0), -1, np.int64) if rel_keys is None else np.asarray(rel_keys, np.int64)
+                f"lower eval.top_k to at most {self.size} (or evaluate a larger task part)"
+            )
+        rel_keys = (
+            np.full((len(q), 0), -1, np.int64)
+            if rel_keys is None
+            else np.asarray(rel_keys, np.int64)
+        )
         rel_pos = self.positions(rel_keys)
-        out = SearchResult(np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64),
-                           np.full(rel_pos.shape, np.nan, np.float32), np.zeros(rel_pos.shape, np.int64))
+        out = SearchResult(
+            np.empty((len(q), k), np.float32),
+            np.empty((len(q), k), np.int64),
+            np.full(rel_pos.shape, np.nan, np.float32),
+            np.zeros(rel_pos.shape, np.int64),
+        )
         for sl in self._blocks(len(q)):
             out.scores[sl], cols, out.rel_scores[sl], out.rel_ranks[sl] = self._search_block(
-                q[sl], k, rel_pos[sl])
+                q[sl], k, rel_pos[sl]
+            )
             out.keys[sl] = np.where(cols >= 0, self.keys[cols.clip(0)], -1)
         return out
 
@@ -372,8 +399,9 @@ class ShardSearcher:
         if approx is None:
             vals, cols = merge_topk(parts, k)  # columns: lower column wins a tie, as in a tile
         else:
-            order = _order_rows(approx_scores,
-                                np.where(approx >= 0, approx, np.iinfo(np.int64).max))
+            order = _order_rows(
+                approx_scores, np.where(approx >= 0, approx, np.iinfo(np.int64).max)
+            )
             vals, cols = (np.take_along_axis(x, order, 1) for x in (approx_scores, approx))
         valid = pos >= 0
         return vals, cols, np.where(valid, thr, np.nan), np.where(valid, ranks + 1, 0)
@@ -385,8 +413,9 @@ class ShardSearcher:
             total += _count_before(self._scores(q, a, b), thr, np.clip(bound - a, 0, b - a))
         return total
 
-    def count_before(self, queries: np.ndarray, thresholds: np.ndarray,
-                     threshold_keys: np.ndarray) -> np.ndarray:
+    def count_before(
+        self, queries: np.ndarray, thresholds: np.ndarray, threshold_keys: np.ndarray
+    ) -> np.ndarray:
         """How many of this shard's candidates rank before each (score, key) threshold.
 
         A candidate ranks before ``(t, key)`` when its score is > t, or equal to t with a
@@ -407,8 +436,10 @@ class ShardSearcher:
         thr = np.asarray(thresholds, np.float32)
         tkeys = np.asarray(threshold_keys, np.int64)
         if thr.shape != tkeys.shape or thr.ndim != 2 or thr.shape[0] != len(q):
-            raise EvaluationError(f"shard {self.name!r}: thresholds {thr.shape} and keys "
-                                  f"{tkeys.shape} must both be [{len(q)}, m]")
+            raise EvaluationError(
+                f"shard {self.name!r}: thresholds {thr.shape} and keys "
+                f"{tkeys.shape} must both be [{len(q)}, m]"
+            )
         out = np.zeros(thr.shape, np.int64)
         if thr.shape[1] == 0:
             return out

@@ -33,9 +33,21 @@ import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
 
-__all__ = ["Column", "PerQuery", "bootstrap", "comparison_stats", "format_cell", "holm",
-           "item_of", "marker", "mean_table", "paired_test", "per_query_tables", "read_per_query",
-           "write_per_query"]
+__all__ = [
+    "Column",
+    "PerQuery",
+    "bootstrap",
+    "comparison_stats",
+    "format_cell",
+    "holm",
+    "item_of",
+    "marker",
+    "mean_table",
+    "paired_test",
+    "per_query_tables",
+    "read_per_query",
+    "write_per_query",
+]
 
 AGGREGATES = ("macro", "micro", "median")
 
@@ -73,8 +85,12 @@ class PerQuery:
         return float(np.mean([x[ok][cells == c].mean() for c in sorted(set(cells.tolist()))]))
 
 
-def per_query_tables(blocks: dict[str, list], query_ids: Sequence[str], langs_of_key: np.ndarray,
-                     names: Sequence[str]) -> dict[str, PerQuery]:
+def per_query_tables(
+    blocks: dict[str, list],
+    query_ids: Sequence[str],
+    langs_of_key: np.ndarray,
+    names: Sequence[str],
+) -> dict[str, PerQuery]:
     """Per-query values of every metric for every setting (and ``bias``: rank distance).
 
     Args:
@@ -97,16 +113,21 @@ def per_query_tables(blocks: dict[str, list], query_ids: Sequence[str], langs_of
             for name, v in per_query(b.rel_ranks, b.rel_gains, names).items():
                 vals[name].append(v)
         if rows:
-            out[setting] = PerQuery(setting, np.concatenate(rows), np.concatenate(labels),
-                                    {n: np.concatenate(v) for n, v in vals.items()})
+            out[setting] = PerQuery(
+                setting,
+                np.concatenate(rows),
+                np.concatenate(labels),
+                {n: np.concatenate(v) for n, v in vals.items()},
+            )
     if "multi" in blocks and any(len(b.rows) for b in blocks["multi"]):
         bl = [b for b in blocks["multi"] if len(b.rows)]
-        dist = [rank_distances(b.rel_ranks, langs_of_key[np.clip(b.rel_keys, 0, None)])
-                for b in bl]
-        out["bias"] = PerQuery("bias", np.concatenate([qids[b.rows] for b in bl]),
-                               np.concatenate([np.full(len(b.rows), b.qlang, dtype=object)
-                                               for b in bl]),
-                               {"rank_distance": np.concatenate(dist)})
+        dist = [rank_distances(b.rel_ranks, langs_of_key[np.clip(b.rel_keys, 0, None)]) for b in bl]
+        out["bias"] = PerQuery(
+            "bias",
+            np.concatenate([qids[b.rows] for b in bl]),
+            np.concatenate([np.full(len(b.rows), b.qlang, dtype=object) for b in bl]),
+            {"rank_distance": np.concatenate(dist)},
+        )
     return out
 
 
@@ -139,8 +160,9 @@ def read_per_query(folder: str | Path) -> dict[str, PerQuery]:
     folder = Path(folder)
     paths = sorted(folder.glob("per_query_*.tsv"))
     if not paths:
-        raise EvaluationError(f"{folder}: no per_query_<setting>.tsv files (an evaluation "
-                              "output folder was expected)")
+        raise EvaluationError(
+            f"{folder}: no per_query_<setting>.tsv files (an evaluation output folder was expected)"
+        )
     out = {}
     for path in paths:
         with path.open(encoding="utf-8") as f:
@@ -152,17 +174,24 @@ def read_per_query(folder: str | Path) -> dict[str, PerQuery]:
             vals = {n: np.array([float(r[3 + i]) for r in body]) for i, n in enumerate(head[3:])}
         except (ValueError, IndexError) as exc:
             raise EvaluationError(f"{path}: malformed value ({exc}); expected numbers") from None
-        setting = path.stem[len("per_query_"):]
-        out[setting] = PerQuery(setting, np.array([r[0] for r in body], dtype=object),
-                                np.array([r[2] for r in body], dtype=object), vals)
+        setting = path.stem[len("per_query_") :]
+        out[setting] = PerQuery(
+            setting,
+            np.array([r[0] for r in body], dtype=object),
+            np.array([r[2] for r in body], dtype=object),
+            vals,
+        )
     return out
 
 
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _design(t: PerQuery, metric: str, items: list[str] | None = None,
-            ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _design(
+    t: PerQuery,
+    metric: str,
+    items: list[str] | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Items, then per (item, cell) sums S and counts N of the metric's non-NaN values, and
     per row the item index and value (for medians)."""
     x = t.values[metric]
@@ -181,8 +210,9 @@ def _design(t: PerQuery, metric: str, items: list[str] | None = None,
     return items, s, n, ii, x[ok]
 
 
-def _resampled(s: np.ndarray, n: np.ndarray, ii: np.ndarray, xs: np.ndarray, w: np.ndarray,
-               how: str) -> np.ndarray:
+def _resampled(
+    s: np.ndarray, n: np.ndarray, ii: np.ndarray, xs: np.ndarray, w: np.ndarray, how: str
+) -> np.ndarray:
     """The aggregate under item weights ``w`` ([B, items]) -> [B]."""
     if how == "macro":
         num, den = w @ s, w @ n
@@ -201,9 +231,16 @@ def _weights(n_items: int, samples: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=samples).astype(float)
 
 
-def bootstrap(t: PerQuery, metric: str, how: str = "macro", *, samples: int = 1000,
-              level: float = 0.95, seed: int = 0, other: PerQuery | None = None,
-              ) -> tuple[float, float, float]:
+def bootstrap(
+    t: PerQuery,
+    metric: str,
+    how: str = "macro",
+    *,
+    samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    other: PerQuery | None = None,
+) -> tuple[float, float, float]:
     """Point value and percentile interval of an aggregate, resampling items.
 
     With ``other`` it is the interval of the paired difference ``t - other`` (both runs
@@ -230,8 +267,10 @@ def bootstrap(t: PerQuery, metric: str, how: str = "macro", *, samples: int = 10
     boot = _resampled(s, n, ii, xs, w, how)
     if other is not None:
         if set(other.items[~np.isnan(other.values[metric])].tolist()) != set(items):
-            raise EvaluationError(f"{t.setting}/{metric}: the two runs hold different items; "
-                                  "a paired interval needs the same queries")
+            raise EvaluationError(
+                f"{t.setting}/{metric}: the two runs hold different items; "
+                "a paired interval needs the same queries"
+            )
         _, s2, n2, ii2, xs2 = _design(other, metric, items)
         est -= other.aggregate(metric, how)
         boot = boot - _resampled(s2, n2, ii2, xs2, w, how)
@@ -239,8 +278,11 @@ def bootstrap(t: PerQuery, metric: str, how: str = "macro", *, samples: int = 10
     return float(est), float(lo), float(hi)
 
 
-def item_contributions(t: PerQuery, metric: str, items: list[str] | None = None,
-                       ) -> tuple[list[str], np.ndarray]:
+def item_contributions(
+    t: PerQuery,
+    metric: str,
+    items: list[str] | None = None,
+) -> tuple[list[str], np.ndarray]:
     """Per item its share ``u_i`` of the macro average (so that ``sum(u) == macro``)."""
     items, s, n, _, _ = _design(t, metric, items)
     size = n.sum(0)
@@ -248,8 +290,9 @@ def item_contributions(t: PerQuery, metric: str, items: list[str] | None = None,
     return items, (s[:, present] / size[present]).sum(1) / max(int(present.sum()), 1)
 
 
-def paired_test(a: PerQuery, b: PerQuery, metric: str, *, permutations: int = 1000,
-                seed: int = 42) -> float:
+def paired_test(
+    a: PerQuery, b: PerQuery, metric: str, *, permutations: int = 1000, seed: int = 42
+) -> float:
     """Two-sided p-value of the macro difference between two runs over the same items.
 
     Fisher's randomization test of ranx on per-item contributions, scaled by the number of
@@ -264,8 +307,10 @@ def paired_test(a: PerQuery, b: PerQuery, metric: str, *, permutations: int = 10
     items_a, _, n_a, _, _ = _design(a, metric)
     items_b, _, n_b, _, _ = _design(b, metric)
     if items_a != items_b or n_a.shape != n_b.shape or not np.array_equal(n_a, n_b):
-        raise EvaluationError(f"{a.setting}/{metric}: the two runs hold different queries; a "
-                              "paired test needs the same task (same queries and cells)")
+        raise EvaluationError(
+            f"{a.setting}/{metric}: the two runs hold different queries; a "
+            "paired test needs the same task (same queries and cells)"
+        )
     _, ua = item_contributions(a, metric, items_a)
     _, ub = item_contributions(b, metric, items_a)
     if np.array_equal(ua, ub):
@@ -287,8 +332,9 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out
 
 
-def interval_metrics(tables: dict[str, PerQuery], *, samples: int, level: float = 0.95,
-                     seed: int = 0) -> dict[str, Any]:
+def interval_metrics(
+    tables: dict[str, PerQuery], *, samples: int, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """Intervals of every macro metric and the rank distance (macro, micro, median).
 
     Returns:
@@ -337,17 +383,26 @@ def mean_table(tables: Sequence[PerQuery]) -> PerQuery:
     for t in tables:
         pos = {k: i for i, k in enumerate(zip(t.qids.tolist(), t.cells.tolist()))}
         if set(pos) != set(keys):
-            raise EvaluationError(f"{t.setting}: runs of one row hold different queries; seeds "
-                                  "must be evaluated on the same task")
+            raise EvaluationError(
+                f"{t.setting}: runs of one row hold different queries; seeds "
+                "must be evaluated on the same task"
+            )
         order = np.array([pos[k] for k in keys])
         for m in values:
             values[m] += t.values[m][order] / len(tables)
     return PerQuery(first.setting, first.qids, first.cells, values)
 
 
-def comparison_stats(runs: dict[str, Sequence[str | Path]], columns: Sequence[Column],
-                     baseline: str, *, samples: int, level: float = 0.95, permutations: int = 1000,
-                     seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+def comparison_stats(
+    runs: dict[str, Sequence[str | Path]],
+    columns: Sequence[Column],
+    baseline: str,
+    *,
+    samples: int,
+    level: float = 0.95,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
     """Statistics of every row and column of a comparison table.
 
     Args:
@@ -370,8 +425,9 @@ def comparison_stats(runs: dict[str, Sequence[str | Path]], columns: Sequence[Co
         EvaluationError: the baseline is not a row, or runs disagree on their queries.
     """
     if baseline not in runs:
-        raise EvaluationError(f"baseline {baseline!r} is not a row of the table; rows: "
-                              + ", ".join(runs))
+        raise EvaluationError(
+            f"baseline {baseline!r} is not a row of the table; rows: " + ", ".join(runs)
+        )
     cache: dict[Path, dict[str, PerQuery]] = {}
 
     def tables(folder: Path) -> dict[str, PerQuery]:  # a failed run wrote none: no tables
@@ -383,28 +439,47 @@ def comparison_stats(runs: dict[str, Sequence[str | Path]], columns: Sequence[Co
     for col in columns:
         means: dict[str, PerQuery] = {}
         for label, folders in runs.items():
-            tabs = [t[col.setting] for t in (tables(Path(f) / col.task) for f in folders)
-                    if col.setting in t]
+            tabs = [
+                t[col.setting]
+                for t in (tables(Path(f) / col.task) for f in folders)
+                if col.setting in t
+            ]
             if not tabs:
                 continue
             figures = [t.aggregate(col.metric) for t in tabs]
             means[label] = mean_table(tabs)
-            _, low, high = bootstrap(means[label], col.metric, samples=samples, level=level,
-                                     seed=seed)
-            out[label][col.name] = {"mean": float(np.mean(figures)), "seeds": len(figures),
-                                    "sd": float(np.std(figures, ddof=1)) if len(figures) > 1
-                                    else float("nan"), "low": low, "high": high}
+            _, low, high = bootstrap(
+                means[label], col.metric, samples=samples, level=level, seed=seed
+            )
+            out[label][col.name] = {
+                "mean": float(np.mean(figures)),
+                "seeds": len(figures),
+                "sd": float(np.std(figures, ddof=1)) if len(figures) > 1 else float("nan"),
+                "low": low,
+                "high": high,
+            }
         others = [label for label in means if label != baseline]
         if baseline not in means:
             continue
         pvals = []
         for label in others:
-            _, dlo, dhi = bootstrap(means[label], col.metric, samples=samples, level=level,
-                                    seed=seed, other=means[baseline])
+            _, dlo, dhi = bootstrap(
+                means[label],
+                col.metric,
+                samples=samples,
+                level=level,
+                seed=seed,
+                other=means[baseline],
+            )
             stats = out[label][col.name]
-            stats.update(diff=stats["mean"] - out[baseline][col.name]["mean"], diff_low=dlo,
-                         diff_high=dhi, p=paired_test(means[label], means[baseline], col.metric,
-                                                      permutations=permutations, seed=seed))
+            stats.update(
+                diff=stats["mean"] - out[baseline][col.name]["mean"],
+                diff_low=dlo,
+                diff_high=dhi,
+                p=paired_test(
+                    means[label], means[baseline], col.metric, permutations=permutations, seed=seed
+                ),
+            )
             pvals.append(stats["p"])
         for label, p_adj in zip(others, holm(pvals)):
             out[label][col.name]["p_holm"] = p_adj
