@@ -497,6 +497,13 @@ class Config:
         "tune: an alpha of the sweep such as 0.5); empty: the first row.",
     )
 
+    reuse: bool = _f(
+        False,
+        "compare: a (strategy, seed) whose output folder holds compare_run.json written by a "
+        "finished run of the same config (tracking aside) is not trained again; its summary "
+        "and per-query files are read back (a long comparison continues where it stopped).",
+    )
+
     def __post_init__(self) -> None:
         t, b = self.train, self.batch
         if b.batch_size < 2 * t.num_workers:

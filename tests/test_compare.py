@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rayhybrid.config import ConfigError, load_config
+from rayhybrid.config import ConfigError, apply_overrides, load_config
 from rayhybrid.experiments.compare import parse_strategies, strategy_config
 from rayhybrid.experiments.results import ResultsTable
 
@@ -235,6 +236,27 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     assert parent.data.metrics["compare/cross/mono_mAP_at_20_ci_low"] == cross["mono mAP@20 low"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "comparison_heatmap.png"} <= artifacts
+
+    # reuse=true: finished (strategy, seed) runs are read back, not trained again; a record
+    # written by another config (here: its learning rate edited) is run again.
+    def n_runs() -> int:
+        return len(client.search_runs([parent.info.experiment_id], max_results=1000))
+
+    before = n_runs()
+    again = compare(apply_overrides(cfg, {"reuse": True}))
+    assert n_runs() == before + 1  # a new parent run, no new training run
+    for col in ("strategy", "mlflow_run_id", *columns, *(f"{c} p" for c in columns)):
+        assert again.column(col) == table.column(col), col
+    record = out / "cross" / "seed1" / "compare_run.json"
+    data = json.loads(record.read_text())
+    data["config"]["train"]["lr"] *= 2
+    record.write_text(json.dumps(data))
+    third = compare(apply_overrides(cfg, {"reuse": True}))
+    assert n_runs() == before + 3  # one more parent and the one stale run trained again
+    ids = third.column("mlflow_run_id")
+    assert ids[0] == table.column("mlflow_run_id")[0]
+    assert ids[1].split(",")[0] == cross["mlflow_run_id"].split(",")[0]
+    assert ids[1].split(",")[1] != cross["mlflow_run_id"].split(",")[1]
 
 
 def test_cli_exits_non_zero_when_every_strategy_fails(tmp_path, capsys, monkeypatch, xquad_dir):

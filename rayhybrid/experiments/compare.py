@@ -12,6 +12,7 @@ fails gets a row with its error; the others still run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -122,19 +123,60 @@ def _metric_columns(cfg: Config) -> list[Column]:
     return cols
 
 
+_RUN_RECORD = "compare_run.json"
+
+
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    """What decides a (strategy, seed) run's figures: the resolved config without the
+    tracking section and the comparison's own bookkeeping keys."""
+    plain = config_to_dict(cfg)
+    for key in ("tracking", "reuse", "strategies", "seeds", "baseline", "tune"):
+        plain.pop(key, None)
+    return json.loads(json.dumps(plain, default=str))
+
+
+def _reused(cfg: Config) -> dict[str, Any] | None:
+    """The record of a finished run of exactly ``cfg`` in its output folder, or None."""
+    path = Path(resolve_path(cfg.eval.output_dir)) / _RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning(f"[rayhybrid compare] {path}: unreadable ({exc}); running it again")
+        return None
+    if record.get("config") != _fingerprint(cfg):
+        log.info(f"[rayhybrid compare] {path}: written by another config; running it again")
+        return None
+    return record
+
+
 def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
-    """Train and evaluate one (strategy, seed) config; returns its summary and MLflow run."""
+    """Train and evaluate one (strategy, seed) config; returns its summary and MLflow run.
+
+    With ``cfg.reuse`` a finished run of the same config is read back instead. The record
+    (config, summary, run id, minutes) is written last and atomically, so a run stopped
+    half-way is never taken for a finished one.
+    """
     from rayhybrid.evaluation.run import evaluate
     from rayhybrid.train.driver import train
 
+    if cfg.reuse and (record := _reused(cfg)) is not None:
+        log.info(f"[rayhybrid compare] reusing {cfg.eval.output_dir}/{_RUN_RECORD}")
+        return record
     start = time.perf_counter()
     result = train(cfg, parent_run_id=parent_run_id)
     summary = evaluate(cfg, str(result.model_dir), run_id=result.mlflow_run_id)
-    return {
+    out = {
         "mlflow_run_id": result.mlflow_run_id or "",
         "summary": summary,
         "minutes": (time.perf_counter() - start) / 60.0,
     }
+    path = Path(resolve_path(cfg.eval.output_dir)) / _RUN_RECORD
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**out, "config": _fingerprint(cfg)}, default=str, indent=1))
+    tmp.replace(path)
+    return out
 
 
 def compare(cfg: Config) -> ResultsTable:
