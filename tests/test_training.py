@@ -382,3 +382,59 @@ def test_unwritable_storage_and_existing_runs(tmp_path, xquad_dir):
         )
     with pytest.raises(TrainingError, match="run_name"):
         train(make_cfg(tmp_path, xquad_dir, "../escape", "model.name=tiny"))
+
+
+def _effective_steps(log: dict, ref: dict, restart_at: int) -> None:
+    """Both attempts together trained every step once, with the reference run's batches."""
+    for r in (0, 1):
+        pids = list(dict.fromkeys(e["pid"] for e in log[r]))
+        assert len(pids) == 2, "exactly one restart"
+        first = [e for e in log[r] if e["pid"] == pids[0]]
+        second = [e for e in log[r] if e["pid"] == pids[1]]
+        assert second[0]["step"] == restart_at
+        effective = [e for e in first if e["step"] < restart_at] + second
+        assert [e["step"] for e in effective] == list(range(2 * N))
+        assert [e["group"] for e in effective] == [e["group"] for e in ref[r]]
+
+
+def test_resume_passes_over_a_torn_newest_checkpoint(reference, root, xquad_dir, tiny_model_dir):
+    """Issue 12: model.pt of the newest checkpoint cut in half; resume uses the one before."""
+    hooks = TrainHooks(batch_log=str(root / "log_torn"), fault=f"1:{N + 1}:{root / 'killed_torn'}")
+    args = [f"model.name={tiny_model_dir}", "train.checkpoint_every=1"]
+    with pytest.raises(TrainingError, match="continue with train.resume=true"):
+        train(make_cfg(root, xquad_dir, "torn", *args), hooks=hooks)
+    newest = root / "runs" / "torn" / f"checkpoint_{N + 1:08d}"
+    assert (newest / "model.pt").is_file(), "the newest checkpoint was not written"
+    data = (newest / "model.pt").read_bytes()
+    (newest / "model.pt").write_bytes(data[: len(data) // 2])
+    resumed = train(make_cfg(root, xquad_dir, "torn", *args, "train.resume=true"), hooks=hooks)
+    assert resumed.metrics["step"] == 2 * N
+    assert_same_weights(final_weights(resumed), final_weights(reference))
+    _effective_steps(read_batch_log(root / "log_torn"), read_batch_log(root / "log_ref"), N)
+    client, runs = mlflow_runs(root, "torn")
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert steps == list(range(1, 2 * N + 1))
+
+
+def test_fault_inside_checkpoint_saving_restarts_from_the_complete_one(
+    reference, root, xquad_dir, tiny_model_dir
+):
+    """Issue 12: rank 0 dies after writing model.pt of checkpoint N+1, before its marker."""
+    hooks = TrainHooks(
+        batch_log=str(root / "log_savefault"), save_fault=f"0:{N + 1}:{root / 'killed_save'}"
+    )
+    result = train(
+        make_cfg(
+            root,
+            xquad_dir,
+            "savefault",
+            f"model.name={tiny_model_dir}",
+            "train.checkpoint_every=1",
+            "train.max_failures=1",
+        ),
+        hooks=hooks,
+    )
+    assert (root / "killed_save").is_file(), "the fault was not injected"
+    assert result.metrics["step"] == 2 * N
+    assert_same_weights(final_weights(result), final_weights(reference))
+    _effective_steps(read_batch_log(root / "log_savefault"), read_batch_log(root / "log_ref"), N)

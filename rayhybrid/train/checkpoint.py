@@ -12,14 +12,24 @@ experiment folder (its ``checkpoint_*`` folders and snapshot). rayhybrid adds:
 
 A checkpoint folder holds ``model.pt``, ``optimizer.pt``, ``scheduler.pt``,
 ``state.json`` (global step = the data position, best validation loss, early-stopping
-counter) and one ``rng_rank{r}.pt`` per worker (torch, CUDA, numpy, python RNGs).
+counter), one ``rng_rank{r}.pt`` per worker (torch, CUDA, numpy, python RNGs, all stored
+as tensors so every file loads with ``weights_only=True``) and one completion marker
+``complete_rank{r}.json`` per worker, written last, with the size and SHA-256 of each file
+that worker wrote. Ray Train copies the workers' files into ``checkpoint_XXXXXXXX/`` one by
+one, so a folder whose files merely exist can be torn; a checkpoint is *complete* only when
+every worker's marker is there and every file it lists matches (:func:`checkpoint_complete`).
+A resume takes the newest complete checkpoint and restores model, optimiser, scheduler, RNG
+and stream position all from that one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
+import pickle  # only for its exception type: nothing is unpickled without weights_only
 import random
 import re
 import shutil
@@ -38,7 +48,9 @@ if TYPE_CHECKING:
 __all__ = [
     "RunPaths",
     "TrainState",
+    "checkpoint_complete",
     "checkpoint_step",
+    "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "prepare_run_dir",
@@ -47,8 +59,11 @@ __all__ = [
     "write_run_file",
 ]
 
+log = logging.getLogger(__name__)
+
 RUN_FILE = "rayhybrid_run.json"
 STATE_FILE = "state.json"
+RANK0_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -174,36 +189,92 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int:
     return TrainState.from_json((Path(checkpoint_dir) / STATE_FILE).read_text()).step
 
 
+def _marker(rank: int) -> str:
+    return f"complete_rank{rank}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_complete(folder: str | Path) -> tuple[int | None, str]:
+    """Whether a checkpoint folder is complete: ``(step, "")``, or ``(None, why not)``.
+
+    Complete: the state file parses, and for every worker of the run that wrote it
+    (``state.world_size``) the completion marker is there, was written for the same step and
+    every file it lists has the recorded size and SHA-256. Nothing is unpickled here.
+    """
+    src = Path(folder)
+    try:
+        state = TrainState.from_json((src / STATE_FILE).read_text())
+    except (OSError, ValueError, TypeError) as exc:
+        return None, f"no readable {STATE_FILE} ({exc})"
+    for rank in range(state.world_size):
+        try:
+            marker = json.loads((src / _marker(rank)).read_text())
+            files = marker["files"]
+            if marker["step"] != state.step:
+                return None, f"{_marker(rank)} is for step {marker['step']}, not {state.step}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, f"no readable completion marker {_marker(rank)}"
+        for name, meta in files.items():
+            f = src / name
+            if not f.is_file() or f.stat().st_size != meta["size"]:
+                return None, f"{name} is missing or has the wrong size"
+            if _sha256(f) != meta["sha256"]:
+                return None, f"{name} does not match its checksum"
+    return state.step, ""
+
+
+def complete_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
+    """The run folder's complete checkpoints, newest first; incomplete ones are logged."""
+    found = []
+    for folder in paths.root.glob("checkpoint_*"):
+        step, why = checkpoint_complete(folder)
+        if step is None:
+            log.warning("checkpoint %s is incomplete (%s); it is not used", folder, why)
+        else:
+            found.append((step, folder))
+    return sorted(found, key=lambda x: x[0], reverse=True)
+
+
 def latest_checkpoint(paths: RunPaths) -> tuple[int, Path | None]:
     """The newest complete checkpoint folder of a run: ``(step, folder)``, or ``(0, None)``.
 
     Read from the folders themselves rather than from Ray Train's snapshot: a worker that dies
     right after reporting a checkpoint can leave it on storage but unregistered (the
     controller had not polled the report yet), and a resume must still continue from it.
-    Complete means the state file, weights, optimiser, scheduler and every worker's RNG file.
+    Complete is :func:`checkpoint_complete`: a torn newest checkpoint is passed over for the
+    newest intact one.
     """
-    best: tuple[int, Path | None] = (0, None)
-    for folder in paths.root.glob("checkpoint_*"):
-        try:
-            state = TrainState.from_json((folder / STATE_FILE).read_text())
-        except (OSError, ValueError, TypeError):
-            continue
-        needed = [
-            "model.pt",
-            "optimizer.pt",
-            "scheduler.pt",
-            *(f"rng_rank{r}.pt" for r in range(state.world_size)),
-        ]
-        if all((folder / n).is_file() for n in needed) and state.step > best[0]:
-            best = (state.step, folder)
-    return best
+    found = complete_checkpoints(paths)
+    return found[0] if found else (0, None)
 
 
+# RNG states as tensors and plain values only, so torch.load(weights_only=True) reads them:
+# numpy's and python's states are tuples holding arrays / long int tuples that would
+# otherwise need pickle.
 def _rng_state() -> dict[str, Any]:
-    state = {
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -212,8 +283,20 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate(
+        (py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -225,21 +308,36 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     rank: int,
+    fault: Any = None,
 ) -> None:
-    """Write this worker's part of a checkpoint into ``folder``.
+    """Write this worker's part of a checkpoint into ``folder``, its completion marker last.
 
     Rank 0 writes weights, optimiser, scheduler and state (identical on every DDP rank);
-    every rank writes its own RNG state. Ray Train merges the workers' folders into one.
+    every rank writes its own RNG state, then ``complete_rank{rank}.json`` with the size and
+    SHA-256 of each file it wrote. Ray Train merges the workers' folders into one.
+    ``fault`` (tests only) is called after the first file, before the marker.
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    written = []
     if rank == 0:
         inner = getattr(model, "module", model)
         torch.save(inner.state_dict(), out / "model.pt")
+        if fault is not None:
+            fault()
         torch.save(optimizer.state_dict(), out / "optimizer.pt")
         torch.save(scheduler.state_dict(), out / "scheduler.pt")
         (out / STATE_FILE).write_text(state.to_json())
-    torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
+        written += list(RANK0_FILES)
+    elif fault is not None:
+        fault()
+    rng = f"rng_rank{rank}.pt"
+    torch.save(_rng_state(), out / rng)
+    written.append(rng)
+    files = {n: {"size": (out / n).stat().st_size, "sha256": _sha256(out / n)} for n in written}
+    tmp = out / (_marker(rank) + ".tmp")
+    tmp.write_text(json.dumps({"step": state.step, "rank": rank, "files": files}, indent=1))
+    tmp.replace(out / _marker(rank))
 
 
 def load_checkpoint(
@@ -251,19 +349,31 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimiser, scheduler and this rank's RNG state; return the train state.
 
+    The folder is checked (:func:`checkpoint_complete`) and every file is read, with
+    ``weights_only=True``, before any state is applied: a bad checkpoint changes nothing.
+
     Raises:
-        TrainingError: the folder is not a rayhybrid checkpoint.
+        TrainingError: the folder is not a complete rayhybrid checkpoint.
     """
     src = Path(folder)
-    if not (src / STATE_FILE).is_file():
-        raise TrainingError(f"{src}: not a rayhybrid checkpoint (no {STATE_FILE})")
+    step, why = checkpoint_complete(src)
+    if step is None:
+        raise TrainingError(f"{src}: not a complete rayhybrid checkpoint: {why}")
+    try:
+        weights = torch.load(src / "model.pt", map_location="cpu", weights_only=True)
+        optim = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)
+        sched = torch.load(src / "scheduler.pt", weights_only=True)
+        rng_file = src / f"rng_rank{rank}.pt"
+        # absent when the run is resumed with more workers than it had
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        # weights_only refuses anything but tensors and plain values (UnpicklingError)
+        raise TrainingError(f"{src}: checkpoint refused ({type(exc).__name__}: {exc})") from None
+    state = TrainState.from_json((src / STATE_FILE).read_text())
     inner = getattr(model, "module", model)
-    inner.load_state_dict(torch.load(src / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(
-        torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)
-    )
-    scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=True))
-    rng = src / f"rng_rank{rank}.pt"
-    if rng.is_file():  # absent when the run is resumed with more workers than it had
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return TrainState.from_json((src / STATE_FILE).read_text())
+    inner.load_state_dict(weights)
+    optimizer.load_state_dict(optim)
+    scheduler.load_state_dict(sched)
+    if rng is not None:
+        _set_rng_state(rng)
+    return state

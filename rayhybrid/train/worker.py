@@ -26,11 +26,12 @@ from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import export_model, freeze_embeddings, load_biencoder, unwrap_model
 from rayhybrid.tracking import StepLogger
+from rayhybrid.train import TrainingError
 from rayhybrid.train.checkpoint import (
     RunPaths,
     TrainState,
-    checkpoint_step,
-    latest_checkpoint,
+    checkpoint_complete,
+    complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -52,10 +53,13 @@ class TrainHooks:
         fault: ``rank:step:marker``: that rank dies abruptly (``os._exit``) at that step,
             once (the marker file says it happened), like a lost node.
         batch_log: folder where every rank appends ``{step, pid, group}`` per step.
+        save_fault: ``rank:step:marker``: that rank dies abruptly inside the saving of the
+            checkpoint of that step (after its first file, before its completion marker), once.
     """
 
     fault: str = ""
     batch_log: str = ""
+    save_fault: str = ""
 
 
 def _validate(
@@ -106,9 +110,9 @@ def _agree(flag: bool, world: int, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _inject_fault(hooks: TrainHooks, rank: int, step: int) -> None:
-    """:attr:`TrainHooks.fault`: die abruptly once, like a lost node."""
-    spec = hooks.fault
+def _inject_fault(hooks: TrainHooks, rank: int, step: int, spec: str | None = None) -> None:
+    """:attr:`TrainHooks.fault` (or ``spec``): die abruptly once, like a lost node."""
+    spec = hooks.fault if spec is None else spec
     if not spec:
         return
     f_rank, f_step, marker = spec.split(":", 2)
@@ -129,15 +133,21 @@ def _restore(
 
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
-        folders = [stack.enter_context(checkpoint.as_directory())] if checkpoint is not None else []
-        newest = latest_checkpoint(paths)[1]
-        folders += [newest] if newest is not None else []
+        # Every complete checkpoint, newest first: a torn newest one falls back to the
+        # intact one before it, and model, optimiser, RNG and step all come from the one loaded.
+        folders = [folder for _, folder in complete_checkpoints(paths)]
+        if checkpoint is not None:
+            ray_dir = Path(stack.enter_context(checkpoint.as_directory()))
+            ray_step = checkpoint_complete(ray_dir)[0]
+            if ray_step is not None and not any(ray_dir.resolve() == f.resolve() for f in folders):
+                folders.append(ray_dir)
+                folders.sort(key=lambda f: checkpoint_complete(f)[0] or 0, reverse=True)
         state = None
-        for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        for folder in folders:
             try:
                 state = load_checkpoint(folder, model, optimizer, scheduler, rank)
                 break
-            except (OSError, RuntimeError, EOFError, ValueError) as exc:  # a torn copy
+            except (OSError, TrainingError) as exc:  # nothing was applied
                 log.warning("checkpoint %s unreadable (%s); trying an older one", folder, exc)
     step = -1 if state is None else state.step
     if world > 1:
@@ -339,8 +349,19 @@ class _Worker:
         metrics["step"] = self.state.step
 
         def write(folder: str) -> None:
+            step = self.state.step
             save_checkpoint(
-                folder, self.model, self.optimizer, self.scheduler, self.state, self.rank
+                folder,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                self.rank,
+                fault=(
+                    (lambda: _inject_fault(self.hooks, self.rank, step, self.hooks.save_fault))
+                    if self.hooks.save_fault
+                    else None
+                ),
             )
 
         _report(metrics, write if checkpoint else None, self.state.step)
