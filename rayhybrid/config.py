@@ -430,6 +430,11 @@ class TrackingConfig:
         "fail", "If the tracking server is down at start: fail, or log to the local store instead."
     )
     enabled: bool = _f(True, "Log to MLflow at all.")
+    log_all_metrics: bool = _f(
+        False,
+        "Also log every per-language / per-pair evaluation metric and the counts to MLflow "
+        "(default: headline figures only; the rest is in summary.json and the artifacts).",
+    )
 
 
 @dataclass(frozen=True)

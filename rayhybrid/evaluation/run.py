@@ -7,6 +7,13 @@ existing MLflow run (the end of training); otherwise it opens its own. A failure
 stops the shard actors and marks the MLflow run FAILED with the error in the tags
 ``rayhybrid.eval_status`` / ``rayhybrid.eval_error``, so a half-written run says so.
 
+Only the headline figures go to MLflow (:func:`headline_metrics`: per setting mAP, mAP@20,
+R@1, R@10, nDCG@10 where defined, with their interval ends, and the rank distance), at the
+training step the evaluated model belongs to; per-language / per-pair values and counts are
+in ``summary.json``, the per-query CSV files and the heatmaps, logged as artifacts
+(``tracking.log_all_metrics=true`` logs every value as before). MRR is not logged for mono /
+cross, where one relevant candidate makes it equal to mAP.
+
 MLflow metric names cannot contain ``@``: ``map@20`` is logged as ``map_at_20``
 (:func:`mlflow_key`); the returned dict, the JSON summary and Tune use the ``@`` names.
 Artifacts go under ``eval/<task>/``; output files over 32 MiB (the cross-lingual run of a
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -35,7 +43,14 @@ from rayhybrid.evaluation.uncertainty import interval_metrics, per_query_tables,
 if TYPE_CHECKING:
     from rayhybrid.config import Config, TaskConfig
 
-__all__ = ["candidate_texts", "evaluate", "evaluate_cli", "evaluate_task", "mlflow_key"]
+__all__ = [
+    "candidate_texts",
+    "evaluate",
+    "evaluate_cli",
+    "evaluate_task",
+    "headline_metrics",
+    "mlflow_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,24 @@ _GZIP_ABOVE = 32 * 2**20
 def mlflow_key(name: str) -> str:
     """MLflow-safe metric name: ``xquad_r/multi/map@20`` -> ``xquad_r/multi/map_at_20``."""
     return name.replace("@", "_at_")
+
+
+# The figures a person compares runs by; everything else is detail for the artifacts.
+_HEADLINE = re.compile(
+    r"^(?P<task>[^/]+)/(?:(?:mono|cross|multi)/(?:map|map@20|r@1|r@10|ndcg@10)"
+    r"|multi/mrr|bias/rank_distance)(?:/ci_low|/ci_high)?$"
+)
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline subset of flat evaluation metrics ``<task>/<setting>/<metric>``.
+
+    Kept: the macro figures mAP, mAP@20, R@1, R@10 and nDCG@10 of mono / cross / multi, the
+    multilingual MRR (in mono and cross it equals mAP: one relevant candidate), the macro
+    rank distance, and their ``ci_low`` / ``ci_high``. Dropped: per-language and per-pair
+    cells, counts (``queries``, ``excluded``), timings and NaN values.
+    """
+    return {k: v for k, v in metrics.items() if _HEADLINE.match(k) and not np.isnan(float(v))}
 
 
 def candidate_texts(
@@ -62,8 +95,9 @@ def candidate_texts(
 class _Tracker:
     """MLflow side of one evaluation (no-op when tracking is disabled)."""
 
-    def __init__(self, cfg: Config, run_id: str | None, model: str) -> None:
+    def __init__(self, cfg: Config, run_id: str | None, model: str, step: int = 0) -> None:
         self.client, self.run_id, self.own = None, run_id, run_id is None
+        self.log_all, self.step = cfg.tracking.log_all_metrics, step
         if not cfg.tracking.enabled:
             return
         from rayhybrid.tracking import (
@@ -76,12 +110,25 @@ class _Tracker:
         uri = resolve_tracking_uri(cfg.tracking)
         self.client = mlflow_client(uri)
         if run_id is None:
+            # A zero-shot evaluation trained nothing: only the sections it uses are its params.
+            params = {
+                k: v
+                for k, v in config_params(cfg).items()
+                if k.split(".", 1)[0] in ("eval", "model", "data")
+            }
             self.run_id = create_run(
                 uri,
                 cfg.tracking.experiment,
                 f"evaluate_{Path(model).name}",
-                tags={"rayhybrid.job": "evaluate"},
-                params={**config_params(cfg), "eval.model": model},
+                tags={
+                    "rayhybrid.job": "evaluate",
+                    "rayhybrid.model": model,
+                    "mlflow.note.content": (
+                        f"Zero-shot evaluation of {model} (no training) on "
+                        f"{', '.join(t.name for t in cfg.eval.tasks) or 'the given tasks'}."
+                    ),
+                },
+                params={**params, "eval.model": model},
             )
         self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")
 
@@ -90,11 +137,14 @@ class _Tracker:
             return
         from rayhybrid.tracking import log_metrics
 
+        chosen = (
+            {k: v for k, v in metrics.items() if not np.isnan(v)}  # NaN (no cell): not logged
+            if self.log_all
+            else headline_metrics(metrics)
+        )
         log_metrics(
-            self.client,
-            self.run_id,
-            {mlflow_key(k): v for k, v in metrics.items() if not np.isnan(v)},
-        )  # NaN (no cell): not logged
+            self.client, self.run_id, {mlflow_key(k): v for k, v in chosen.items()}, self.step
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 if path.stat().st_size > _GZIP_ABOVE:  # e.g. the cross run of a whole corpus
@@ -288,6 +338,7 @@ def evaluate(
     model_path: str | None = None,
     tasks: Sequence[EvalTask] | None = None,
     run_id: str | None = None,
+    step: int = 0,
 ) -> dict[str, float]:
     """Evaluate a model on every configured task; log to MLflow.
 
@@ -296,6 +347,7 @@ def evaluate(
         model_path: model folder or name (default ``cfg.model.name``).
         tasks: already loaded tasks (default: load ``cfg.eval.tasks``).
         run_id: log into this existing MLflow run (e.g. the training run) instead of a new one.
+        step: the training step the model belongs to (MLflow step of the logged metrics).
 
     Returns:
         Flat metrics ``<task>/<setting>/<cell>/<metric>``, ``<task>/<setting>/<metric>``
@@ -308,7 +360,7 @@ def evaluate(
     from rayhybrid.corpus import load_eval_task
 
     model = model_path or cfg.model.name
-    tracker = _Tracker(cfg, run_id, model)
+    tracker = _Tracker(cfg, run_id, model, step)
     out: dict[str, float] = {}
     try:
         ensure_ray()

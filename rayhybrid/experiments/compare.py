@@ -166,7 +166,12 @@ def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
         return record
     start = time.perf_counter()
     result = train(cfg, parent_run_id=parent_run_id)
-    summary = evaluate(cfg, str(result.model_dir), run_id=result.mlflow_run_id)
+    summary = evaluate(
+        cfg,
+        str(result.model_dir),
+        run_id=result.mlflow_run_id,
+        step=int(result.metrics.get("step") or 0),
+    )
     out = {
         "mlflow_run_id": result.mlflow_run_id or "",
         "summary": summary,

@@ -139,7 +139,10 @@ def quickstart(cfg: Config, *, baseline: bool = True) -> int:
     log.info(result.summary())
     log.info("[rayhybrid quickstart] 3/3 evaluation of the fine-tuned model")
     after = evaluate(
-        _with_output(cfg, "finetuned"), str(result.model_dir), run_id=result.mlflow_run_id
+        _with_output(cfg, "finetuned"),
+        str(result.model_dir),
+        run_id=result.mlflow_run_id,
+        step=int(result.metrics.get("step") or 0),  # logged at the step the model belongs to
     )
 
     lines = ["", f"rayhybrid quickstart finished in {time.perf_counter() - start:.0f} s", ""]

@@ -318,7 +318,10 @@ def train_and_evaluate(cfg: Config) -> tuple[TrainResult, dict[str, float]]:
         return result, {}
     from rayhybrid.evaluation.run import evaluate
 
-    return result, evaluate(cfg, str(result.model_dir), tasks=tasks, run_id=result.mlflow_run_id)
+    step = int(result.metrics.get("step") or 0)  # the eval metrics belong to the last step
+    return result, evaluate(
+        cfg, str(result.model_dir), tasks=tasks, run_id=result.mlflow_run_id, step=step
+    )
 
 
 def _first_line(exc: BaseException) -> str:
