@@ -142,3 +142,76 @@ def test_folder_without_markers_is_not_a_checkpoint(tmp_path):
     model, opt, sched = parts(0)
     with pytest.raises(TrainingError, match="not a complete rayhybrid checkpoint"):
         load_checkpoint(folder, model, opt, sched, rank=0)
+
+
+def _train_cfg(tmp_path: Path, *overrides: str):
+    from rayhybrid.config import load_config
+
+    return load_config(
+        None,
+        [f"train.storage_path={tmp_path / 'runs'}", "train.run_name=r1", *overrides],
+    )
+
+
+def test_resume_of_a_missing_run_is_an_error(tmp_path):
+    from rayhybrid.train.checkpoint import prepare_run_dir
+
+    with pytest.raises(TrainingError, match="holds no run named 'r1'"):
+        prepare_run_dir(_train_cfg(tmp_path, "train.resume=true").train)
+    assert not (tmp_path / "runs" / "r1").exists()
+
+
+def test_overwrite_moves_the_old_run_aside_until_the_new_one_finishes(tmp_path):
+    from rayhybrid.train.checkpoint import prepare_run_dir, remove_replaced, replaced_dir
+
+    old = tmp_path / "runs" / "r1"
+    old.mkdir(parents=True)
+    (old / "precious.txt").write_text("old run")
+    paths, resumed = prepare_run_dir(_train_cfg(tmp_path, "train.overwrite=true").train)
+    assert not resumed and not any(paths.root.iterdir())
+    assert (replaced_dir(paths) / "precious.txt").read_text() == "old run"
+    remove_replaced(paths)
+    assert not replaced_dir(paths).exists()
+
+
+def test_resume_with_other_settings_is_refused_naming_the_keys(tmp_path):
+    from rayhybrid.config import config_to_dict
+    from rayhybrid.train.checkpoint import check_resume_config, prepare_run_dir, read_run_file
+
+    cfg = _train_cfg(tmp_path, "batch.seed=3")
+    paths, _ = prepare_run_dir(cfg.train)
+    check_resume_config(paths, config_to_dict(cfg), resumed=False)
+    assert read_run_file(paths)["config"]["batch"]["seed"] == 3  # stored in the run folder
+    same = _train_cfg(tmp_path, "batch.seed=3", "train.resume=true", "train.max_steps=7")
+    check_resume_config(paths, config_to_dict(same), resumed=True)  # train.* may change
+    other = _train_cfg(tmp_path, "batch.seed=4", "train.resume=true", "data.max_query_length=17")
+    with pytest.raises(TrainingError) as err:
+        check_resume_config(paths, config_to_dict(other), resumed=True)
+    msg = str(err.value)
+    assert "batch.seed (3 -> 4)" in msg and "data.max_query_length" in msg
+    named = msg.split("differ from the run's: ")[1].split("; resume")[0]
+    assert [k.split(" ")[0] for k in named.split(", ")] == ["data.max_query_length", "batch.seed"]
+
+
+def test_a_second_run_of_the_same_name_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from rayhybrid.train.checkpoint import RunLock
+
+    paths = RunPaths(str(tmp_path))
+    with RunLock(paths), pytest.raises(TrainingError, match="in use by a running training"):
+        RunLock(paths).__enter__()
+    # A lock left by a process that died is taken over.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    import socket
+
+    (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead)}))
+    with RunLock(paths):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] != int(dead)
+    assert not (tmp_path / "run.lock").exists()

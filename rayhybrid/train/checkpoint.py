@@ -4,7 +4,10 @@ A run lives in ``<train.storage_path>/<train.run_name>/``, which is also Ray Tra
 experiment folder (its ``checkpoint_*`` folders and snapshot). rayhybrid adds:
 
 - ``rayhybrid_run.json``: the MLflow run id (one MLflow run across Ray Train restarts
-  and ``train.resume``), the resolved config;
+  and ``train.resume``), the resolved config of the run's first start (a resume whose
+  data, model or batch settings differ is refused, :func:`check_resume_config`);
+- ``run.lock``: held by the driver of a running run (host and pid), so a second run of the
+  same name at the same time is refused;
 - ``init_model/``: the tiny model and tokenizer built for this run (``model.name: tiny``);
 - ``best_model/``: the exported model of the lowest validation loss so far;
 - ``final_model/``: the final exported model (the best one when validation is on);
@@ -46,8 +49,10 @@ if TYPE_CHECKING:
     from rayhybrid.config import TrainConfig
 
 __all__ = [
+    "RunLock",
     "RunPaths",
     "TrainState",
+    "check_resume_config",
     "checkpoint_complete",
     "checkpoint_step",
     "complete_checkpoints",
@@ -147,6 +152,11 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
     storage = Path(resolve_path(raw)).absolute()
     paths = RunPaths(str(storage / train_cfg.run_name))
     existed = paths.root.is_dir() and any(paths.root.iterdir())
+    if train_cfg.resume and not existed:
+        raise TrainingError(
+            f"train.resume=true but {paths.root} holds no run named {train_cfg.run_name!r} to "
+            "continue; drop train.resume to start it, or check train.storage_path / train.run_name"
+        )
     if existed and not (train_cfg.resume or train_cfg.overwrite):
         raise TrainingError(
             f"run folder {paths.root} already exists (an earlier run named "
@@ -156,7 +166,12 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
         )
     try:
         if existed and train_cfg.overwrite:
-            shutil.rmtree(paths.root)
+            _refuse_if_locked(paths)
+            # Moved aside, not deleted: the driver removes it once the new run has finished
+            # (remove_replaced); a failure of the new run leaves the old one to move back.
+            aside = replaced_dir(paths)
+            shutil.rmtree(aside, ignore_errors=True)
+            paths.root.rename(aside)
         paths.root.mkdir(parents=True, exist_ok=True)
         probe = paths.root / ".write_probe"
         probe.write_text("ok")
@@ -167,6 +182,110 @@ def prepare_run_dir(train_cfg: TrainConfig) -> tuple[RunPaths, bool]:
             f"{paths.root} ({exc.strerror or exc}); choose a writable folder"
         ) from None
     return paths, bool(existed and train_cfg.resume)
+
+
+def replaced_dir(paths: RunPaths) -> Path:
+    """Where ``train.overwrite`` moves the old run until the new one has finished."""
+    return paths.root.with_name(paths.root.name + ".replaced")
+
+
+def remove_replaced(paths: RunPaths) -> None:
+    """Delete the run that ``train.overwrite`` moved aside (after the new run finished)."""
+    shutil.rmtree(replaced_dir(paths), ignore_errors=True)
+
+
+LOCK_FILE = "run.lock"
+RESUME_SECTIONS = ("data", "model", "batch")  # what decides the batches and the weights
+
+
+def _refuse_if_locked(paths: RunPaths) -> None:
+    lock = paths.root / LOCK_FILE
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if _alive(holder):
+        raise TrainingError(
+            f"{paths.root} is in use by a running training (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, {lock}); wait for it to end or choose another train.run_name"
+        )
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a lock's holder may still run (a dead pid on this host frees the lock)."""
+    import os
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine: cannot tell, so the lock holds
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+class RunLock:
+    """``run.lock`` in the run folder: one running training per run name.
+
+    Created with ``O_EXCL`` (atomic on local disks and NFSv3+); a lock left by a process that
+    died on this host is taken over. Used as a context manager by the training driver.
+    """
+
+    def __init__(self, paths: RunPaths):
+        self.path = paths.root / LOCK_FILE
+        self.paths = paths
+
+    def __enter__(self) -> RunLock:  # noqa: PYI034 (not subclassed)
+        import os
+        import socket
+
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                _refuse_if_locked(self.paths)  # raises while the holder lives
+                self.path.unlink(missing_ok=True)  # a stale lock
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(body)
+            return self
+        raise TrainingError(f"{self.path}: could not take the run lock; try again")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def check_resume_config(paths: RunPaths, config: dict[str, Any], resumed: bool) -> None:
+    """Store the resolved config of a new run; refuse a resume whose settings differ.
+
+    The data, model and batch sections (seeds included) decide the stream and the weights; a
+    resume with any of them changed would silently train another run.
+
+    Raises:
+        TrainingError: naming every differing key.
+    """
+    plain = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    stored = read_run_file(paths).get("config")
+    if not resumed or stored is None:
+        if not resumed:
+            write_run_file(paths, config=plain)
+        return
+    diff = [
+        f"{sec}.{key} ({stored.get(sec, {}).get(key)!r} -> {plain[sec].get(key)!r})"
+        for sec in RESUME_SECTIONS
+        for key in sorted(set(stored.get(sec, {})) | set(plain[sec]))
+        if stored.get(sec, {}).get(key) != plain[sec].get(key)
+    ]
+    if diff:
+        raise TrainingError(
+            f"train.resume=true on {paths.root}, but these settings differ from the run's: "
+            + ", ".join(diff)
+            + "; resume with the run's own settings or start a new train.run_name"
+        )
 
 
 def read_run_file(paths: RunPaths) -> dict[str, Any]:

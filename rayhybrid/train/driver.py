@@ -22,10 +22,13 @@ from rayhybrid.config import Config, ConfigError, config_to_dict
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
 from rayhybrid.train import TrainingError
 from rayhybrid.train.checkpoint import (
+    RunLock,
     RunPaths,
+    check_resume_config,
     latest_checkpoint,
     prepare_run_dir,
     read_run_file,
+    remove_replaced,
     write_run_file,
 )
 from rayhybrid.train.worker import TrainHooks
@@ -221,6 +224,38 @@ def train(
     # A bad model name fails before the run folder is touched; the tiny model lives in it.
     model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
     paths, resumed = prepare_run_dir(cfg.train)
+    with RunLock(paths):
+        check_resume_config(paths, config_to_dict(cfg), resumed)
+        result = _train_locked(
+            cfg,
+            data,
+            dev,
+            model_path,
+            paths,
+            resumed,
+            hooks,
+            parent_run_id,
+            extra_report_fn,
+            callbacks,
+        )
+    remove_replaced(paths)  # the run train.overwrite replaced, now that this one finished
+    return result
+
+
+def _train_locked(
+    cfg: Config,
+    data,
+    dev,
+    model_path: str | None,
+    paths: RunPaths,
+    resumed: bool,
+    hooks: TrainHooks | None,
+    parent_run_id: str | None,
+    extra_report_fn,
+    callbacks,
+) -> TrainResult:
+    """:func:`train` once the run folder is ready and locked."""
+    nw = cfg.train.num_workers
     model_path = model_path or _model_source(cfg, paths, data)
     from rayhybrid.stream import validation_batches
 
