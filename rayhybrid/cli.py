@@ -300,7 +300,21 @@ def _user_facing(exc: BaseException) -> bool:
     # ValueError.
     return isinstance(
         exc, (DataError, TrackingError, JobError, ValueError, FileNotFoundError, PermissionError)
-    )
+    ) or _is_mlflow_error(exc)
+
+
+def _is_mlflow_error(exc: BaseException) -> bool:
+    """An MlflowException (refused request, unknown run, ...): its first line says what failed."""
+    mod = sys.modules.get("mlflow.exceptions")  # only loaded if MLflow was used
+    return mod is not None and isinstance(exc, mod.MlflowException)
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line: MLflow's messages can carry a whole HTTP response body after the first."""
+    text = str(exc)
+    if _is_mlflow_error(exc):
+        text = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"
 
 
 def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
@@ -334,7 +348,7 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
         # says what to change; anything else is a bug and keeps its traceback.
         if not _user_facing(exc):
             traceback.print_exc()
-        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {_error_line(exc)}", file=sys.stderr, flush=True)
         return 1
     return int(status or 0)
 
