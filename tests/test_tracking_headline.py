@@ -91,6 +91,11 @@ def test_tracker_logs_headline_at_step_and_all_with_the_knob(tmp_path) -> None:
         assert not any(k.startswith(("train.", "batch.")) for k in run.data.params)
         assert run.data.tags["rayhybrid.job"] == "evaluate"
         assert "some/model" in run.data.tags["mlflow.note.content"]
+        assert run.data.tags["rayhybrid.model"] == "some/model"
+        assert len(run.data.tags["rayhybrid.data_fingerprint"]) == 16
+        assert len(run.data.tags.get("rayhybrid.git_commit", "x" * 40)) == 40
+        # Params resolved and readable: no ${VAR:-...}, no Python tuple reprs.
+        assert not any("${" in v or v.startswith("(") for v in run.data.params.values())
     assert set(logged[False]) == {mlflow_key(k) for k in _expected(metrics)}
     finite = {k for k, v in metrics.items() if not math.isnan(v)}
     assert set(logged[True]) == {mlflow_key(k) for k in finite}

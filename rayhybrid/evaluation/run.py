@@ -105,6 +105,7 @@ class _Tracker:
             create_run,
             mlflow_client,
             resolve_tracking_uri,
+            run_tags,
         )
 
         uri = resolve_tracking_uri(cfg.tracking)
@@ -120,14 +121,7 @@ class _Tracker:
                 uri,
                 cfg.tracking.experiment,
                 f"evaluate_{Path(model).name}",
-                tags={
-                    "rayhybrid.job": "evaluate",
-                    "rayhybrid.model": model,
-                    "mlflow.note.content": (
-                        f"Zero-shot evaluation of {model} (no training) on "
-                        f"{', '.join(t.name for t in cfg.eval.tasks) or 'the given tasks'}."
-                    ),
-                },
+                tags=run_tags(cfg, "evaluate", model),
                 params={**params, "eval.model": model},
             )
         self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")

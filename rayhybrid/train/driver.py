@@ -122,7 +122,11 @@ def _start_mlflow(
         client.update_run(run_id, status="RUNNING")
         client.log_text(run_id, config_yaml, f"config_resumed_{os.getpid()}.yaml")
     else:
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        from rayhybrid.tracking import run_tags
+
+        tags = run_tags(cfg, "train")
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         run_id = create_run(
             uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags, params=config_params(cfg)
         )
