@@ -245,8 +245,8 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     before = n_runs()
     again = compare(apply_overrides(cfg, {"reuse": True}))
     assert n_runs() == before + 1  # a new parent run, no new training run
-    for col in ("strategy", "mlflow_run_id", *columns, *(f"{c} p" for c in columns)):
-        assert again.column(col) == table.column(col), col
+    for col in ("strategy", "mlflow_run_id", *columns, *(f"{c} sd" for c in columns)):
+        assert again.column(col) == table.column(col), col  # (p: a new randomization test)
     record = out / "cross" / "seed1" / "compare_run.json"
     data = json.loads(record.read_text())
     data["config"]["train"]["lr"] *= 2
@@ -297,3 +297,27 @@ def test_all_failed_needs_rows_and_an_error_in_each():
     assert table.all_failed
     table.add({"strategy": "cross", "error": ""})
     assert not table.all_failed
+
+
+def test_reuse_fingerprint_differences_name_the_keys():
+    """A stored record matches only the config it was written by; a knob added to the schema
+    since (absent from the record) matches while it holds its default."""
+    from rayhybrid.config import Config
+    from rayhybrid.experiments.compare import _differences, _fingerprint
+
+    cfg = load_config(SMALL)
+    default = _fingerprint(Config())
+    stored = _fingerprint(cfg)
+    assert _differences(stored, _fingerprint(cfg), default) == []
+    changed = apply_overrides(cfg, {"train.lr": cfg.train.lr * 2, "batch.seed": 7})
+    assert _differences(stored, _fingerprint(changed), default) == ["batch.seed", "train.lr"]
+    older = json.loads(json.dumps(stored))
+    del older["train"]["tau"]  # as if train.tau had been added after the record was written
+    assert _differences(older, _fingerprint(cfg), default) == (
+        [] if cfg.train.tau == Config().train.tau else ["train.tau"]
+    )
+    assert _differences(
+        older, _fingerprint(apply_overrides(cfg, {"train.tau": 0.123})), default
+    ) == ["train.tau"]
+    tracking_only = apply_overrides(cfg, {"tracking.experiment": "elsewhere", "reuse": True})
+    assert _differences(stored, _fingerprint(tracking_only), default) == []

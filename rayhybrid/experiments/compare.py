@@ -145,10 +145,36 @@ def _reused(cfg: Config) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning(f"[rayhybrid compare] {path}: unreadable ({exc}); running it again")
         return None
-    if record.get("config") != _fingerprint(cfg):
-        log.info(f"[rayhybrid compare] {path}: written by another config; running it again")
+    differ = _differences(record.get("config") or {}, _fingerprint(cfg), _fingerprint(Config()))
+    if differ:
+        log.info(
+            f"[rayhybrid compare] {path}: written by another config ({', '.join(differ[:5])}); "
+            "running it again"
+        )
         return None
     return record
+
+
+def _differences(old: dict, new: dict, default: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between a stored fingerprint and the current one.
+
+    A key the stored record lacks (a knob added to the schema since) counts as equal when
+    the current value is the knob's default, which by construction reproduces the old
+    behaviour; a key that no longer exists counts as a difference."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if key not in new:
+            out.append(name)
+        elif key not in old:
+            if new[key] != default.get(key):
+                out.append(name)
+        elif isinstance(old[key], dict) and isinstance(new[key], dict):
+            sub = default.get(key) if isinstance(default.get(key), dict) else {}
+            out += _differences(old[key], new[key], sub, f"{name}.")
+        elif old[key] != new[key]:
+            out.append(name)
+    return out
 
 
 def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
