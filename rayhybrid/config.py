@@ -337,7 +337,7 @@ class TrainConfig:
 class TaskConfig:
     """One evaluation task."""
 
-    name: str = _f("xquad_r", "Name used in metric keys, e.g. xquad_r/multi/map@20.")
+    name: str = _f("xquad_r", "Name used in metric keys, e.g. xquad_r/multi/map_at_20.")
     format: Literal["lareqa", "beir", "hf", "hf_disk"] = _f("lareqa", "Task format.")
     path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r", "Folder or dataset name.")
     languages: tuple[str, ...] = _f((), "Languages to use; empty means all.")
@@ -445,9 +445,9 @@ class TuneConfig:
     lrs: tuple[float, ...] = _f((), "Optional grid of learning rates (empty: train.lr).")
     taus: tuple[float, ...] = _f((), "Optional grid of temperatures (empty: train.tau).")
     objective: str = _f(
-        "mean_map@20",
-        "Dev metric to maximise: mean_map@20 (mean of mono, cross, "
-        "multi), or a flat metric name such as multi/map@20.",
+        "mean_map_at_20",
+        "Dev metric to maximise: mean_map_at_20 (mean of mono, cross, "
+        "multi), or a flat metric name such as multi/map_at_20.",
     )
     scheduler: Literal["none", "asha"] = _f("asha", "Early stopping of bad trials.")
     max_concurrent: int = _f(1, "Trials at once.")

@@ -159,8 +159,8 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
     assert all(not e for e in table.column("error")) and table.column("seeds") == [2, 2]
     client = MlflowClient(uri)
     columns = {
-        "mono mAP@20": ("mono", "map@20"),
-        "cross mAP@20": ("cross", "map@20"),
+        "mono mAP@20": ("mono", "map_at_20"),
+        "cross mAP@20": ("cross", "map_at_20"),
         "multi mAP": ("multi", "map"),
         "rank distance": ("bias", "rank_distance"),
     }

@@ -17,22 +17,22 @@ from rayhybrid.evaluation.metrics import (
 def test_hand_computed_values():
     ranks = np.array([[1, 3, 0], [2, 0, 0], [5, 25, 30]])
     gains = np.array([[1, 1, 0], [2, 0, 0], [1, 1, 1]], float)
-    m = per_query(ranks, gains, ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10"))
+    m = per_query(ranks, gains, ("map", "map_at_20", "r_at_1", "r_at_10", "mrr", "ndcg_at_10"))
     assert m["map"] == pytest.approx([(1 + 2 / 3) / 2, 1 / 2, (1 / 5 + 2 / 25 + 3 / 30) / 3])
     # LAReQA AP@20: only hits within 20, divided by min(R, 20)
-    assert m["map@20"] == pytest.approx([(1 + 2 / 3) / 2, 1 / 2, (1 / 5) / 3])
-    assert m["r@1"] == pytest.approx([0.5, 0, 0])
-    assert m["r@10"] == pytest.approx([1, 1, 1 / 3])
+    assert m["map_at_20"] == pytest.approx([(1 + 2 / 3) / 2, 1 / 2, (1 / 5) / 3])
+    assert m["r_at_1"] == pytest.approx([0.5, 0, 0])
+    assert m["r_at_10"] == pytest.approx([1, 1, 1 / 3])
     assert m["mrr"] == pytest.approx([1, 1 / 2, 1 / 5])
     idcg0 = 1 + 1 / np.log2(3)
-    assert m["ndcg@10"][0] == pytest.approx((1 + 1 / np.log2(4)) / idcg0)
-    assert m["ndcg@10"][1] == pytest.approx((2 / np.log2(3)) / 2)
+    assert m["ndcg_at_10"][0] == pytest.approx((1 + 1 / np.log2(4)) / idcg0)
+    assert m["ndcg_at_10"][1] == pytest.approx((2 / np.log2(3)) / 2)
 
 
 def test_map_at_20_divides_by_min_of_relevant_and_20():
     ranks = np.arange(1, 31)[None, :]  # 30 relevant candidates at ranks 1..30
-    m = per_query(ranks, np.ones_like(ranks, dtype=float), ("map@20", "map"))
-    assert m["map@20"][0] == pytest.approx(1.0)  # 20 hits / min(30, 20)
+    m = per_query(ranks, np.ones_like(ranks, dtype=float), ("map_at_20", "map"))
+    assert m["map_at_20"][0] == pytest.approx(1.0)  # 20 hits / min(30, 20)
     assert m["map"][0] == pytest.approx(1.0)
 
 
@@ -69,11 +69,11 @@ def test_agrees_with_pytrec_eval_on_random_graded_rankings():
     for name, key in (
         ("map", "map"),
         ("mrr", "recip_rank"),
-        ("r@1", "recall_1"),
-        ("r@10", "recall_10"),
-        ("r@100", "recall_100"),
-        ("ndcg@10", "ndcg_cut_10"),
-        ("map@20", "map_cut_20"),
+        ("r_at_1", "recall_1"),
+        ("r_at_10", "recall_10"),
+        ("r_at_100", "recall_100"),
+        ("ndcg_at_10", "ndcg_cut_10"),
+        ("map_at_20", "map_cut_20"),
     ):  # R <= 14 < 20: LAReQA and trec_eval agree
         expect = [ref[f"q{q}"][key] for q in range(40)]
         assert mine[name] == pytest.approx(expect, abs=1e-9), name

@@ -100,9 +100,9 @@ def test_metrics_match_pytrec_eval_on_the_written_runs(xquad_eval, setting):
     for name, key in (
         ("map", "map"),
         ("mrr", "recip_rank"),
-        ("r@1", "recall_1"),
-        ("r@10", "recall_10"),
-        ("map@20", "map_cut_20"),
+        ("r_at_1", "recall_1"),
+        ("r_at_10", "recall_10"),
+        ("map_at_20", "map_cut_20"),
     ):
         per_cell = {c: float(np.mean([v[key] for v in vs])) for c, vs in cells.items()}
         for c, value in per_cell.items():
@@ -135,7 +135,7 @@ def test_rank_distance_matches_ranks_in_the_multilingual_run(xquad_eval):
         np.mean([np.mean(d) for d in per_lang.values()])
     )
     assert metrics["xquad_r/bias/rank_distance"] > 0
-    shares = [metrics[f"xquad_r/bias/share@20/{lang}"] for lang in LANGS]
+    shares = [metrics[f"xquad_r/bias/share_at_20/{lang}"] for lang in LANGS]
     assert sum(shares) == pytest.approx(1.0)
 
 
@@ -154,16 +154,16 @@ def test_outputs_and_mlflow_run(xquad_eval):
     assert run.data.tags["rayhybrid.eval_status"] == "finished"
     logged = run.data.metrics
     for name in (
-        "xquad_r/multi/map@20",
+        "xquad_r/multi/map_at_20",
         "xquad_r/mono/map",
         "xquad_r/bias/rank_distance",
-        "xquad_r/cross/map@20",
+        "xquad_r/cross/map_at_20",
     ):
         assert logged[name.replace("@", "_at_")] == pytest.approx(metrics[name])
     # Per-pair values are not MLflow metrics by default (tracking.log_all_metrics); they are
     # in the returned metrics and summary.json.
     assert "xquad_r/cross/ar-de/map_at_20" not in logged
-    assert "xquad_r/cross/ar-de/map@20" in metrics
+    assert "xquad_r/cross/ar-de/map_at_20" in metrics
     artifacts = {a.path for a in client.list_artifacts(xquad_eval["run_id"], "eval/xquad_r")}
     assert {
         "eval/xquad_r/summary.json",
@@ -183,7 +183,7 @@ def test_in_process_dev_metrics_match_the_ray_job(xquad_eval, minilm_dir):
     cfg = xquad_eval["cfg"]
     tokenizer, model = load_biencoder(cfg.model, str(minilm_dir))
     dev = evaluate_in_process(model, tokenizer, xquad_eval["task"], cfg.model, top_k=20)
-    for key in ("mono/map@20", "cross/map@20", "multi/map@20", "mono/map", "multi/mrr"):
+    for key in ("mono/map_at_20", "cross/map_at_20", "multi/map_at_20", "mono/map", "multi/mrr"):
         # Same search code; embeddings differ only by batch padding (~1e-7).
         assert dev[key] == pytest.approx(xquad_eval["metrics"][f"xquad_r/{key}"], abs=1e-3)
     assert dev["bias/rank_distance"] == pytest.approx(
@@ -281,10 +281,10 @@ def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
             per_cell[cell].append(
                 {
                     "map": _ap(ranks),
-                    "map@20": _ap(ranks, 20),
+                    "map_at_20": _ap(ranks, 20),
                     "mrr": 1 / ranks[0],
-                    "r@1": sum(r <= 1 for r in ranks) / len(ranks),
-                    "r@10": sum(r <= 10 for r in ranks) / len(ranks),
+                    "r_at_1": sum(r <= 1 for r in ranks) / len(ranks),
+                    "r_at_10": sum(r <= 10 for r in ranks) / len(ranks),
                 }
             )
             if pool == "all":  # rank distance: worst minus best of the per-language best ranks
@@ -295,7 +295,7 @@ def test_ray_path_equals_brute_force_from_the_raw_files(xquad_eval, xquad_dir):
     metrics = xquad_eval["metrics"]
     for setting in ("mono", "cross", "multi"):
         cells = {cell: vals for (s, cell), vals in per_cell.items() if s == setting}
-        for name in ("map", "map@20", "mrr", "r@1", "r@10"):
+        for name in ("map", "map_at_20", "mrr", "r_at_1", "r_at_10"):
             means = {cell: float(np.mean([v[name] for v in vals])) for cell, vals in cells.items()}
             for cell, value in means.items():
                 assert abs(metrics[f"xquad_r/{setting}/{cell}/{name}"] - value) < 1e-9
@@ -353,7 +353,7 @@ def test_paired_test_and_interval_tell_a_real_difference_from_none(xquad_eval):
         task, emb["queries"], np.random.default_rng(0).permutation(emb["candidates"])
     )
     again = _tables_from(task, emb["queries"], emb["candidates"])
-    for setting, metric in (("mono", "map@20"), ("multi", "map"), ("bias", "rank_distance")):
+    for setting, metric in (("mono", "map_at_20"), ("multi", "map"), ("bias", "rank_distance")):
         assert again[setting].aggregate(metric) == pytest.approx(model[setting].aggregate(metric))
         if setting != "bias":  # a broken model ranks badly, not necessarily with more bias
             p = paired_test(model[setting], shuffled[setting], metric, permutations=500)
@@ -378,7 +378,7 @@ def test_bootstrap_interval_resamples_items(xquad_eval):
     items = sorted({r["qid"].split(":", 2)[2] for r in rows})
     by_item = collections.defaultdict(list)
     for r in rows:
-        by_item[r["qid"].split(":", 2)[2]].append((r["cell"], float(r["map@20"])))
+        by_item[r["qid"].split(":", 2)[2]].append((r["cell"], float(r["map_at_20"])))
     rng = np.random.default_rng(123)
     boot = []
     for _ in range(2000):
@@ -388,13 +388,15 @@ def test_bootstrap_interval_resamples_items(xquad_eval):
                 cells[cell].append(v)
         boot.append(np.mean([np.mean(v) for v in cells.values()]))
     ref_lo, ref_hi = np.percentile(boot, [2.5, 97.5])
-    value, lo, hi = bootstrap(read_per_query(xquad_eval["folder"])["mono"], "map@20", samples=2000)
-    assert value == pytest.approx(xquad_eval["metrics"]["xquad_r/mono/map@20"], abs=1e-12)
+    value, lo, hi = bootstrap(
+        read_per_query(xquad_eval["folder"])["mono"], "map_at_20", samples=2000
+    )
+    assert value == pytest.approx(xquad_eval["metrics"]["xquad_r/mono/map_at_20"], abs=1e-12)
     width = ref_hi - ref_lo
     assert width > 0 and abs(lo - ref_lo) < 0.1 * width and abs(hi - ref_hi) < 0.1 * width
     # The job's own interval ends are metrics too (200 resamples in this fixture).
     m = xquad_eval["metrics"]
-    assert m["xquad_r/mono/map@20/ci_low"] < value < m["xquad_r/mono/map@20/ci_high"]
+    assert m["xquad_r/mono/map_at_20/ci_low"] < value < m["xquad_r/mono/map_at_20/ci_high"]
     assert (
         m["xquad_r/bias/rank_distance_median/ci_low"]
         <= m["xquad_r/bias/rank_distance_median"]

@@ -129,7 +129,7 @@ def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xqu
     assert all(m.value > 0 for m in losses)
     # The end-of-training evaluation's numbers are the run's, as the summary file has them.
     summary = json.loads((tmp_path / "out" / "xquad_r" / "summary.json").read_text())
-    for key in ("multi/map@20", "cross/map@20", "bias/rank_distance"):
+    for key in ("multi/map_at_20", "cross/map_at_20", "bias/rank_distance"):
         assert (
             run.data.metrics[f"xquad_r/{key}".replace("@", "_at_")]
             == pytest.approx(evaluated[f"xquad_r/{key}"])

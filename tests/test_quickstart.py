@@ -49,15 +49,15 @@ def test_default_config_is_found_from_any_directory(tmp_path, monkeypatch):
 def test_table_shows_before_after_and_change():
     before = {
         "x/mono/map": 0.5,
-        "x/mono/map@20": 0.4,
-        "x/mono/r@1": 0.3,
+        "x/mono/map_at_20": 0.4,
+        "x/mono/r_at_1": 0.3,
         "x/multi/map": 0.2,
         "x/bias/rank_distance": 300.0,
     }
     after = {
         "x/mono/map": 0.6,
-        "x/mono/map@20": 0.45,
-        "x/mono/r@1": 0.3,
+        "x/mono/map_at_20": 0.45,
+        "x/mono/r_at_1": 0.3,
         "x/multi/map": 0.25,
         "x/bias/rank_distance": 250.0,
     }

@@ -12,7 +12,7 @@ from rayhybrid.evaluation.run import _Tracker, headline_metrics, mlflow_key
 from rayhybrid.tracking import mlflow_client
 
 LANGS = ("de", "en", "es")
-NAMES = ("map", "map@20", "r@1", "r@10", "mrr")
+NAMES = ("map", "map_at_20", "r_at_1", "r_at_10", "mrr")
 
 
 def _flat_metrics() -> dict[str, float]:
@@ -40,9 +40,9 @@ def _flat_metrics() -> dict[str, float]:
             "t/bias/rank_distance/ci_high": 14.0,
             "t/bias/rank_distance_micro": 11.0,
             "t/bias/excluded": 0.0,
-            "t/bias/share@20/de": 0.3,
+            "t/bias/share_at_20/de": 0.3,
             "t/time/encode_s": 1.5,
-            "t/multi/ndcg@10": float("nan"),
+            "t/multi/ndcg_at_10": float("nan"),
         }
     )
     return out
@@ -52,7 +52,7 @@ def _expected(metrics: dict[str, float]) -> set[str]:
     """The headline keys, written out from the issue's list rather than from the regex."""
     keep = set()
     for setting in ("mono", "cross", "multi"):
-        names = ["map", "map@20", "r@1", "r@10"] + (["mrr"] if setting == "multi" else [])
+        names = ["map", "map_at_20", "r_at_1", "r_at_10"] + (["mrr"] if setting == "multi" else [])
         for name in names:
             keep |= {f"t/{setting}/{name}{end}" for end in ("", "/ci_low", "/ci_high")}
     keep |= {f"t/bias/rank_distance{end}" for end in ("", "/ci_low", "/ci_high")}
@@ -85,7 +85,7 @@ def test_tracker_logs_headline_at_step_and_all_with_the_knob(tmp_path) -> None:
         tracker.finish()
         run = client.get_run(tracker.run_id)
         logged[log_all] = run.data.metrics
-        history = client.get_metric_history(tracker.run_id, mlflow_key("t/multi/map@20"))
+        history = client.get_metric_history(tracker.run_id, mlflow_key("t/multi/map_at_20"))
         assert [m.step for m in history] == [80]
         # A zero-shot evaluation carries no training params, and says what it is.
         assert not any(k.startswith(("train.", "batch.")) for k in run.data.params)

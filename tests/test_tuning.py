@@ -51,7 +51,7 @@ def small(*overrides: str):
         ("data.dev_fraction=0.0", "data.dev_fraction is 0"),
         ("train.eval_every=0", "train.eval_every = 0"),
         ("tune.objective=mean_accuracy", "unknown metric 'accuracy'"),
-        ("tune.objective=cross/ndcg@5", "expected mean_<metric>"),
+        ("tune.objective=cross/ndcg_at_5", "expected mean_<metric>"),
         ("tune.max_concurrent=0", "tune.max_concurrent = 0"),
         ("tune.gpus_per_trial=0.5", "tune.gpus_per_trial = 0.5"),
     ],
@@ -129,15 +129,17 @@ def test_optuna_search_without_optuna_says_how_to_get_it():
 
 
 def test_objective_parsing():
-    obj = parse_objective("mean_map@20")
-    assert obj.keys == ("mono/map@20", "cross/map@20", "multi/map@20") and obj.mode == "max"
+    obj = parse_objective("mean_map_at_20")
+    assert (
+        obj.keys == ("mono/map_at_20", "cross/map_at_20", "multi/map_at_20") and obj.mode == "max"
+    )
     assert obj.value(
-        {"mono/map@20": 0.3, "cross/map@20": 0.2, "multi/map@20": 0.1}
+        {"mono/map_at_20": 0.3, "cross/map_at_20": 0.2, "multi/map_at_20": 0.1}
     ) == pytest.approx(0.2)
     assert parse_objective("bias/rank_distance").mode == "min"
-    assert parse_objective("mean_map@20", ("mono",)).keys == ("mono/map@20",)
+    assert parse_objective("mean_map@20", ("mono",)).keys == ("mono/map_at_20",)
     with pytest.raises(TuneError, match="needs dev metric"):
-        obj.value({"mono/map@20": 0.3})
+        obj.value({"mono/map_at_20": 0.3})
 
 
 def test_cli_refuses_bad_space_before_starting_anything(tmp_path, capsys, monkeypatch):
@@ -175,14 +177,14 @@ def test_baseline_not_in_the_sweep_is_refused_before_starting(tmp_path, capsys, 
 
 def test_tradeoff_plot_and_table_round_trip(tmp_path):
     table = ResultsTable(
-        columns=["trial", "alpha", "dev mono/map@20", "dev bias/rank_distance", "error"]
+        columns=["trial", "alpha", "dev mono/map_at_20", "dev bias/rank_distance", "error"]
     )
     for i, a in enumerate((0.0, 0.5, 1.0)):
         table.add(
             {
                 "trial": f"t{i}",
                 "alpha": a,
-                "dev mono/map@20": 0.1 + a / 10,
+                "dev mono/map_at_20": 0.1 + a / 10,
                 "dev bias/rank_distance": 300.0 - 50 * a,
                 "error": "",
             }
@@ -190,15 +192,15 @@ def test_tradeoff_plot_and_table_round_trip(tmp_path):
     table.add({"trial": "t3", "alpha": 0.25, "error": "ModelError: no such model"})
     back = ResultsTable.from_csv(table.to_csv(tmp_path / "t.csv"))
     assert back.column("alpha") == [0.0, 0.5, 1.0, 0.25]
-    assert back.column("dev mono/map@20")[:3] == table.column("dev mono/map@20")[:3]
+    assert back.column("dev mono/map_at_20")[:3] == table.column("dev mono/map_at_20")[:3]
     assert "ModelError: no such model" in table.to_markdown()
     for row in table.rows[:3]:  # interval ends draw error bars
-        row["dev mono/map@20 low"], row["dev mono/map@20 high"] = (
-            row["dev mono/map@20"] - 0.01,
-            row["dev mono/map@20"] + 0.02,
+        row["dev mono/map_at_20 low"], row["dev mono/map_at_20 high"] = (
+            row["dev mono/map_at_20"] - 0.01,
+            row["dev mono/map_at_20"] + 0.02,
         )
     png = plot_tradeoff(
-        table, "alpha", {"mono": "dev mono/map@20"}, "dev bias/rank_distance", tmp_path / "p.png"
+        table, "alpha", {"mono": "dev mono/map_at_20"}, "dev bias/rank_distance", tmp_path / "p.png"
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -314,9 +316,9 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(
         metrics = run.data.metrics
         assert metrics["val/dev/objective"] == pytest.approx(row["objective"], rel=1e-9)
         assert metrics["val/dev/multi/map_at_20"] == pytest.approx(
-            row["dev multi/map@20"], rel=1e-9
+            row["dev multi/map_at_20"], rel=1e-9
         )
-        assert 0.0 <= row["dev mono/map@20"] <= 1.0 and row["dev bias/rank_distance"] >= 0
+        assert 0.0 <= row["dev mono/map_at_20"] <= 1.0 and row["dev bias/rank_distance"] >= 0
         if row["trial"] in done_before:  # finished before the interruption: never rerun
             assert len(mine) == 1
     # Intervals and paired tests against the baseline alpha, from each trial's per-query
@@ -329,10 +331,10 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(
         cells: dict[str, list[float]] = {}
         for line in lines[1:]:
             f = dict(zip(head, line.split("\t")))
-            cells.setdefault(f["cell"], []).append(float(f["map@20"]))
+            cells.setdefault(f["cell"], []).append(float(f["map_at_20"]))
         macro = sum(sum(v) / len(v) for v in cells.values()) / len(cells)
-        assert macro == pytest.approx(row["dev multi/map@20"], abs=1e-9)
-        for col in ("dev mono/map@20", "dev multi/map@20", "dev bias/rank_distance"):
+        assert macro == pytest.approx(row["dev multi/map_at_20"], abs=1e-9)
+        for col in ("dev mono/map_at_20", "dev multi/map_at_20", "dev bias/rank_distance"):
             assert row[f"{col} low"] <= row[col] <= row[f"{col} high"], (row, col)
             if row["baseline"]:
                 assert row.get(f"{col} p") is None

@@ -43,7 +43,7 @@ def evaluate_in_process(
 ) -> dict[str, float]:
     """Encode ``task`` with ``model`` and return flat metrics without a task prefix.
 
-    Keys: ``mono/map@20``, ``cross/map@20``, ``multi/map@20``, ``bias/rank_distance`` and
+    Keys: ``mono/map_at_20``, ``cross/map_at_20``, ``multi/map_at_20``, ``bias/rank_distance`` and
     the rest of :func:`~rayhybrid.evaluation.metrics.summarize` (per cell, macro, counts).
     Top-k is clamped to the smallest shard (a dev split can be small); full-depth metrics
     do not depend on it.

@@ -7,16 +7,16 @@ broken as trec_eval does (``search`` module). With ``R`` relevant candidates at 
 
 - ``map``: average precision over the full ranking, ``(1/R) sum_i i / r_i``, averaged over
   queries (trec_eval ``map`` on a full-depth run). The paper's headline number.
-- ``map@K`` (K = 20): LAReQA / XTREME-R convention, the ``average_precision_at_k`` of the
+- ``map_at_K`` (K = 20): LAReQA / XTREME-R convention, the ``average_precision_at_k`` of the
   LAReQA code: ``sum_{i: r_i <= K} i / r_i`` divided by ``min(R, K)``. trec_eval's
   ``map_cut.K`` divides by ``R`` instead; the two agree whenever R <= K (always in
   XQuAD-R / MLQA-R, where R <= 11).
-- ``r@K`` (K = 1, 10, 100): recall at K, the share of the R relevant candidates within the
+- ``r_at_K`` (K = 1, 10, 100): recall at K, the share of the R relevant candidates within the
   top K (trec_eval ``recall.K``). With one relevant candidate (mono, cross) it is the hit
   rate; in the multilingual pool (R = number of languages) R@1 is at most 1/R.
 - ``mrr``: reciprocal rank of the best-ranked relevant candidate, ``1 / r_1`` (trec_eval
   ``recip_rank`` at full depth).
-- ``ndcg@K`` (K = 10, BEIR / MIRACL tasks): ``DCG@K / IDCG@K`` with gain = the relevance
+- ``ndcg_at_K`` (K = 10, BEIR / MIRACL tasks): ``DCG@K / IDCG@K`` with gain = the relevance
   grade, ``DCG@K = sum_{r_i <= K} g_i / log2(r_i + 1)``, the ideal from all relevant grades
   sorted (trec_eval ``ndcg_cut.K``).
 
@@ -34,7 +34,7 @@ Language bias (multilingual setting only, Huang et al. 2023 as used by Elmahdy e
   relevant candidates in fewer than two languages have no distance: they are excluded
   and counted (``bias/excluded``). ``rank_distance_micro`` is the mean over all queries,
   ``rank_distance_median`` their median.
-- ``share@k/<Y>``: the share of the multilingual top-k that is in candidate language Y,
+- ``share_at_k/<Y>``: the share of the multilingual top-k that is in candidate language Y,
   averaged over queries per query language, then macro-averaged.
 """
 
@@ -56,16 +56,18 @@ __all__ = [
     "topk_shares",
 ]
 
-LAREQA_METRICS = ("map", "map@20", "r@1", "r@10", "mrr")
-BEIR_METRICS = LAREQA_METRICS + ("ndcg@10", "r@100")
+LAREQA_METRICS = ("map", "map_at_20", "r_at_1", "r_at_10", "mrr")
+BEIR_METRICS = LAREQA_METRICS + ("ndcg_at_10", "r_at_100")
 
-_NAME = re.compile(r"^(map|mrr|map@(\d+)|r@(\d+)|ndcg@(\d+))$")
+_NAME = re.compile(r"^(map|mrr|map_at_(\d+)|r_at_(\d+)|ndcg_at_(\d+))$")
 
 
 def _check_name(name: str) -> re.Match:
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"unknown metric {name!r}; expected map, mrr, map@K, r@K or ndcg@K")
+        raise ValueError(
+            f"unknown metric {name!r}; expected map, mrr, map_at_K, r_at_K or ndcg_at_K"
+        )
     return m
 
 
@@ -160,7 +162,7 @@ def bias_metrics(
     Args:
         distances: query language -> per-query rank distances (NaN = excluded).
         shares: query language -> candidate language -> per-query shares.
-        k: depth of the shares (named ``share@k``).
+        k: depth of the shares (named ``share_at_k``).
     """
     out: dict[str, float] = {}
     per_lang = {}
@@ -180,7 +182,7 @@ def bias_metrics(
     out["bias/excluded"] = float(excluded)
     cand_langs = sorted({c for s in shares.values() for c in s})
     for c in cand_langs:
-        out[f"bias/share@{k}/{c}"] = macro(
+        out[f"bias/share_at_{k}/{c}"] = macro(
             [float(s[c].mean()) for s in shares.values() if c in s and len(s[c])]
         )
     return out

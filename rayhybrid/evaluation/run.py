@@ -14,8 +14,9 @@ in ``summary.json``, the per-query CSV files and the heatmaps, logged as artifac
 (``tracking.log_all_metrics=true`` logs every value as before). MRR is not logged for mono /
 cross, where one relevant candidate makes it equal to mAP.
 
-MLflow metric names cannot contain ``@``: ``map@20`` is logged as ``map_at_20``
-(:func:`mlflow_key`); the returned dict, the JSON summary and Tune use the ``@`` names.
+One naming scheme everywhere: ``map_at_20``, ``r_at_1``, ``ndcg_at_10`` ... in the returned dict,
+``summary.json``, the per-query files, MLflow, the plots and ``tune.objective`` (MLflow
+rejects ``@`` in metric names; :func:`mlflow_key` still maps an old ``@`` spelling).
 Artifacts go under ``eval/<task>/``; output files over 32 MiB (the cross-lingual run of a
 whole corpus) are logged gzip-compressed as ``<name>.gz``.
 """
@@ -59,13 +60,13 @@ _GZIP_ABOVE = 32 * 2**20
 
 
 def mlflow_key(name: str) -> str:
-    """MLflow-safe metric name: ``xquad_r/multi/map@20`` -> ``xquad_r/multi/map_at_20``."""
+    """MLflow-safe metric name (an old ``xquad_r/multi/map@20`` -> ``xquad_r/multi/map_at_20``)."""
     return name.replace("@", "_at_")
 
 
 # The figures a person compares runs by; everything else is detail for the artifacts.
 _HEADLINE = re.compile(
-    r"^(?P<task>[^/]+)/(?:(?:mono|cross|multi)/(?:map|map@20|r@1|r@10|ndcg@10)"
+    r"^(?P<task>[^/]+)/(?:(?:mono|cross|multi)/(?:map|map_at_20|r_at_1|r_at_10|ndcg_at_10)"
     r"|multi/mrr|bias/rank_distance)(?:/ci_low|/ci_high)?$"
 )
 
@@ -297,7 +298,7 @@ def _write_outputs(
         files[f"{setting}_run"], files[f"{setting}_qrels"] = str(run_path), str(qrels_path)
     langs = task.languages
     title = f"{task.name}: {Path(model).name}"
-    matrices = {name: cross_matrix(metrics, langs, name) for name in ("map", "map@20")}
+    matrices = {name: cross_matrix(metrics, langs, name) for name in ("map", "map_at_20")}
     for key, path in (
         (
             "heatmap",
@@ -386,8 +387,8 @@ def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
         if f"{setting}/map" in metrics:
             lines.append(
                 f"  {setting:5s} mAP {metrics[f'{setting}/map']:.4f}  mAP@20 "
-                f"{metrics[f'{setting}/map@20']:.4f}  R@1 {metrics[f'{setting}/r@1']:.4f}  "
-                f"R@10 {metrics[f'{setting}/r@10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}"
+                f"{metrics[f'{setting}/map_at_20']:.4f}  R@1 {metrics[f'{setting}/r_at_1']:.4f}  "
+                f"R@10 {metrics[f'{setting}/r_at_10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}"
             )
     if "bias/rank_distance" in metrics:
         lines.append(

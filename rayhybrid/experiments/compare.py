@@ -103,10 +103,10 @@ def _metric_columns(cfg: Config) -> list[Column]:
     """Per task: mono / cross / multi mAP (the paper's headline) and mAP@20, nDCG@10 for
     BEIR tasks, and the rank distance (lower is better)."""
     cols = []
-    names = [("mAP", "map"), ("mAP@20", "map@20")]
+    names = [("mAP", "map"), ("mAP@20", "map_at_20")]
     for task in cfg.eval.tasks:
         prefix = f"{task.name} " if len(cfg.eval.tasks) > 1 else ""
-        for label, metric in names + ([("nDCG@10", "ndcg@10")] if task.format == "beir" else []):
+        for label, metric in names + ([("nDCG@10", "ndcg_at_10")] if task.format == "beir" else []):
             for setting in ("mono", "cross", "multi"):
                 if setting in cfg.eval.settings:
                     cols.append(Column(f"{prefix}{setting} {label}", task.name, setting, metric))
@@ -423,19 +423,22 @@ def _write_outputs(
 
 
 def _cross_heatmaps(cfg: Config, summaries: dict[str, dict[str, float]], path: Path) -> Path | None:
-    """One X->Y mAP@20 matrix per strategy (first task), from ``<task>/cross/<x>-<y>/map@20``."""
+    """One X->Y mAP@20 matrix per strategy (first task), from ``<task>/cross/<x>-<y>/map_at_20``."""
     from rayhybrid.evaluation.outputs import cross_matrix
 
     if not cfg.eval.tasks or not summaries:
         return None
     task = cfg.eval.tasks[0].name
-    pattern = re.compile(rf"^{re.escape(task)}/cross/([a-z]+)-([a-z]+)/map@20$")
+    pattern = re.compile(rf"^{re.escape(task)}/cross/([a-z]+)-([a-z]+)/map_at_20$")
     langs = sorted(
         {x for s in summaries.values() for k in s if (m := pattern.match(k)) for x in m.groups()}
     )
     panels = {
         label: cross_matrix(
-            {k.removeprefix(f"{task}/"): v for k, v in s.items()}, langs, "map@20", diagonal=False
+            {k.removeprefix(f"{task}/"): v for k, v in s.items()},
+            langs,
+            "map_at_20",
+            diagonal=False,
         )
         for label, s in summaries.items()
     }

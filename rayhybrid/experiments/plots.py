@@ -195,7 +195,7 @@ def plot_tradeoff(
     Args:
         table: rows holding ``x``, the quality columns and ``bias``.
         x: the column on the x axis (alpha).
-        quality: legend label -> column, e.g. ``{"mono/map@20": "dev mono/map@20"}``.
+        quality: legend label -> column, e.g. ``{"mono/map_at_20": "dev mono/map_at_20"}``.
         bias: the rank distance column (None: one panel).
         path: PNG to write.
         group_by: further axis columns (lr, tau); one line per combination.

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "quickstart.yaml"  # in configs/
 SETTINGS = (("mono", "mono X→X"), ("cross", "cross X→Y"), ("multi", "multi X→all"))
-METRICS = (("map", "mAP"), ("map@20", "mAP@20"), ("r@1", "R@1"))
+METRICS = (("map", "mAP"), ("map_at_20", "mAP@20"), ("r_at_1", "R@1"))
 
 
 def default_config_path() -> Path:

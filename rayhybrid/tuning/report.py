@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PARENT_RUN_FILE = "mlflow_parent_run_id.txt"
 DONE_KEY = "trial_done"  # in the last result of a trial whose training returned
-DEV_COLUMNS = ("mono/map@20", "cross/map@20", "multi/map@20", "bias/rank_distance")
+DEV_COLUMNS = ("mono/map_at_20", "cross/map_at_20", "multi/map_at_20", "bias/rank_distance")
 
 
 def _axis_name(key: str) -> str:
@@ -233,7 +233,7 @@ def write_outputs(table: ResultsTable, cfg: Config, axes: dict[str, list[Any]]) 
     paths = dict(table.write(out, "results"))
     plotted = [r for r in table.rows if r.get("objective") is not None]
     if plotted:
-        quality = {k: f"dev {k}" for k in ("mono/map@20", "cross/map@20", "multi/map@20")}
+        quality = {k: f"dev {k}" for k in ("mono/map_at_20", "cross/map_at_20", "multi/map_at_20")}
         group = [_axis_name(k) for k in axes if k != "batch.alpha"]
         paths["plot"] = plot_tradeoff(
             ResultsTable(table.columns, plotted),

@@ -38,14 +38,14 @@ _SETTINGS = ("mono", "cross", "multi")
 
 
 def dev_key(name: str) -> str:
-    """Report / MLflow key of a dev metric: ``mono/map@20`` -> ``dev/mono/map_at_20``.
+    """Report / MLflow key of a dev metric: ``mono/map_at_20`` -> ``dev/mono/map_at_20``.
 
-    MLflow rejects '@' in metric names (the evaluation job logs ``map_at_20`` too).
+    An old ``@`` spelling is mapped to the one scheme (MLflow rejects '@' in metric names).
     """
     return DEV_PREFIX + name.replace("@", "_at_")
 
 
-_METRICS = ("map", "map@20", "mrr", "r@1", "r@10", "ndcg@10", "recall@100")
+_METRICS = ("map", "map_at_20", "mrr", "r_at_1", "r_at_10", "ndcg_at_10", "r_at_100")
 _MIN_METRICS = ("bias/rank_distance",)
 
 
@@ -57,7 +57,7 @@ class Objective:
     """What Tune maximises (or minimises), computed from the dev metrics of one report.
 
     Attributes:
-        name: as configured, e.g. ``mean_map@20`` or ``multi/map@20``.
+        name: as configured, e.g. ``mean_map_at_20`` or ``multi/map_at_20``.
         keys: the dev metrics it is computed from (without the ``dev/`` prefix).
         mode: ``max`` or ``min``.
     """
@@ -67,7 +67,7 @@ class Objective:
     mode: str
 
     def value(self, dev: dict[str, float]) -> float:
-        """The objective from dev metrics keyed without prefix (``mono/map@20``, ...).
+        """The objective from dev metrics keyed without prefix (``mono/map_at_20``, ...).
 
         Raises:
             TuneError: a metric it needs is missing from ``dev``.
@@ -92,6 +92,8 @@ def parse_objective(text: str, settings: Sequence[str] = _SETTINGS) -> Objective
         TuneError: unknown form, setting or metric.
     """
     known = ", ".join(_METRICS)
+    # The old spelling (mean_map@20, multi/r@10) names the same metric.
+    text = re.sub(r"@(\d+)", r"_at_\1", text)
     m = re.fullmatch(r"mean_(.+)", text)
     if m:
         metric = m.group(1)
