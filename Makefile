@@ -18,7 +18,7 @@ quickstart: install
 	$(VENV)/bin/rayhybrid quickstart
 
 test: install
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff format --check rayhybrid jobs tune tests benchmarks
