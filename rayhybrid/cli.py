@@ -8,7 +8,7 @@ exit alike and print the same error lines; only the name in those lines differs.
 
 Exit status: 0 success, 2 config error (one line ``<prog>: config error: ...``), 1 any other
 error (one line ``<prog>: error: <Type>: ...``, plus the traceback when it is a bug rather
-than bad input), 130 interrupted. ``ray job submit`` marks a job FAILED exactly when its
+than bad input), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (``ray job stop``). ``ray job submit`` marks a job FAILED exactly when its
 entrypoint exits non-zero and shows what it printed.
 """
 
@@ -340,9 +340,9 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as exc:  # TrainingStopped (SIGTERM) says what was kept
+        print(f"{prog}: {exc or 'interrupted'}", file=sys.stderr, flush=True)
+        return getattr(exc, "exit_status", 130)
     except Exception as exc:  # noqa: BLE001 - any failure must become a non-zero exit status
         # Library errors (bad data, model, run folder, tracking server) carry a message that
         # says what to change; anything else is a bug and keeps its traceback.

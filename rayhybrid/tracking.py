@@ -414,12 +414,15 @@ class StepLogger:
     "run_id"}`` (None: every call is a no-op, as on the other ranks).
     """
 
-    def __init__(self, spec: dict | None, spill_path: Path, resumed: bool = False):
+    def __init__(self, spec: dict | None, spill_path: Path):
         self.client = self.run_id = self.guard = None
         self.buffer: list = []
-        # After a restart from a checkpoint, steps between that checkpoint and the crash were
-        # already sent: per key, the last step the run holds, so no step is logged twice.
-        self.resumed, self.sent_up_to = resumed, {}
+        # Steps the run already holds are not logged again, whatever the restart point: a
+        # resume, a Ray Train restart from a checkpoint, or one before the first checkpoint
+        # (which starts again at step 0 of a run that has steps). Per key, the last step the
+        # run holds; None until the run has been asked once.
+        self.held: set[str] | None = None
+        self.sent_up_to: dict[str, int] = {}
         if spec:
             self.client, self.run_id = mlflow_client(spec["tracking_uri"]), spec["run_id"]
             self.guard = TrackingGuard(spec["tracking_uri"], spill_path=spill_path)
@@ -435,15 +438,23 @@ class StepLogger:
                 if step > self._sent_up_to(k)
             ]
 
+    def _ask(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` through the guard (a failed store is not waited on again); None if it failed."""
+        out: list = []
+        return out[0] if self.guard.call(what, lambda: out.append(fn())) else None
+
     def _sent_up_to(self, key: str) -> int:
-        if not self.resumed:
+        if self.held is None:  # one call for a new run: it holds no metric yet
+            run = self._ask("read the run", lambda: self.client.get_run(self.run_id))
+            self.held = set(run.data.metrics) if run is not None else set()
+        if key not in self.held:
             return -1
         if key not in self.sent_up_to:
-            try:
-                history = self.client.get_metric_history(self.run_id, key)
-                self.sent_up_to[key] = max((m.step for m in history), default=-1)
-            except Exception:  # noqa: BLE001 - the store's failure shows at the next flush
-                self.sent_up_to[key] = -1
+            history = self._ask(
+                f"read the history of {key}",
+                lambda: self.client.get_metric_history(self.run_id, key),
+            )
+            self.sent_up_to[key] = max((m.step for m in history or ()), default=-1)
         return self.sent_up_to[key]
 
     def tag(self, key: str, value: str) -> None:

@@ -438,3 +438,33 @@ def test_fault_inside_checkpoint_saving_restarts_from_the_complete_one(
     assert result.metrics["step"] == 2 * N
     assert_same_weights(final_weights(result), final_weights(reference))
     _effective_steps(read_batch_log(root / "log_savefault"), read_batch_log(root / "log_ref"), N)
+
+
+def test_crash_before_the_first_checkpoint_logs_each_step_once(
+    reference, root, xquad_dir, tiny_model_dir
+):
+    """Issue 12: rank 1 dies at step 2, after steps 1-2 reached MLflow and before the first
+    checkpoint (step N); the restart begins again at step 0 and must not log 1, 2 again."""
+    hooks = TrainHooks(batch_log=str(root / "log_early"), fault=f"1:2:{root / 'killed_early'}")
+    result = train(
+        make_cfg(root, xquad_dir, "early", f"model.name={tiny_model_dir}", "train.max_failures=1"),
+        hooks=hooks,
+    )
+    assert (root / "killed_early").is_file(), "the fault was not injected"
+    log = read_batch_log(root / "log_early")
+    pids = list(dict.fromkeys(e["pid"] for e in log[0]))
+    assert len(pids) == 2, "exactly one restart"
+    assert next(e["step"] for e in log[0] if e["pid"] == pids[1]) == 0  # from scratch
+    assert result.metrics["step"] == 2 * N
+    client, runs = mlflow_runs(root, "early")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 2 * N + 1)), history
+    # The first attempt's steps were already in MLflow before the crash: they are the logged
+    # ones, and (same seed, same batches) they equal the uninterrupted run's.
+    ref_client, ref_runs = mlflow_runs(root, "ref")
+    ref = {
+        m.step: m.value
+        for m in ref_client.get_metric_history(ref_runs[0].info.run_id, "train/loss")
+    }
+    assert {m.step: m.value for m in history} == pytest.approx(ref, abs=1e-6)

@@ -94,10 +94,19 @@ def candidate_texts(
 
 
 class _Tracker:
-    """MLflow side of one evaluation (no-op when tracking is disabled)."""
+    """MLflow side of one evaluation (no-op when tracking is disabled).
 
-    def __init__(self, cfg: Config, run_id: str | None, model: str, step: int = 0) -> None:
-        self.client, self.run_id, self.own = None, run_id, run_id is None
+    With ``guard`` (the end of training) every call goes through the training's
+    :class:`~rayhybrid.tracking.TrackingGuard`, to the training's store: a server that is down
+    costs one message, the evaluation still runs and writes its files, and its metrics wait in
+    the run folder's unsent queue beside the training's. Without it (its own run) a failing
+    store fails the evaluation.
+    """
+
+    def __init__(
+        self, cfg: Config, run_id: str | None, model: str, step: int = 0, guard: Any = None
+    ) -> None:
+        self.client, self.run_id, self.own, self.guard = None, run_id, run_id is None, guard
         self.log_all, self.step = cfg.tracking.log_all_metrics, step
         if not cfg.tracking.enabled:
             return
@@ -109,6 +118,11 @@ class _Tracker:
             run_tags,
         )
 
+        if guard is not None and run_id is not None:
+            self.client = mlflow_client(guard.tracking_uri)  # where the run is, not a fallback
+            self._call("mark the evaluation running", self._status, "running")
+            return
+        self.guard = None
         uri = resolve_tracking_uri(cfg.tracking)
         self.client = mlflow_client(uri)
         if run_id is None:
@@ -125,21 +139,33 @@ class _Tracker:
                 tags=run_tags(cfg, "evaluate", model),
                 params={**params, "eval.model": model},
             )
-        self.client.set_tag(self.run_id, "rayhybrid.eval_status", "running")
+        self._status("running")
+
+    def _status(self, status: str) -> None:
+        self.client.set_tag(self.run_id, "rayhybrid.eval_status", status)
+
+    def _call(self, what: str, fn: Any, *args: Any, records: Sequence[dict] = ()) -> None:
+        if self.guard is None:
+            fn(*args)
+        else:
+            self.guard.call(what, fn, *args, records=records)
 
     def log(self, metrics: dict[str, float], folder: Path, artifact_path: str) -> None:
         if self.client is None:
             return
-        from rayhybrid.tracking import log_metrics
+        from mlflow.entities import Metric
 
         chosen = (
             {k: v for k, v in metrics.items() if not np.isnan(v)}  # NaN (no cell): not logged
             if self.log_all
             else headline_metrics(metrics)
         )
-        log_metrics(
-            self.client, self.run_id, {mlflow_key(k): v for k, v in chosen.items()}, self.step
-        )
+        now = int(time.time() * 1000)
+        batch = [Metric(mlflow_key(k), float(v), now, self.step) for k, v in chosen.items()]
+        if self.guard is not None:
+            self.guard.log_metrics(self.client, self.run_id, batch)  # queued if not sent
+        else:
+            self.client.log_batch(self.run_id, metrics=batch)  # split into requests by MLflow
         with tempfile.TemporaryDirectory() as tmp:
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 if path.stat().st_size > _GZIP_ABOVE:  # e.g. the cross run of a whole corpus
@@ -147,28 +173,48 @@ class _Tracker:
                     with path.open("rb") as src, gzip.open(packed, "wb", compresslevel=5) as dst:
                         shutil.copyfileobj(src, dst)
                     path = packed
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+                self._call(
+                    "log the evaluation files",
+                    self.client.log_artifact,
+                    self.run_id,
+                    str(path),
+                    artifact_path,
+                )
+        if self.guard is not None and not self.guard.ok:
+            log.warning(
+                f"[rayhybrid eval] MLflow at {self.guard.tracking_uri} did not take this "
+                f"evaluation: its files are in {folder}, its metrics wait in "
+                f"{self.guard.spill_path} (rayhybrid.tracking.resend_unsent logs them into run "
+                f"{self.run_id} when the server is back)"
+            )
 
     def finish(self) -> None:
         if self.client is None:
             return
-        self.client.set_tag(self.run_id, "rayhybrid.eval_status", "finished")
+        self._call("mark the evaluation finished", self._status, "finished")
         if self.own:
             self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, exc: BaseException) -> None:
         if self.client is None:
             return
+        if self.guard is not None:
+            self._call("mark the evaluation failed", self._failed, exc, False)
+            return
         try:
-            self.client.set_tag(self.run_id, "rayhybrid.eval_status", "failed")
-            self.client.set_tag(
-                self.run_id, "rayhybrid.eval_error", f"{type(exc).__name__}: {exc}"[:4000]
-            )
-            self.client.set_terminated(self.run_id, "FAILED")
+            self._failed(exc, True)
         except Exception as log_exc:  # noqa: BLE001 - never hide the original error
             log.warning(
                 f"[rayhybrid eval] could not mark MLflow run {self.run_id} FAILED: {log_exc}"
             )
+
+    def _failed(self, exc: BaseException, terminate: bool) -> None:
+        self._status("failed")
+        self.client.set_tag(
+            self.run_id, "rayhybrid.eval_error", f"{type(exc).__name__}: {exc}"[:4000]
+        )
+        if terminate:
+            self.client.set_terminated(self.run_id, "FAILED")
 
 
 def _task_format(cfg: Config, name: str) -> str:
@@ -334,6 +380,7 @@ def evaluate(
     tasks: Sequence[EvalTask] | None = None,
     run_id: str | None = None,
     step: int = 0,
+    tracking: Any = None,
 ) -> dict[str, float]:
     """Evaluate a model on every configured task; log to MLflow.
 
@@ -343,6 +390,9 @@ def evaluate(
         tasks: already loaded tasks (default: load ``cfg.eval.tasks``).
         run_id: log into this existing MLflow run (e.g. the training run) instead of a new one.
         step: the training step the model belongs to (MLflow step of the logged metrics).
+        tracking: with ``run_id``, the training's :class:`~rayhybrid.tracking.TrackingGuard`:
+            MLflow calls go through it to the training's store, and a failing store queues
+            the metrics in its unsent file instead of failing the evaluation.
 
     Returns:
         Flat metrics ``<task>/<setting>/<cell>/<metric>``, ``<task>/<setting>/<metric>``
@@ -355,7 +405,7 @@ def evaluate(
     from rayhybrid.corpus import load_eval_task
 
     model = model_path or cfg.model.name
-    tracker = _Tracker(cfg, run_id, model, step)
+    tracker = _Tracker(cfg, run_id, model, step, guard=tracking)
     out: dict[str, float] = {}
     try:
         ensure_ray()

@@ -17,4 +17,17 @@ class TrainingError(ValueError):
     """A training setting or the run folder is unusable; the message says what to change."""
 
 
-__all__ = ["TrainingError"]
+class TrainingStopped(KeyboardInterrupt):
+    """The training was stopped by a signal (``ray job stop``'s SIGTERM, Ctrl-C).
+
+    A ``KeyboardInterrupt``: code that catches ``Exception`` does not swallow a stop. The
+    message says what was kept; ``exit_status`` is 128 + the signal number, as a shell reports
+    a process ended by that signal.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+__all__ = ["TrainingError", "TrainingStopped"]

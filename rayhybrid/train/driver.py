@@ -10,17 +10,20 @@ run folder and checkpoint layout are in :mod:`rayhybrid.train.checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rayhybrid.config import Config, ConfigError, config_to_dict
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
-from rayhybrid.train import TrainingError
+from rayhybrid.train import TrainingError, TrainingStopped
 from rayhybrid.train.checkpoint import (
     RunLock,
     RunPaths,
@@ -33,7 +36,14 @@ from rayhybrid.train.checkpoint import (
 )
 from rayhybrid.train.worker import TrainHooks
 
-__all__ = ["TrainHooks", "TrainResult", "TrainingError", "train", "train_and_evaluate"]
+__all__ = [
+    "TrainHooks",
+    "TrainResult",
+    "TrainingError",
+    "TrainingStopped",
+    "train",
+    "train_and_evaluate",
+]
 
 MAX_VAL_BATCHES = 16  # validation steps: the cost stays bounded on large dev splits
 MAX_TOKENIZER_TEXTS = 200_000  # texts used to train the tiny model's tokenizer
@@ -48,6 +58,10 @@ class TrainResult:
     mlflow_run_id: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
+    # The TrackingGuard that closed the MLflow run (None without tracking): the end-of-training
+    # evaluation logs through it, so a store that failed is not waited on again and the
+    # evaluation's metrics join the training's in the run folder's unsent queue.
+    tracking: Any = None
 
     def summary(self) -> str:
         m = self.metrics
@@ -64,6 +78,12 @@ class TrainResult:
             lines.append(f"median step:  {m['step_time_median_s']:.3f} s")
         if self.mlflow_run_id:
             lines.append(f"MLflow run:  {self.mlflow_run_id}")
+        if self.tracking is not None and not self.tracking.ok:
+            lines.append(
+                f"MLflow:      {self.tracking.tracking_uri} failed ({self.tracking.failure}); "
+                f"metrics not sent are kept in {self.tracking.spill_path} "
+                "(rayhybrid.tracking.resend_unsent logs them when the server is back)"
+            )
         return "\n".join(lines)
 
 
@@ -135,10 +155,15 @@ def _start_mlflow(
     return {"tracking_uri": uri, "run_id": run_id}
 
 
-def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: str) -> None:
-    """Model artifact, final metrics, run status; a failing store costs a message, not the run."""
+def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: str) -> Any:
+    """Model artifact, final metrics, run status; a failing store costs a message, not the run.
+
+    Returns:
+        The :class:`~rayhybrid.tracking.TrackingGuard` the calls went through (None without
+        tracking).
+    """
     if spec is None:
-        return
+        return None
     from rayhybrid.tracking import TrackingGuard, mlflow_client
 
     client, run_id = mlflow_client(spec["tracking_uri"]), spec["run_id"]
@@ -163,6 +188,35 @@ def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: st
                     ],
                 )
     guard.call("close the run", client.set_terminated, run_id, status)
+    return guard
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[dict]:
+    """SIGTERM (``ray job stop``, a scheduler's preemption) raises ``KeyboardInterrupt``.
+
+    ``KeyboardInterrupt`` is the one exception a signal handler can raise through a blocking
+    ``ray.get`` (``TorchTrainer.fit`` waits in one): any other type comes out as a
+    ``SystemError``. The dict yielded records which signal arrived. Only the main thread can
+    install a handler; elsewhere (a Tune trial's driver thread) nothing changes.
+    """
+    received: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        received["signal"] = signum
+        # One stop is enough: a second SIGTERM must not interrupt the MLflow close. SIGKILL
+        # (ray job stop after RAY_JOB_STOP_WAIT_TIME_S) still ends the process.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_dev_plan(cfg: Config) -> Any:
@@ -228,7 +282,7 @@ def train(
     # A bad model name fails before the run folder is touched; the tiny model lives in it.
     model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
     paths, resumed = prepare_run_dir(cfg.train)
-    with RunLock(paths):
+    with _stop_signals() as received, RunLock(paths):
         check_resume_config(paths, config_to_dict(cfg), resumed)
         result = _train_locked(
             cfg,
@@ -241,6 +295,7 @@ def train(
             parent_run_id,
             extra_report_fn,
             callbacks,
+            received,
         )
     remove_replaced(paths)  # the run train.overwrite replaced, now that this one finished
     return result
@@ -257,8 +312,14 @@ def _train_locked(
     parent_run_id: str | None,
     extra_report_fn,
     callbacks,
+    received: dict | None = None,
 ) -> TrainResult:
-    """:func:`train` once the run folder is ready and locked."""
+    """:func:`train` once the run folder is ready and locked.
+
+    Raises:
+        TrainingStopped: SIGTERM / Ctrl-C; the MLflow run is closed KILLED (with its end time)
+            first, then the lock is released; checkpoints already complete are kept.
+    """
     nw = cfg.train.num_workers
     model_path = model_path or _model_source(cfg, paths, data)
     from rayhybrid.stream import validation_batches
@@ -271,30 +332,60 @@ def _train_locked(
     if hooks.batch_log:
         Path(hooks.batch_log).mkdir(parents=True, exist_ok=True)
 
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from rayhybrid.cluster import ensure_ray
-    from rayhybrid.stream import build_train_datasets, train_data_config
-    from rayhybrid.train.worker import FINAL_METRICS, train_loop_per_worker
+    from rayhybrid.stream import build_train_datasets
 
     ensure_ray()
     start = latest_checkpoint(paths)[0] if resumed else 0  # the workers restore the same one
     datasets = build_train_datasets(cfg, data, model_path, nw, start_step=start)
     mlflow_spec = _start_mlflow(cfg, paths, parent_run_id, resumed)
+    loop_config = {
+        "config": config_to_dict(cfg),
+        "paths": {"run_dir": paths.run_dir},
+        "model_path": model_path,
+        "val_batches": val_batches,
+        "mlflow": mlflow_spec,
+        "hooks": hooks,
+        "extra_report_fn": extra_report_fn,
+    }
+    try:
+        return _fit(cfg, paths, resumed, datasets, loop_config, callbacks)
+    except KeyboardInterrupt:
+        # Close the run first: `ray job stop` allows RAY_JOB_STOP_WAIT_TIME_S (3 s) before
+        # SIGKILL. A checkpoint being written when the signal came has no completion marker
+        # and is passed over by the resume.
+        _finish_mlflow(mlflow_spec, paths, {}, "KILLED")
+        signum = (received or {}).get("signal", signal.SIGINT)
+        raise TrainingStopped(
+            f"training run {paths.root} stopped by {signal.Signals(signum).name}"
+            + ("; its MLflow run is marked KILLED" if mlflow_spec else "")
+            + ". Complete checkpoints are kept: continue with train.resume=true (from the "
+            "newest complete one)",
+            signum,
+        ) from None
+
+
+def _fit(
+    cfg: Config,
+    paths: RunPaths,
+    resumed: bool,
+    datasets: dict,
+    loop_config: dict,
+    callbacks: Sequence[Any],
+) -> TrainResult:
+    """Run the ``TorchTrainer`` over ``datasets``, close the MLflow run; the run's result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayhybrid.stream import train_data_config
+    from rayhybrid.train.worker import FINAL_METRICS, train_loop_per_worker
+
+    nw, mlflow_spec = cfg.train.num_workers, loop_config["mlflow"]
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": config_to_dict(cfg),
-            "paths": {"run_dir": paths.run_dir},
-            "model_path": model_path,
-            "val_batches": val_batches,
-            "mlflow": mlflow_spec,
-            "hooks": hooks,
-            "extra_report_fn": extra_report_fn,
-        },
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=nw, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -323,13 +414,14 @@ def _train_locked(
     final = paths.root / FINAL_METRICS
     if final.is_file():
         metrics.update(json.loads(final.read_text()))
-    _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED")
+    guard = _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED")
     return TrainResult(
         run_dir=paths.root,
         model_dir=paths.final_model,
         mlflow_run_id=mlflow_spec["run_id"] if mlflow_spec else None,
         metrics=metrics,
         resumed=resumed,
+        tracking=guard,
     )
 
 
@@ -358,8 +450,16 @@ def train_and_evaluate(cfg: Config) -> tuple[TrainResult, dict[str, float]]:
     from rayhybrid.evaluation.run import evaluate
 
     step = int(result.metrics.get("step") or 0)  # the eval metrics belong to the last step
+    # Into the training's run on the training's store, through the guard that closed it: a
+    # server that went down is not swapped for another store (where the run does not exist),
+    # and the evaluation still runs, writes its files and queues its metrics.
     return result, evaluate(
-        cfg, str(result.model_dir), tasks=tasks, run_id=result.mlflow_run_id, step=step
+        cfg,
+        str(result.model_dir),
+        tasks=tasks,
+        run_id=result.mlflow_run_id,
+        step=step,
+        tracking=result.tracking,
     )
 
 

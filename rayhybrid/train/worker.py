@@ -225,9 +225,7 @@ class _Worker:
         self.model = ray.train.torch.prepare_model(model)  # DDP when world > 1
         self.model.train()
         self.mlflow = StepLogger(
-            loop_config.get("mlflow") if self.rank == 0 else None,
-            self.paths.mlflow_unsent,
-            resumed=state is not None,
+            loop_config.get("mlflow") if self.rank == 0 else None, self.paths.mlflow_unsent
         )
         self.precision = resolve_precision(tc.precision, self.device.type)
         if self.rank == 0:
