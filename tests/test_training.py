@@ -7,6 +7,7 @@ Runs use the tiny 2-layer 64-dim model and a few steps; the reference run is sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -468,3 +469,106 @@ def test_crash_before_the_first_checkpoint_logs_each_step_once(
         for m in ref_client.get_metric_history(ref_runs[0].info.run_id, "train/loss")
     }
     assert {m.step: m.value for m in history} == pytest.approx(ref, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_closes_the_mlflow_run_killed_and_a_resume_continues(
+    tmp_path, xquad_dir, tiny_model_dir
+):
+    """Issue 12: a real SIGTERM (what `ray job stop` sends) to `rayhybrid train` mid-run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.train.checkpoint import RunPaths, checkpoint_complete, latest_checkpoint
+
+    steps, every = 60, 4
+    args = [
+        str(Path(sys.executable).parent / "rayhybrid"),
+        "train",
+        *[
+            f"data.path={xquad_dir}",
+            "data.max_query_length=24",
+            "data.max_passage_length=40",
+            f"model.name={tiny_model_dir}",
+            "batch.batch_size=8",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.log_every=1",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every={every}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=stopped",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=tests",
+            "eval.at_end_of_training=false",
+        ],
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    run_dir = tmp_path / "runs" / "stopped"
+    first = run_dir / f"checkpoint_{every:08d}"
+
+    def start(*extra: str, log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as out:
+            return subprocess.Popen(
+                [*args, *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp_path,
+                start_new_session=True,
+            )
+
+    proc = start(log="first.log")
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if checkpoint_complete(first)[0] == every:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (
+            "the run ended before it could be stopped:\n"
+            + (tmp_path / "first.log").read_text()[-3000:]
+        )
+        os.kill(proc.pid, signal.SIGTERM)  # the job process only, as `ray job stop` does
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the Ray it started
+    text = (tmp_path / "first.log").read_text()
+    assert status == 128 + signal.SIGTERM, text[-3000:]
+    assert "stopped by SIGTERM" in text and "MLflow run is marked KILLED" in text, text[-3000:]
+    # (Ray's own actors may print theirs as the driver goes: lines prefixed "(name pid=...)".)
+    assert not any(ln.startswith("Traceback") for ln in text.splitlines()), text[-3000:]
+    assert not (run_dir / "run.lock").exists()
+    assert not (run_dir / "final_model").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "rayhybrid_run.json").read_text())["mlflow_run_id"]
+    info = client.get_run(run_id).info
+    assert info.status == "KILLED" and info.end_time and info.end_time >= info.start_time
+    kept, _ = latest_checkpoint(RunPaths(str(run_dir)))
+    assert every <= kept < steps and kept % every == 0
+
+    proc = start("train.resume=true", log="resume.log")
+    try:
+        status = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "resume.log").read_text()
+    assert status == 0, text[-3000:]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == steps and final["steps_this_attempt"] == steps - kept
+    info = client.get_run(run_id).info
+    assert info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # each step once

@@ -216,7 +216,8 @@ def _stop_signals() -> Iterator[dict]:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the previous handler was not Python's (Ray's C++ one); the default then.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _check_dev_plan(cfg: Config) -> Any:
@@ -282,7 +283,7 @@ def train(
     # A bad model name fails before the run folder is touched; the tiny model lives in it.
     model_path = None if cfg.model.name == TINY else _model_source(cfg, RunPaths(""), data)
     paths, resumed = prepare_run_dir(cfg.train)
-    with _stop_signals() as received, RunLock(paths):
+    with RunLock(paths):
         check_resume_config(paths, config_to_dict(cfg), resumed)
         result = _train_locked(
             cfg,
@@ -295,7 +296,6 @@ def train(
             parent_run_id,
             extra_report_fn,
             callbacks,
-            received,
         )
     remove_replaced(paths)  # the run train.overwrite replaced, now that this one finished
     return result
@@ -312,7 +312,6 @@ def _train_locked(
     parent_run_id: str | None,
     extra_report_fn,
     callbacks,
-    received: dict | None = None,
 ) -> TrainResult:
     """:func:`train` once the run folder is ready and locked.
 
@@ -333,9 +332,42 @@ def _train_locked(
         Path(hooks.batch_log).mkdir(parents=True, exist_ok=True)
 
     from rayhybrid.cluster import ensure_ray
-    from rayhybrid.stream import build_train_datasets
 
     ensure_ray()
+    # After ray.init, which installs Ray's own SIGTERM handler (it aborts the process).
+    with _stop_signals() as received:
+        return _run(
+            cfg,
+            data,
+            model_path,
+            paths,
+            resumed,
+            parent_run_id,
+            received,
+            {
+                "val_batches": val_batches,
+                "hooks": hooks,
+                "extra_report_fn": extra_report_fn,
+            },
+            callbacks,
+        )
+
+
+def _run(
+    cfg: Config,
+    data,
+    model_path: str,
+    paths: RunPaths,
+    resumed: bool,
+    parent_run_id,
+    received: dict,
+    extra: dict,
+    callbacks,
+) -> TrainResult:
+    """The stream, the MLflow run and the fit; a stop signal closes the MLflow run KILLED."""
+    from rayhybrid.stream import build_train_datasets
+
+    nw = cfg.train.num_workers
     start = latest_checkpoint(paths)[0] if resumed else 0  # the workers restore the same one
     datasets = build_train_datasets(cfg, data, model_path, nw, start_step=start)
     mlflow_spec = _start_mlflow(cfg, paths, parent_run_id, resumed)
@@ -343,10 +375,8 @@ def _train_locked(
         "config": config_to_dict(cfg),
         "paths": {"run_dir": paths.run_dir},
         "model_path": model_path,
-        "val_batches": val_batches,
         "mlflow": mlflow_spec,
-        "hooks": hooks,
-        "extra_report_fn": extra_report_fn,
+        **extra,
     }
     try:
         return _fit(cfg, paths, resumed, datasets, loop_config, callbacks)
@@ -355,7 +385,7 @@ def _train_locked(
         # SIGKILL. A checkpoint being written when the signal came has no completion marker
         # and is passed over by the resume.
         _finish_mlflow(mlflow_spec, paths, {}, "KILLED")
-        signum = (received or {}).get("signal", signal.SIGINT)
+        signum = received.get("signal", signal.SIGINT)
         raise TrainingStopped(
             f"training run {paths.root} stopped by {signal.Signals(signum).name}"
             + ("; its MLflow run is marked KILLED" if mlflow_spec else "")
