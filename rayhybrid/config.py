@@ -451,6 +451,11 @@ class TuneConfig:
     )
     scheduler: Literal["none", "asha"] = _f("asha", "Early stopping of bad trials.")
     max_concurrent: int = _f(1, "Trials at once.")
+    trial_timeout_s: float = _f(
+        0.0,
+        "Time budget of one trial in seconds (0: none): a trial still running after it (hung "
+        "or too slow) is ended, marked 'timed out' in the table, and the sweep goes on.",
+    )
     cpus_per_trial: float = _f(2.0, "CPUs per trial (trainer and its workers together).")
     gpus_per_trial: float = _f(0.0, "GPUs per trial.")
     storage_path: str = _f("./runs/tune", "Where Tune keeps its experiment state (for restore).")

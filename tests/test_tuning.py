@@ -382,3 +382,76 @@ def test_failed_trial_is_in_the_table_and_the_others_finish(
     assert statuses == {f"fails_{ok['trial']}": "FINISHED"}  # the failed trial never started a run
     metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(parent).data.metrics
     assert metrics["runs/failed"] == 1 and metrics["runs/total"] == 2
+
+
+# --------------------------------------------------------------------------- restore, time budget
+
+
+def test_a_restored_trial_continues_its_run_and_keeps_its_checkpoints(tmp_path):
+    """Issue 12: a trial restarted by Tuner.restore resumes its run folder (not step 0)."""
+    import torch
+
+    from rayhybrid.config import config_to_dict
+    from rayhybrid.train.checkpoint import (
+        TrainState,
+        check_resume_config,
+        latest_checkpoint,
+        prepare_run_dir,
+        save_checkpoint,
+    )
+    from rayhybrid.train.optim import build_optimizer, build_scheduler
+    from rayhybrid.tuning.driver import continue_started_trial, trial_config
+
+    base = small("model.name=tiny", f"tune.storage_path={tmp_path}")
+    tcfg = trial_config(base, {"batch.alpha": 0.5}, "sweep_00000_00000", str(tmp_path / "sweep"))
+    assert continue_started_trial(tcfg) == tcfg  # nothing started yet: a fresh run
+    assert tcfg.train.overwrite and not tcfg.train.resume
+
+    # The trial's first attempt: run folder, stored config, a checkpoint at step 4.
+    paths, _ = prepare_run_dir(tcfg.train)
+    check_resume_config(paths, config_to_dict(tcfg), resumed=False)
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(model, 1e-2, 0.0)
+    sched = build_scheduler(opt, 10, 0.1)
+    save_checkpoint(
+        paths.root / "checkpoint_00000004", model, opt, sched, TrainState(step=4), rank=0
+    )
+
+    again = continue_started_trial(tcfg)  # the restored trial
+    assert again.train.resume and not again.train.overwrite
+    reopened, resumed = prepare_run_dir(again.train)
+    assert resumed and reopened.root == paths.root
+    check_resume_config(reopened, config_to_dict(again), resumed=True)  # same settings
+    assert latest_checkpoint(reopened) == (4, paths.root / "checkpoint_00000004")
+    # Before: overwrite moved the run aside, and the trial began again at step 0.
+    assert not list(tmp_path.rglob("*.replaced"))
+
+
+def test_trial_time_budget_ends_a_hung_trial_marked_in_the_table(ray_local, tmp_path):
+    """Issue 12: tune.trial_timeout_s; a real Tune trial that hangs is ended and marked."""
+    import time
+
+    from ray import tune
+
+    from rayhybrid.tuning.driver import _train_within
+    from rayhybrid.tuning.report import _status
+
+    assert _train_within(0, lambda: 7) == 7 and _train_within(30, lambda: 8) == 8
+    with pytest.raises(ZeroDivisionError):
+        _train_within(30, lambda: 1 / 0)  # the training's own error, not a timeout
+
+    def hung(config):
+        _train_within(config["budget"], lambda: time.sleep(600))
+
+    started = time.monotonic()
+    grid = tune.Tuner(
+        tune.with_resources(hung, {"cpu": 0, "memory": 2**20}),
+        param_space={"budget": 2.0},
+        run_config=tune.RunConfig(name="hung", storage_path=str(tmp_path)),
+    ).fit()
+    assert time.monotonic() - started < 300, "the budget did not end the trial"
+    result = grid[0]
+    assert result.error is not None and "tune.trial_timeout_s=2 s" in str(result.error)
+    assert _status(result, "ERROR", None, small()) == "timed out"
+    with pytest.raises(TuneError, match="tune.trial_timeout_s = -1.0"):
+        search_axes(small("tune.trial_timeout_s=-1"))

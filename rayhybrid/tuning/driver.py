@@ -40,7 +40,9 @@ from rayhybrid.tuning.space import (
 )
 
 __all__ = [
+    "TIMED_OUT",
     "baseline_alpha",
+    "continue_started_trial",
     "dev_per_query_dir",
     "dev_report_fn",
     "dev_task",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+TIMED_OUT = "trial timed out"  # starts the error of a trial past tune.trial_timeout_s
 
 
 # --------------------------------------------------------------------------- trials
@@ -76,6 +79,59 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str, exp_dir:
     }
     overrides.update(params)
     return apply_overrides(base, overrides)
+
+
+def continue_started_trial(tcfg: Config) -> Config:
+    """A trial restarted after an interruption continues its own training run.
+
+    :func:`trial_config` replaces the run folder (``train.overwrite``): right for a fresh
+    trial, whose folder may hold a run of an earlier sweep's trial of this id. A trial that
+    already started this sweep has written its resolved config (``rayhybrid_run.json``); it
+    resumes from its newest complete checkpoint into the same MLflow run instead of starting
+    again at step 0 and deleting its checkpoints.
+    """
+    from rayhybrid.config import resolve_path
+    from rayhybrid.train.checkpoint import RunPaths
+
+    root = Path(resolve_path(tcfg.train.storage_path)).expanduser() / tcfg.train.run_name
+    if not RunPaths(str(root)).run_file.is_file():
+        return tcfg
+    log.info(f"[rayhybrid tune] trial {tcfg.train.run_name} continues its run in {root}")
+    return apply_overrides(tcfg, {"train.resume": True, "train.overwrite": False})
+
+
+def _train_within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()``, ended with a :class:`TuneError` after ``seconds`` (0: no limit).
+
+    A hung training (a worker stuck in a collective, a stalled stream) reports nothing, so no
+    Tune stopper would ever see it; Tune has no per-trial clock. ``fn`` runs in a daemon
+    thread of the trial's process and this function stops waiting for it: the trial then
+    errors, and Tune ends its process, which takes its Ray Train controller and workers
+    with it (actors share their owner's fate).
+    """
+    if not seconds:
+        return fn()
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="rayhybrid-trial", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TuneError(
+            f"{TIMED_OUT} after tune.trial_timeout_s={seconds:g} s (hung or too slow); its "
+            "checkpoints are kept, and a restored sweep does not rerun it"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def dev_task(cfg: Config) -> Any:
@@ -189,11 +245,15 @@ def _trial_driver(
     done_file = Path(exp_dir) / "trial_results" / f"{tcfg.train.run_name}.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    result = train(
-        tcfg,
-        callbacks=[TuneReportCallback()],
-        parent_run_id=parent_run_id,
-        extra_report_fn=dev_report_fn(tcfg),
+    tcfg = continue_started_trial(tcfg)
+    result = _train_within(
+        tcfg.tune.trial_timeout_s,
+        lambda: train(
+            tcfg,
+            callbacks=[TuneReportCallback()],
+            parent_run_id=parent_run_id,
+            extra_report_fn=dev_report_fn(tcfg),
+        ),
     )
     # The returned dict is the trial's last result: the final dev metrics (for search
     # algorithms, which read the last result) without ASHA's clock, and the MLflow run.

@@ -202,7 +202,9 @@ def _trial_id_from_path(path: str | None) -> str:
 
 def _status(result: Any, tune_status: str | None, step: int | None, cfg: Config) -> str:
     if result.error is not None:
-        return "error"
+        from rayhybrid.tuning.driver import TIMED_OUT
+
+        return "timed out" if TIMED_OUT in str(result.error) else "error"
     if tune_status not in (None, "TERMINATED"):
         return f"unfinished ({tune_status.lower()})"
     if not result.metrics.get(DONE_KEY) and step is not None:
@@ -318,7 +320,7 @@ def finish_parent(
 ) -> None:
     """Log the table, plot and best config to the parent run and close it."""
     best = best_row(table, cfg)
-    failed = sum(1 for r in table.rows if r.get("status") == "error")
+    failed = sum(1 for r in table.rows if r.get("status") in ("error", "timed out"))
     unfinished = any(str(r.get("status", "")).startswith("unfinished") for r in table.rows)
     finish_parent_run(
         cfg,

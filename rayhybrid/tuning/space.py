@@ -205,6 +205,10 @@ def _check_setup(cfg: Config) -> None:
         )
     if t.max_concurrent < 1:
         raise TuneError(f"tune.max_concurrent = {t.max_concurrent}: expected >= 1")
+    if not t.trial_timeout_s >= 0:  # NaN too
+        raise TuneError(
+            f"tune.trial_timeout_s = {t.trial_timeout_s}: expected seconds >= 0 (0: no budget)"
+        )
     if t.cpus_per_trial <= 0:
         raise TuneError(f"tune.cpus_per_trial = {t.cpus_per_trial}: expected > 0")
     if t.gpus_per_trial < 0 or (t.gpus_per_trial > 0 and t.gpus_per_trial != cfg.train.num_workers):
