@@ -38,6 +38,7 @@ __all__ = [
     "TuneConfig",
     "apply_overrides",
     "check_fractions",
+    "config_differences",
     "config_from_dict",
     "config_to_dict",
     "explain",
@@ -675,6 +676,39 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted}: {part} is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def config_differences(
+    old: typing.Mapping[str, Any],
+    new: typing.Mapping[str, Any],
+    default: typing.Mapping[str, Any],
+    prefix: str = "",
+) -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between a stored config dict and the current one.
+
+    Used by a resume (``train.checkpoint.check_resume_config``) and by ``compare``'s reuse of
+    finished runs. A key the stored dict lacks (a knob added to the schema since) counts as
+    equal when the current value is the knob's default (``default``, the schema's dict),
+    which by construction reproduces the old behaviour; a key that no longer exists counts as
+    a difference.
+
+    Returns:
+        ``(dotted key, stored value or None, current value or None)`` per difference, sorted.
+    """
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if key not in new:
+            out.append((name, old[key], None))
+        elif key not in old:
+            if new[key] != default.get(key):
+                out.append((name, None, new[key]))
+        elif isinstance(old[key], dict) and isinstance(new[key], dict):
+            sub = default.get(key) if isinstance(default.get(key), dict) else {}
+            out += config_differences(old[key], new[key], sub, f"{name}.")
+        elif old[key] != new[key]:
+            out.append((name, old[key], new[key]))
+    return out
 
 
 def apply_overrides(cfg: Config, overrides: typing.Mapping[str, Any]) -> Config:

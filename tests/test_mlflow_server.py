@@ -4,8 +4,10 @@
   through ``MlflowClient`` (artifacts travel through the server's proxy to its artifact root);
 - the server down when a run starts: ``tracking.on_unavailable=fail`` stops with one clear
   message before any training; ``local`` trains and logs to ``./mlflow.db`` instead;
-- the server killed in the middle of a run: the run still finishes, its model is on disk and
-  the message says what happened (:class:`rayhybrid.tracking.TrackingGuard`).
+- the server killed while the workers train: the run still finishes, its model is on disk,
+  the end-of-training evaluation runs and writes its files, the metrics MLflow did not take
+  (training's and evaluation's) wait in the run folder's queue and join the run once resent,
+  and the messages say what was kept where (:class:`rayhybrid.tracking.TrackingGuard`).
 """
 
 from __future__ import annotations
@@ -231,7 +233,14 @@ def test_guard_spills_metrics_while_the_server_is_down_and_resends_them(
 
 
 def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
-    """Kill the server once the run exists; the training must still finish with its model."""
+    """Kill the server once the workers train; training and its evaluation still finish.
+
+    The end-of-training evaluation is on: it runs, writes its files, and its metrics wait in
+    the run folder's unsent queue with the training's (issue 12). The evaluation metrics in
+    the queue, and not in the run until resent, prove that the server really was gone.
+    """
+    from rayhybrid.train.checkpoint import checkpoint_complete
+
     server = start_server(tmp_path / "server")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     # A dead server would otherwise hold every MLflow call for minutes of HTTP retries.
@@ -242,8 +251,18 @@ def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
         TOKENIZERS_PARALLELISM="false",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    out_dir = tmp_path / "out"
     overrides = tiny_overrides(
-        tmp_path, xquad_dir, "dies", server.url, "train.max_steps=8", "train.checkpoint_every=4"
+        tmp_path,
+        xquad_dir,
+        "dies",
+        server.url,
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "eval.at_end_of_training=true",
+        f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: [en, de]}}]",
+        "eval.top_k=20",
+        f"eval.output_dir={out_dir}",
     )
     log = tmp_path / "train.log"
     with open(log, "w") as out:
@@ -257,14 +276,14 @@ def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
         )
     run_file = tmp_path / "runs" / "dies"
     try:
-        deadline = time.monotonic() + 300
-        # The driver writes the run's MLflow id into the run folder once the run exists.
+        deadline = time.monotonic() + 400
+        # The workers are training once the first checkpoint is complete.
         while time.monotonic() < deadline and proc.poll() is None:
-            if "mlflow_run_id" in "".join(p.read_text() for p in run_file.glob("*.json")):
+            if checkpoint_complete(run_file / "checkpoint_00000004")[0] == 4:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         server.proc.stop(grace=5)
-        status = proc.wait(timeout=400)
+        status = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -272,23 +291,37 @@ def test_server_dying_mid_run_loses_no_result(xquad_dir, tmp_path):
     text = log.read_text()
     assert status == 0, text[-5000:]
     assert (run_file / "final_model" / "config.json").is_file()
-    assert list(run_file.glob("checkpoint_*")), "no checkpoint written after the server died"
     assert "MLflow tracking at " in text and "The run continues" in text, text[-3000:]
+    unsent = run_file / "mlflow_unsent.jsonl"
+    # The evaluation ran and wrote its files; the message says where its numbers were kept.
+    summary = json.loads((out_dir / "xquad_r" / "summary.json").read_text())
+    assert f"its files are in {out_dir / 'xquad_r'}, its metrics wait in {unsent}" in text, text[
+        -3000:
+    ]
+    assert f"metrics not sent are kept in {unsent}" in text  # the run summary says it too
+    records = [json.loads(line) for line in unsent.read_text().splitlines()]
+    queued = {r["key"]: r for r in records}
+    for key in ("multi/map_at_20", "cross/map_at_20", "bias/rank_distance"):
+        rec = queued[f"xquad_r/{key}"]
+        assert rec["value"] == pytest.approx(summary["metrics"][key]) and rec["step"] == 8, rec
 
-    # The step metrics MLflow did not take are in the run folder; with the server back (the
-    # same store) they join the run, which then holds every step.
+    # With the server back (the same store) the queue joins the run, which then holds every
+    # training step once and the evaluation's figures.
     from mlflow.tracking import MlflowClient
 
     from rayhybrid.tracking import resend_unsent
 
-    unsent = run_file / "mlflow_unsent.jsonl"
-    keys = {json.loads(line)["key"] for line in unsent.read_text().splitlines()}
-    assert "train/loss" in keys, keys
     run_id = json.loads((run_file / "rayhybrid_run.json").read_text())["mlflow_run_id"]
     server = start_server(tmp_path / "server")
     try:
-        assert resend_unsent(unsent, server.url, run_id) > 0
-        losses = MlflowClient(server.url).get_metric_history(run_id, "train/loss")
-        assert len(losses) == 8 and len({m.step for m in losses}) == 8, losses
+        client = MlflowClient(server.url)
+        assert "xquad_r/multi/map_at_20" not in client.get_run(run_id).data.metrics
+        assert resend_unsent(unsent, server.url, run_id) == len(records)
+        losses = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in losses) == list(range(1, 9)), losses
+        logged = client.get_run(run_id).data.metrics
+        assert logged["xquad_r/multi/map_at_20"] == pytest.approx(
+            summary["metrics"]["multi/map_at_20"]
+        )
     finally:
         server.proc.stop()

@@ -22,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from rayhybrid._io import write_json_atomic
 from rayhybrid.config import (
     Config,
     ConfigError,
     Strategy,
     apply_overrides,
+    config_differences,
     config_to_dict,
     parse_strategy,
     resolve_path,
@@ -135,9 +137,14 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(plain, default=str))
 
 
+def _record_path(cfg: Config) -> Path:
+    """Where a finished (strategy, seed) run keeps its record: its evaluation output folder."""
+    return Path(resolve_path(cfg.eval.output_dir)) / _RUN_RECORD
+
+
 def _reused(cfg: Config) -> dict[str, Any] | None:
     """The record of a finished run of exactly ``cfg`` in its output folder, or None."""
-    path = Path(resolve_path(cfg.eval.output_dir)) / _RUN_RECORD
+    path = _record_path(cfg)
     if not path.is_file():
         return None
     try:
@@ -155,26 +162,10 @@ def _reused(cfg: Config) -> dict[str, Any] | None:
     return record
 
 
-def _differences(old: dict, new: dict, default: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between a stored fingerprint and the current one.
-
-    A key the stored record lacks (a knob added to the schema since) counts as equal when
-    the current value is the knob's default, which by construction reproduces the old
-    behaviour; a key that no longer exists counts as a difference."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        if key not in new:
-            out.append(name)
-        elif key not in old:
-            if new[key] != default.get(key):
-                out.append(name)
-        elif isinstance(old[key], dict) and isinstance(new[key], dict):
-            sub = default.get(key) if isinstance(default.get(key), dict) else {}
-            out += _differences(old[key], new[key], sub, f"{name}.")
-        elif old[key] != new[key]:
-            out.append(name)
-    return out
+def _differences(old: dict, new: dict, default: dict) -> list[str]:
+    """Dotted keys that differ between a stored fingerprint and the current one
+    (:func:`rayhybrid.config.config_differences`: a knob added since matches at its default)."""
+    return [key for key, _, _ in config_differences(old, new, default)]
 
 
 def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
@@ -203,10 +194,7 @@ def _run_one(cfg: Config, parent_run_id: str | None) -> dict[str, Any]:
         "summary": summary,
         "minutes": (time.perf_counter() - start) / 60.0,
     }
-    path = Path(resolve_path(cfg.eval.output_dir)) / _RUN_RECORD
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**out, "config": _fingerprint(cfg)}, default=str, indent=1))
-    tmp.replace(path)
+    write_json_atomic(_record_path(cfg), {**out, "config": _fingerprint(cfg)}, default=str)
     return out
 
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from rayhybrid._io import write_json_atomic
 from rayhybrid.train import TrainingError
 
 if TYPE_CHECKING:
@@ -268,17 +269,22 @@ def check_resume_config(paths: RunPaths, config: dict[str, Any], resumed: bool) 
     Raises:
         TrainingError: naming every differing key.
     """
+    from rayhybrid.config import Config, config_differences, config_to_dict
+
     plain = json.loads(json.dumps(config))  # tuples -> lists, as stored
     stored = read_run_file(paths).get("config")
     if not resumed or stored is None:
         if not resumed:
             write_run_file(paths, config=plain)
         return
+    default = json.loads(json.dumps(config_to_dict(Config())))
     diff = [
-        f"{sec}.{key} ({stored.get(sec, {}).get(key)!r} -> {plain[sec].get(key)!r})"
-        for sec in RESUME_SECTIONS
-        for key in sorted(set(stored.get(sec, {})) | set(plain[sec]))
-        if stored.get(sec, {}).get(key) != plain[sec].get(key)
+        f"{key} ({old!r} -> {new!r})"
+        for key, old, new in config_differences(
+            {s: stored.get(s, {}) for s in RESUME_SECTIONS},
+            {s: plain[s] for s in RESUME_SECTIONS},
+            {s: default[s] for s in RESUME_SECTIONS},
+        )
     ]
     if diff:
         raise TrainingError(
@@ -297,10 +303,7 @@ def read_run_file(paths: RunPaths) -> dict[str, Any]:
 
 def write_run_file(paths: RunPaths, **values: Any) -> None:
     """Update the run's bookkeeping file (atomically: write then rename)."""
-    data = read_run_file(paths) | values
-    tmp = paths.run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(paths.run_file)
+    write_json_atomic(paths.run_file, read_run_file(paths) | values, sort_keys=True)
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int:
@@ -454,9 +457,7 @@ def save_checkpoint(
     torch.save(_rng_state(), out / rng)
     written.append(rng)
     files = {n: {"size": (out / n).stat().st_size, "sha256": _sha256(out / n)} for n in written}
-    tmp = out / (_marker(rank) + ".tmp")
-    tmp.write_text(json.dumps({"step": state.step, "rank": rank, "files": files}, indent=1))
-    tmp.replace(out / _marker(rank))
+    write_json_atomic(out / _marker(rank), {"step": state.step, "rank": rank, "files": files})
 
 
 def load_checkpoint(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rayhybrid._io import write_json_atomic
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import export_model, freeze_embeddings, load_biencoder, unwrap_model
@@ -392,7 +393,7 @@ class _Worker:
                 summary.update(
                     self.extra_fn(unwrap_model(self.model), self.tokenizer, self.cfg, st.step)
                 )
-            (self.paths.root / FINAL_METRICS).write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.paths.root / FINAL_METRICS, summary)
         self.report(summary, checkpoint=self.saved_at != st.step)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rayhybrid._io import write_json_atomic
 from rayhybrid.config import (
     Config,
     ConfigError,
@@ -275,7 +276,7 @@ def _trial_driver(
             }
         )
     done_file.parent.mkdir(parents=True, exist_ok=True)
-    done_file.write_text(json.dumps(final))
+    write_json_atomic(done_file, final)  # read back as "this trial is done": never half
     return final
 
 
