@@ -264,7 +264,9 @@ def check_resume_config(paths: RunPaths, config: dict[str, Any], resumed: bool) 
     """Store the resolved config of a new run; refuse a resume whose settings differ.
 
     The data, model and batch sections (seeds included) decide the stream and the weights; a
-    resume with any of them changed would silently train another run.
+    resume with any of them changed would silently train another run. A knob added to the
+    schema since the run started matches while it holds its default
+    (:func:`rayhybrid.config.config_differences`, which ``compare``'s reuse shares).
 
     Raises:
         TrainingError: naming every differing key.
@@ -280,10 +282,9 @@ def check_resume_config(paths: RunPaths, config: dict[str, Any], resumed: bool) 
     default = json.loads(json.dumps(config_to_dict(Config())))
     diff = [
         f"{key} ({old!r} -> {new!r})"
+        for sec in RESUME_SECTIONS  # in this order: data, model, batch
         for key, old, new in config_differences(
-            {s: stored.get(s, {}) for s in RESUME_SECTIONS},
-            {s: plain[s] for s in RESUME_SECTIONS},
-            {s: default[s] for s in RESUME_SECTIONS},
+            stored.get(sec, {}), plain[sec], default[sec], f"{sec}."
         )
     ]
     if diff:
