@@ -436,6 +436,11 @@ class TrackingConfig:
         "Also log every per-language / per-pair evaluation metric and the counts to MLflow "
         "(default: headline figures only; the rest is in summary.json and the artifacts).",
     )
+    register_model: str = _f(
+        "",
+        "Register the trained model in the MLflow model registry under this name (a new "
+        "version per run); empty: logged to the run only, not registered.",
+    )
 
 
 @dataclass(frozen=True)

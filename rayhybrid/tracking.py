@@ -36,6 +36,7 @@ __all__ = [
     "finish_parent_run",
     "get_experiment_id",
     "log_metrics",
+    "log_model",
     "log_params",
     "log_params_flat",
     "mlflow_client",
@@ -272,6 +273,49 @@ def create_run(
     if params:
         log_params(client, run_id, params)
     return run_id
+
+
+def log_model(
+    tracking_uri: str,
+    run_id: str,
+    model_dir: Path,
+    *,
+    step: int = 0,
+    registered_name: str = "",
+) -> Any:
+    """Log the exported model folder as an MLflow sentence-transformers model of ``run_id``.
+
+    The folder is what :func:`rayhybrid.model.export_model` wrote (encoder, tokenizer,
+    pooling, normalisation and the query / passage prompts), so the logged model encodes as
+    the trainer's bi-encoder. Load it with ``mlflow.sentence_transformers.load_model(
+    info.model_uri)``; with ``registered_name`` a version of that registered model is created
+    (``models:/<name>/<version>``).
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri``, ``model_id``, ``registered_model_version``).
+
+    Raises:
+        MlflowException: the store refused a call.
+    """
+    import mlflow
+    import mlflow.sentence_transformers
+    from sentence_transformers import SentenceTransformer
+
+    # log_model has no tracking_uri argument: it logs to the process's current one. Every other
+    # call in rayhybrid names its store explicitly, so pointing the global at this run's store
+    # changes nothing else.
+    mlflow.set_tracking_uri(tracking_uri)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    return mlflow.sentence_transformers.log_model(
+        model,
+        name="model",
+        run_id=run_id,
+        step=step,
+        registered_model_name=registered_name or None,
+        # Given, so that MLflow does not load the model again in a subprocess to infer them.
+        pip_requirements=mlflow.sentence_transformers.get_default_pip_requirements(),
+        await_registration_for=60 if registered_name else 0,
+    )
 
 
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:

@@ -140,9 +140,11 @@ def test_training_run_is_read_back_from_the_server(mlflow_server, ray_local, xqu
     assert run.data.tags["rayhybrid.eval_status"] == "finished"
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model", "eval"} <= top, top
-    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "config.json" in model_files and any(f.endswith(".safetensors") for f in model_files)
+    assert {"config.yaml", "eval"} <= top, top
+    # The model is an MLflow (sentence-transformers) model of the run, stored by the server.
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+    assert list((mlflow_server.root / "artifacts").rglob("MLmodel")), "no MLmodel on the server"
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert config_from_dict(yaml.safe_load(Path(local).read_text())) == cfg
     # The artifacts went through the server to its artifact root, not to a client-side path.

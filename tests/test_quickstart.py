@@ -132,7 +132,8 @@ def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:4] == [f"{base:.3f}", f"{fine:.3f}"], (cells, base, fine)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model", "eval"} <= top, top
+    assert {"config.yaml", "eval"} <= top, top
+    assert len(run.outputs.model_outputs) == 1  # the model, an MLflow model of the run
 
     # The printed command itself serves the run and its artifacts.
     (port,) = free_ports(1)

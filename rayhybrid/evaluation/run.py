@@ -356,7 +356,7 @@ def _write_outputs(
             files[key] = str(path)
     summary = {
         "task": task.name,
-        "model": model,
+        "model": _model_reference(model, folder),
         "settings": list(retrieval.blocks),
         "top_k": retrieval.top_k,
         "full_depth_runs": retrieval.full_depth,
@@ -372,6 +372,18 @@ def _write_outputs(
     }
     write_summary(summary, folder / "summary.json")
     return summary
+
+
+def _model_reference(model: str, folder: Path) -> str:
+    """A local model folder relative to ``folder`` (where summary.json lies), so the record
+    still points at the model after the run and output folders move or are copied to another
+    machine; a hub name as given."""
+    import os
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    return os.path.relpath(path.resolve(), Path(folder).resolve())
 
 
 def evaluate(

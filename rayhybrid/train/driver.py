@@ -155,8 +155,11 @@ def _start_mlflow(
     return {"tracking_uri": uri, "run_id": run_id}
 
 
-def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: str) -> Any:
-    """Model artifact, final metrics, run status; a failing store costs a message, not the run.
+def _finish_mlflow(
+    spec: dict | None, paths: RunPaths, metrics: dict, status: str, register_as: str = ""
+) -> Any:
+    """Model (an MLflow sentence-transformers model, registered as ``register_as`` when given),
+    final metrics, run status; a failing store costs a message, not the run.
 
     Returns:
         The :class:`~rayhybrid.tracking.TrackingGuard` the calls went through (None without
@@ -164,12 +167,20 @@ def _finish_mlflow(spec: dict | None, paths: RunPaths, metrics: dict, status: st
     """
     if spec is None:
         return None
-    from rayhybrid.tracking import TrackingGuard, mlflow_client
+    from rayhybrid.tracking import TrackingGuard, log_model, mlflow_client
 
     client, run_id = mlflow_client(spec["tracking_uri"]), spec["run_id"]
     guard = TrackingGuard(spec["tracking_uri"], spill_path=paths.mlflow_unsent)
     if status == "FINISHED" and paths.final_model.is_dir():
-        guard.call("log the model", client.log_artifacts, run_id, str(paths.final_model), "model")
+        guard.call(
+            "log the model",
+            log_model,
+            spec["tracking_uri"],
+            run_id,
+            paths.final_model,
+            step=int(metrics.get("step") or 0),
+            registered_name=register_as,
+        )
         for key in ("best_val_loss", "step_time_median_s"):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -444,7 +455,7 @@ def _fit(
     final = paths.root / FINAL_METRICS
     if final.is_file():
         metrics.update(json.loads(final.read_text()))
-    guard = _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED")
+    guard = _finish_mlflow(mlflow_spec, paths, metrics, "FINISHED", cfg.tracking.register_model)
     return TrainResult(
         run_dir=paths.root,
         model_dir=paths.final_model,
