@@ -209,6 +209,13 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> 
         metavar="key=value",
         help="Config overrides, e.g. train.lr=1e-4 data.languages=[en,de].",
     )
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="Show everything Ray, Ray Data, Train and MLflow print (default: their internal "
+        "warnings and progress echoes are filtered; the project's own lines always show).",
+    )
     p.set_defaults(default_config=default_config)
 
 
@@ -330,7 +337,9 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
         interrupted; errors are printed to stderr as one line.
     """
     from rayhybrid.cluster import path_warnings
+    from rayhybrid.console import quiet
 
+    restore_env = quiet(verbose=bool(getattr(args, "verbose", False)))  # before Ray starts
     setup_logging()
     try:
         cfg = _load(args)
@@ -350,6 +359,8 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
             traceback.print_exc()
         print(f"{prog}: error: {_error_line(exc)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        restore_env()
     return int(status or 0)
 
 

@@ -64,8 +64,15 @@ def ensure_ray(**init_kwargs: Any) -> None:
         )
     # A submitted job's runtime env comes from `ray job submit`; only a direct run sets one.
     runtime_env = None if in_submitted_job() else {"env_vars": dict(RAY_ENV)}
+    from rayhybrid.console import quiet_ray
+
+    quiet = quiet_ray()  # Ray's own lines filtered unless the command runs with --verbose
     try:
-        ray.init(address="auto" if address else None, runtime_env=runtime_env, **init_kwargs)
+        ray.init(
+            address="auto" if address else None,
+            runtime_env=runtime_env,
+            **{**quiet, **init_kwargs},
+        )
     except ConnectionError as exc:
         raise JobError(
             f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}"
