@@ -66,16 +66,64 @@ def _server_up(uri: str, timeout: float = 5.0) -> bool:
         return False
 
 
+_API_CHECKED: set[tuple[str, str]] = set()  # (uri, experiment) pairs that answered this process
+
+
+def _check_api(uri: str, experiment: str) -> None:
+    """One real API call (look the experiment up) to a server that answers ``/health``.
+
+    MLflow answers ``/health`` even when it refuses every API call, for example one whose
+    Host header is not among the server's ``--allowed-hosts`` (HTTP 403 "Invalid Host
+    header"), so ``/health`` alone says nothing about whether runs can be logged.
+
+    Raises:
+        TrackingError: the server refused the call (the message names the URI and the fix).
+    """
+    if (uri, experiment) in _API_CHECKED:
+        return
+    from urllib.parse import urlsplit
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client(uri).get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        host = urlsplit(uri).netloc
+        if "403" in first or "Invalid Host header" in str(exc):
+            hint = (
+                f"it answers /health but refuses API calls sent to the host name {host!r}: "
+                f"start it with --allowed-hosts including {host!r} (for example "
+                f"`mlflow server ... --allowed-hosts '{host}'`), or use a tracking URI with a "
+                "host name it allows"
+            )
+        else:
+            hint = "it answers /health but its API call failed"
+        raise TrackingError(
+            f"MLflow tracking server {uri}: {hint} ({first}). Nothing has been trained or "
+            "written yet."
+        ) from None
+    _API_CHECKED.add((uri, experiment))
+
+
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     """The tracking URI to use, after checking that a server URI answers.
 
     Order: ``cfg.tracking_uri``, then ``MLFLOW_TRACKING_URI``, then the local SQLite store.
 
+    An http(s) server that answers ``/health`` is also asked one API call (the experiment
+    looked up), once per URI and process: a server refusing the client's Host header
+    answers ``/health`` but nothing else.
+
     Raises:
-        TrackingError: an http(s) server does not answer and ``cfg.on_unavailable == "fail"``.
+        TrackingError: an http(s) server does not answer and ``cfg.on_unavailable == "fail"``,
+            or it answers but refuses API calls (whatever ``on_unavailable`` says: the server
+            is up and misconfigured, not down).
     """
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or default_tracking_uri()
-    if uri.startswith(("http://", "https://")) and not _server_up(uri):
+    if uri.startswith(("http://", "https://")) and _server_up(uri):
+        _check_api(uri, cfg.experiment)
+    elif uri.startswith(("http://", "https://")):
         if cfg.on_unavailable == "fail":
             raise TrackingError(
                 f"MLflow tracking server {uri} does not answer. Start it, point "

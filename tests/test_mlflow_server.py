@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,9 @@ class Server:
     proc: Background
 
 
-def start_server(root: Path) -> Server:
-    """`mlflow server` on 127.0.0.1:<free port>, SQLite backend, artifacts proxied to root/artifacts."""
+def start_server(root: Path, extra: Sequence[str] = ()) -> Server:
+    """`mlflow server` on 127.0.0.1:<free port>, SQLite backend, artifacts proxied to root/artifacts
+    (``extra``: more server options)."""
     root.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -58,6 +60,7 @@ def start_server(root: Path) -> Server:
         str(port),
         "--workers",
         "1",
+        *extra,
     ]
     proc = Background(cmd, log=root / "server.log", env=env)
     url = f"http://127.0.0.1:{port}"
@@ -167,6 +170,44 @@ def test_server_down_at_start_fails_before_training(ray_local, xquad_dir, tmp_pa
     run_dir = tmp_path / "runs" / "down"
     assert not (run_dir / "final_model").exists()
     assert not list(run_dir.glob("checkpoint*")), "a checkpoint was written before the check"
+
+
+def test_server_refusing_the_host_name_fails_in_one_line(
+    xquad_dir, tiny_model_dir, tmp_path, capsys
+):
+    """A server whose --allowed-hosts excludes the name the client uses answers /health and
+    refuses every API call (HTTP 403): the pre-flight makes a real call and says so. (The
+    command is an evaluation: it opens its MLflow run before starting Ray, as training does
+    before its first step, so the refusal shows without a Ray start.)"""
+    from rayhybrid.cli import main
+    from rayhybrid.tracking import TrackingError, resolve_tracking_uri
+    from tests.procs import http_ok
+
+    server = start_server(tmp_path / "server", ["--allowed-hosts", "mlflow.internal"])
+    try:
+        assert http_ok(f"{server.url}/health"), "the refusing server should still answer /health"
+        cfg = load_config(None, tiny_overrides(tmp_path, xquad_dir, "refused", server.url))
+        with pytest.raises(TrackingError) as caught:
+            resolve_tracking_uri(cfg.tracking)
+        message = str(caught.value)
+        host = server.url.split("//", 1)[1]
+        assert server.url in message and "--allowed-hosts" in message and host in message
+        assert "403" in message and "\n" not in message, message
+
+        task = f"eval.tasks=[{{name: xquad_r, path: '{xquad_dir}', part: test, languages: [en]}}]"
+        out = tmp_path / "out"
+        args = ["evaluate", "--model", str(tiny_model_dir), task, f"eval.output_dir={out}"]
+        status = main([*args, f"tracking.tracking_uri={server.url}"])
+        err = capsys.readouterr().err
+        assert status == 1
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(
+            "rayhybrid evaluate: error: TrackingError: MLflow tracking server"
+        ), err
+        assert "--allowed-hosts" in last and "Traceback" not in err, err
+        assert not out.exists(), "the evaluation ran before the tracking check"
+    finally:
+        server.proc.stop()
 
 
 def test_server_down_at_start_logs_locally_when_asked(

@@ -104,9 +104,11 @@ def test_reference_run_logs_one_mlflow_run_and_exports(reference, root):
     for key in ("train/lr", "train/pairs_per_s", "train/mode_is_mono", "train/grad_norm"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2 * N, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model"} <= artifacts
+    assert "config.yaml" in artifacts
+    (output,) = run.outputs.model_outputs  # the model: an MLflow sentence-transformers model
+    data = "model.sentence_transformer"
     assert "modules.json" in {
-        Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")
+        Path(a.path).name for a in client.list_logged_model_artifacts(output.model_id, data)
     }
     log = read_batch_log(root / "log_ref")
     assert [e["step"] for e in log[0]] == list(range(2 * N)) == [e["step"] for e in log[1]]
