@@ -133,7 +133,8 @@ def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
     assert cells[2:4] == [f"{base:.3f}", f"{fine:.3f}"], (cells, base, fine)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "eval"} <= top, top
-    assert len(run.outputs.model_outputs) == 1  # the model, an MLflow model of the run
+    # the model: an MLflow model of the run
+    assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1
 
     # The printed command itself serves the run and its artifacts.
     (port,) = free_ports(1)
