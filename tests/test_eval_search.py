@@ -12,9 +12,19 @@ from rayhybrid.evaluation.retrieval import CandidateIndex, LocalShards, run_sett
 from rayhybrid.evaluation.search import ShardSearcher, merge_topk, topk_with_ties
 
 
-def brute_order(q: np.ndarray, c: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ranking: float64 scores rounded to float32, ties by key (independent code)."""
-    s = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
+def brute_order(
+    q: np.ndarray, c: np.ndarray, keys: np.ndarray, f64: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ranking: one float32 product of the whole matrices (``f64``: accumulated in
+    float64, rounded to float32), full lexsort by (score descending, key ascending); no
+    tiles, heaps or partial sorts (independent code)."""
+    if f64:
+        s = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
+    else:  # zero rows make it one large sgemm (no small-matrix or gemv kernels)
+        pad = max(512, len(q), len(c))
+        qp, cp = np.zeros((pad, q.shape[1]), np.float32), np.zeros((pad, c.shape[1]), np.float32)
+        qp[: len(q)], cp[: len(c)] = q, c
+        s = (qp @ cp.T)[: len(q), : len(c)]
     order = np.stack([np.lexsort((keys, -row)) for row in s])
     return np.take_along_axis(s, order, 1), keys[order]
 
@@ -42,13 +52,58 @@ def test_topk_with_ties_takes_lowest_columns_among_equal_scores(kind):
     assert cols.tolist() == [[1, 2, 4, 0, 3], [4, 0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("k", [1, 5, 60])
-def test_search_equals_brute_force_with_ties(k):
+@pytest.mark.parametrize("scores", ["float32", "float64"])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 58, 59, 60])
+def test_search_equals_brute_force_with_ties(k, scores):
+    # k = 1, 2: the three tied copies of query 0's best candidate cross the cut (the heap's
+    # k+1-th equals its k-th, the query is redone in full); 58: heap; 59, 60: full ordering.
     q, c, keys = tied_data()
-    ref_s, ref_k = brute_order(q, c, keys)
-    res = ShardSearcher("x", c, keys).search(q, k)
+    ref_s, ref_k = brute_order(q, c, keys, f64=scores == "float64")
+    shard = ShardSearcher("x", c, keys, scores=scores)
+    assert shard.scores == scores
+    res = shard.search(q, k)
     assert np.array_equal(res.keys, ref_k[:, :k])
     assert np.array_equal(res.scores, ref_s[:, :k])
+
+
+def test_blas_float32_products_do_not_depend_on_shape():
+    from rayhybrid.evaluation.search import blas_f32_consistent, exact_scores
+
+    assert blas_f32_consistent()  # else the searcher falls back to float64 (logged)
+    rng = np.random.default_rng(7)
+    c = rng.standard_normal((300, 384)).astype(np.float32)
+    q = rng.standard_normal((40, 384)).astype(np.float32)
+    full = q @ c.T  # 40 x 300 x 384: OpenBLAS's blocked kernels
+    # single rows / columns (gemv), small blocks (OpenBLAS small-matrix kernels), odd offsets
+    blocks = [(0, 1, 0, 300), (9, 10, 5, 6), (0, 40, 299, 300), (3, 37, 11, 290), (0, 4, 0, 8)]
+    for a, b, x, y in blocks:
+        assert np.array_equal(exact_scores(q[a:b], c[x:y]), full[a:b, x:y]), (a, b, x, y)
+
+
+def test_float32_and_float64_orders_differ_only_among_near_ties():
+    """Where the float32 ranking differs from the float64-accumulated one, the candidates
+    involved score within the float32 rounding bound d * 2**-24 * |q| |c| of each other."""
+    rng = np.random.default_rng(11)
+    d = 384
+    c = rng.standard_normal((4000, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    c[2000:] = c[:2000] + 1e-4 * rng.standard_normal((2000, d)).astype(np.float32)  # near-ties
+    q = rng.standard_normal((30, d)).astype(np.float32)
+    keys = np.arange(len(c))
+    res = ShardSearcher("x", c, keys).search(q, 500)
+    exact = q.astype(np.float64) @ c.astype(np.float64).T
+    bound = d * 2.0**-24 * np.linalg.norm(q, axis=1).max() * np.linalg.norm(c, axis=1).max()
+    swapped = 0
+    for i in range(len(q)):
+        got = exact[i, res.keys[i]]  # float64 scores in float32 order
+        worse = np.flatnonzero(np.diff(got) > 0)  # a later candidate scores higher in float64
+        swapped += len(worse)
+        assert (got[worse + 1] - got[worse] <= 2 * bound).all()
+        # and the float64 top-500 set differs only by candidates at the float32 cut
+        ref = np.argsort(-exact[i], kind="stable")[:500]
+        extra = np.setdiff1d(ref, res.keys[i])
+        assert (exact[i, extra] <= got.min() + 2 * bound).all()
+    print(f"adjacent float32/float64 order swaps among near-ties: {swapped}")
 
 
 def test_relevant_ranks_and_counts_match_brute_force():
@@ -86,14 +141,19 @@ def test_merged_shards_equal_one_global_search():
         assert np.array_equal(merged[0], glob.scores)
 
 
-def test_scores_do_not_depend_on_shard_or_batch_shape():
+@pytest.mark.parametrize("scores", ["float32", "float64"])
+def test_scores_do_not_depend_on_shard_or_batch_shape(scores):
     rng = np.random.default_rng(3)
     c = rng.standard_normal((500, 96)).astype(np.float32)
     q = rng.standard_normal((300, 96)).astype(np.float32)
-    full = ShardSearcher("all", c).search(q, 500)
-    part = ShardSearcher("part", c[123:170], np.arange(123, 170)).search(q[7:9], 47)
+    full = ShardSearcher("all", c, scores=scores).search(q, 500)
     lookup = {int(k): s for k, s in zip(full.keys[7], full.scores[7])}
-    assert all(lookup[int(k)] == s for k, s in zip(part.keys[0], part.scores[0]))
+    for sl, cols in ((slice(7, 9), slice(123, 170)), (slice(7, 8), slice(0, 500))):
+        keys = np.arange(500)[cols]
+        part = ShardSearcher("part", c[cols], keys, scores=scores).search(q[sl], len(keys))
+        assert all(lookup[int(k)] == s for k, s in zip(part.keys[0], part.scores[0]))
+    one = ShardSearcher("one", c[42:43], np.array([42]), scores=scores).search(q[7:8], 1)
+    assert one.scores[0, 0] == lookup[42]  # a shard of one candidate, one query
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])

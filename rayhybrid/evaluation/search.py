@@ -2,12 +2,27 @@
 
 Scores are inner products of the embeddings (cosine similarity for L2-normalised ones).
 
-**Exact scores.** A float32 matrix product rounds differently for different matrix shapes
-(BLAS blocking), so one query/candidate pair could score a few ulp apart in a shard and in
-one global index, and near-ties would then flip between the two. Scores are therefore
-accumulated in float64 and rounded once to float32: the result for a pair is the same
-whatever batch or shard it is computed in, and the sharded search equals the global one
-bit for bit.
+**Scores.** On the CPU a score is the float32 inner product computed by the BLAS
+``sgemm`` (numpy's OpenBLAS), the same kernel faiss ``IndexFlatIP`` uses: about 3x
+faster than the float64 accumulation this replaced. A float32 product is only worth
+ranking by if a pair scores the same in every shard, batch and tile it is computed in;
+OpenBLAS ``sgemm`` gives that (each output element accumulates along the dimension in the
+same order whatever the matrix shape or its position in it), its ``gemv`` (a product with
+one row or one column) does not, so :func:`exact_scores` pads a lone row or column to two.
+:func:`blas_f32_consistent` checks the property on the running BLAS once per process
+(several shapes and offsets of one product must agree bit for bit); where it fails, the
+searcher falls back to float64-accumulated scores rounded to float32 (the previous
+behaviour, ``scores="float64"``). Two processes must run the same BLAS kernels to agree
+(the shard actors get ``eval.openblas_coretype``; numpy picks the same on this class of
+CPU by itself). Against float64 accumulation, a float32 score differs by at most
+~``d * 2**-24 * |q| |c|``, so the two orders differ only among candidates whose scores lie
+that close (near-ties; tests/test_eval_search.py checks it). On a GPU (``device="cuda"``)
+scores stay float64-accumulated in torch.
+
+**Top-k.** A faiss heap (``float_minheap_array_t.addn``, the one ``IndexFlatIP`` runs on
+its score tiles) keeps the k+1 best scores of every query over the tiles; the k+1-th shows
+whether equal scores cross the cut (then that query is redone with a full ordering), and the
+k kept are put in (score descending, key ascending) order.
 
 **Order and ties.** Candidates are ranked by score, descending; equal scores are broken by
 the candidate's *key* (ascending). The caller chooses the keys; :mod:`retrieval` uses each
@@ -29,6 +44,8 @@ GPU, and an IVF index moves to the GPU when faiss-gpu is installed.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +54,22 @@ import numpy as np
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.faiss_index import build_faiss_index
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SearchResult",
     "ShardSearcher",
+    "blas_f32_consistent",
     "check_shard",
     "exact_scores",
     "merge_topk",
     "topk_with_ties",
 ]
 
-# Elements of one score block (rows x tile columns): bounds memory at ~128 MiB of float64.
+# Elements of one score block (rows x tile columns): bounds memory at ~64 MiB of float32.
 _BLOCK_ELEMENTS = 1 << 24
+# Multiply-adds below which a product is padded (above OpenBLAS's small-matrix kernels).
+_MIN_MNK = 1 << 21
 # Columns per tile: larger shards are scored tile by tile (ShardSearcher._tiles).
 _TILE = 1 << 15
 
@@ -72,20 +94,88 @@ class SearchResult:
     rel_ranks: np.ndarray
 
 
-def exact_scores(queries: np.ndarray, candidates64: Any) -> Any:
-    """Inner products accumulated in float64, rounded once to float32 (module docstring).
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    return x if len(x) >= n else np.concatenate([x, np.zeros((n - len(x), x.shape[1]), x.dtype)])
 
-    CPU: a numpy array (numpy's OpenBLAS runs AVX-512 kernels on this class of CPU where
-    torch's MKL takes a slower path on AMD, and the rest of the CPU path stays in numpy so
-    that two thread pools never spin against each other). GPU (``candidates64`` a CUDA
-    tensor): a torch tensor on that device.
+
+def _f32_scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``queries @ candidates.T`` by the blocked ``sgemm`` kernels only.
+
+    A product with one row or column goes to ``gemv``, and OpenBLAS sends products of
+    rows x columns x dim <= 10**6 to its "small matrix" kernels; both sum in other orders
+    (module docstring). Small products are therefore padded with zero rows to at least
+    ``_MIN_MNK`` multiply-adds and the result cut back.
     """
-    if isinstance(candidates64, np.ndarray):
-        return (queries.astype(np.float64) @ candidates64.T).astype(np.float32)
+    nq, nc = len(queries), len(candidates)
+    if nq == 0 or nc == 0:
+        return np.zeros((nq, nc), np.float32)
+    d = max(1, queries.shape[1])
+    if nq > 1 and nc > 1 and nq * nc * d > _MIN_MNK:
+        return queries @ candidates.T
+    m = max(2, math.isqrt(_MIN_MNK // d) + 1)
+    s = _pad_rows(queries, m) @ _pad_rows(candidates, m).T
+    return np.ascontiguousarray(s[:nq, :nc])
+
+
+def exact_scores(queries: np.ndarray, candidates: Any) -> Any:
+    """Scores of every query against every candidate, the same bits in any shard or batch.
+
+    ``candidates``: a float32 numpy array (CPU, ``sgemm``), a float64 numpy array (the
+    float64 fallback: accumulated in float64, rounded once to float32), or a float64 CUDA
+    tensor (GPU: a torch tensor on that device). See the module docstring.
+    """
+    if isinstance(candidates, np.ndarray):
+        if candidates.dtype == np.float32:
+            return _f32_scores(np.asarray(queries, np.float32), candidates)
+        return (queries.astype(np.float64) @ candidates.T).astype(np.float32)
     import torch
 
-    q = torch.from_numpy(queries).to(candidates64.device, torch.float64)
-    return (q @ candidates64.T).float()
+    q = torch.from_numpy(queries).to(candidates.device, torch.float64)
+    return (q @ candidates.T).float()
+
+
+_CONSISTENT: bool | None = None
+
+
+def blas_f32_consistent() -> bool:
+    """Whether this process's float32 products give a pair the same bits in any shape.
+
+    One product of 300 queries x 700 candidates (d = 96) against the same pairs computed in
+    sub-blocks of other shapes and offsets (single rows and columns, small blocks that
+    :func:`exact_scores` pads, large ones it does not). Cached per process.
+    """
+    global _CONSISTENT
+    if _CONSISTENT is None:
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((300, 96)).astype(np.float32)
+        c = rng.standard_normal((700, 96)).astype(np.float32)
+        full = _f32_scores(q, c)
+        blocks = [
+            (0, 1, 0, 700),
+            (5, 6, 3, 4),
+            (0, 300, 7, 8),
+            (3, 41, 17, 150),
+            (1, 3, 0, 2),
+            (17, 290, 33, 680),
+        ]
+        _CONSISTENT = all(
+            np.array_equal(_f32_scores(q[a:b], c[x:y]), full[a:b, x:y]) for a, b, x, y in blocks
+        )
+        if not _CONSISTENT:
+            log.warning(
+                "[rayhybrid eval] float32 products of this BLAS depend on the matrix shape: "
+                "shards score in float64 (slower, same ranks)"
+            )
+    return _CONSISTENT
+
+
+def _ptr(a: np.ndarray) -> Any:
+    """faiss pointer to a C-contiguous array (the caller keeps the array alive)."""
+    import faiss
+
+    if not a.flags.c_contiguous:
+        raise EvaluationError("internal: a score tile must be C-contiguous")
+    return faiss.swig_ptr(a)
 
 
 def _host(x: Any) -> np.ndarray:
@@ -183,9 +273,10 @@ def _count_before(scores: Any, thr: np.ndarray, boundary: np.ndarray) -> np.ndar
         t, b = (torch.from_numpy(np.ascontiguousarray(x)).to(s.device) for x in (thr, boundary))
         col = torch.arange(s.shape[1], device=s.device)
         out = torch.zeros(thr.shape, dtype=torch.int64, device=s.device)
+    numpy = isinstance(s, np.ndarray)
     for j in range(thr.shape[1]):  # one pass per threshold column keeps memory at [rows, n]
         tj = t[:, j : j + 1]
-        out[:, j] = (s > tj).sum(1)
+        out[:, j] = np.count_nonzero(s > tj, axis=1) if numpy else (s > tj).sum(1)
         eq = s == tj
         if bool(eq.any()):
             out[:, j] += (eq & (col[None, :] < b[:, j : j + 1])).sum(1)
@@ -249,6 +340,8 @@ class ShardSearcher:
         index: ``flat`` (exact), ``ivf`` or ``hnsw`` (FAISS, approximate top-k).
         device: ``cpu`` or ``cuda``.
         tile: candidates scored at once (larger shards go tile by tile; same results).
+        scores: ``float32`` (CPU default: ``sgemm``, where :func:`blas_f32_consistent`) or
+            ``float64`` (accumulated in float64, rounded to float32; always on a GPU).
 
     Raises:
         EvaluationError: empty shard, not a 2-D finite array, keys of the wrong length or
@@ -264,19 +357,28 @@ class ShardSearcher:
         index: str = "flat",
         device: str = "cpu",
         tile: int = _TILE,
+        scores: str = "float32",
         **index_options: Any,
     ) -> None:
         emb, keys = check_shard(name, embeddings, keys)
+        if scores not in ("float32", "float64"):
+            raise EvaluationError(
+                f"shard {name!r}: scores must be float32 or float64, got {scores!r}"
+            )
         order = np.argsort(keys, kind="stable")
         self.name, self.keys, self.kind, self.device = name, keys[order], index, device
         self.tile = max(1, int(tile))
         emb = emb[order]
-        if device == "cpu":
-            self._cand64: Any = emb.astype(np.float64)
-        else:
+        if device != "cpu":
             import torch
 
-            self._cand64 = torch.from_numpy(emb).to(device=device, dtype=torch.float64)
+            self.scores = "float64"
+            self._cand: Any = torch.from_numpy(emb).to(device=device, dtype=torch.float64)
+        else:
+            f32 = scores == "float32" and blas_f32_consistent()
+            self.scores = "float32" if f32 else "float64"
+            # float32: the candidates as they are (half the memory of the float64 copy).
+            self._cand = emb if f32 else emb.astype(np.float64)
         self._faiss = None
         if index != "flat":
             self._faiss = build_faiss_index(emb, index, use_gpu=device != "cpu", **index_options)
@@ -287,7 +389,7 @@ class ShardSearcher:
 
     @property
     def dim(self) -> int:
-        return int(self._cand64.shape[1])
+        return int(self._cand.shape[1])
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
@@ -313,7 +415,7 @@ class ShardSearcher:
         return [(a, min(a + self.tile, self.size)) for a in range(0, self.size, self.tile)]
 
     def _scores(self, q: np.ndarray, start: int = 0, stop: int | None = None) -> Any:
-        return exact_scores(q, self._cand64[start:stop])
+        return exact_scores(q, self._cand[start:stop])
 
     def _boundary(self, keys: np.ndarray) -> np.ndarray:
         """Per key: how many shard candidates have a smaller key (they win a tie against it)."""
@@ -375,6 +477,7 @@ class ShardSearcher:
     def _search_block(self, q: np.ndarray, k: int, pos: np.ndarray) -> tuple[np.ndarray, ...]:
         """One row block, tile by tile: top-k, and scores / in-shard ranks at columns ``pos``."""
         tiles = self._tiles()
+        heap = self._heap(len(q), k) if self._faiss is None else None
         approx = None
         if self._faiss is not None and k < self.size:
             approx = self._faiss.search(q, k)[1].astype(np.int64)
@@ -384,7 +487,9 @@ class ShardSearcher:
         ranks = np.zeros(pos.shape, np.int64)
         for a, b in tiles:
             s = self._scores(q, a, b)
-            if approx is None:
+            if heap is not None:
+                heap[0].addn(b - a, _ptr(s), a)
+            elif approx is None:
                 v, c = topk_with_ties(s, min(k, b - a))
                 parts.append((v, c + a))
             else:
@@ -396,7 +501,9 @@ class ShardSearcher:
                 ranks = _count_before(s, thr, pos)
         if len(tiles) > 1 and pos.shape[1]:  # thresholds complete only now: a second pass
             ranks = self._count_tiles(q, thr, pos)
-        if approx is None:
+        if heap is not None:
+            vals, cols = self._heap_result(q, k, *heap)
+        elif approx is None:
             vals, cols = merge_topk(parts, k)  # columns: lower column wins a tie, as in a tile
         else:
             order = _order_rows(
@@ -405,6 +512,42 @@ class ShardSearcher:
             vals, cols = (np.take_along_axis(x, order, 1) for x in (approx_scores, approx))
         valid = pos >= 0
         return vals, cols, np.where(valid, thr, np.nan), np.where(valid, ranks + 1, 0)
+
+    def _heap(self, n: int, k: int) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        """A faiss heap of the k+1 best per query (CPU, k < shard size - 1); else None."""
+        if self.device != "cpu" or k + 1 >= self.size:
+            return None
+        import faiss
+
+        vals = np.empty((n, k + 1), np.float32)
+        cols = np.empty((n, k + 1), np.int64)
+        heap = faiss.float_minheap_array_t()  # a min-heap keeps the largest scores
+        heap.k, heap.nh = k + 1, n
+        heap.val, heap.ids = faiss.swig_ptr(vals), faiss.swig_ptr(cols)
+        heap.heapify()
+        return heap, vals, cols
+
+    def _heap_result(
+        self, q: np.ndarray, k: int, heap: Any, vals: np.ndarray, cols: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by (score descending, column ascending) from the k+1 best of the heap.
+
+        Where the k-th and k+1-th scores differ, the k best are exactly the heap's first k
+        (whichever equal scores the heap kept below the cut); where they are equal, a tie
+        crosses the cut and that query is redone over the whole shard (exact duplicates).
+        """
+        heap.reorder()
+        order = _order_rows(vals, cols)
+        vals, cols = np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
+        crossing = np.flatnonzero(vals[:, k - 1] == vals[:, k])
+        vals, cols = vals[:, :k].copy(), cols[:, :k].copy()
+        for row in crossing.tolist():
+            parts = []
+            for a, b in self._tiles():
+                v, c = topk_with_ties(self._scores(q[row : row + 1], a, b), min(k, b - a))
+                parts.append((v, c + a))
+            vals[row], cols[row] = (x[0] for x in merge_topk(parts, k))
+        return vals, cols
 
     def _count_tiles(self, q: np.ndarray, thr: np.ndarray, bound: np.ndarray) -> np.ndarray:
         """Candidates before each threshold, summed over tiles (``bound``: global columns)."""

@@ -36,16 +36,21 @@ class _ShardActor:
         device: str,
         threads: int,
     ) -> None:
+        import faiss
         import torch
 
         from rayhybrid.evaluation.search import ShardSearcher
 
         # A shard gets a fraction of the node; more BLAS threads than CPUs only thrash.
+        # numpy's OpenBLAS scores, faiss's OpenMP runs the top-k heaps (and IVF / HNSW).
         torch.set_num_threads(threads)
-        if index != "flat":
-            import faiss
+        faiss.omp_set_num_threads(threads)
+        try:
+            from threadpoolctl import threadpool_limits
 
-            faiss.omp_set_num_threads(threads)
+            self._limits = threadpool_limits(threads, user_api="blas")
+        except ImportError:  # Ray already sets OMP_NUM_THREADS from num_cpus for actors
+            log.info("[rayhybrid eval] threadpoolctl missing: BLAS threads from OMP_NUM_THREADS")
         self.searcher = ShardSearcher(name, embeddings, keys, index=index, device=device)
 
     def info(self) -> tuple[int, int]:
