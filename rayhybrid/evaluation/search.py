@@ -536,9 +536,12 @@ class ShardSearcher:
         (whichever equal scores the heap kept below the cut); where they are equal, a tie
         crosses the cut and that query is redone over the whole shard (exact duplicates).
         """
-        heap.reorder()
-        order = _order_rows(vals, cols)
-        vals, cols = np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
+        heap.reorder()  # score descending; equal scores in no particular order
+        tied = np.flatnonzero((vals[:, 1:] == vals[:, :-1]).any(axis=1))
+        if len(tied):  # only rows with equal scores need the (score, column) ordering
+            order = _order_rows(vals[tied], cols[tied])
+            vals[tied] = np.take_along_axis(vals[tied], order, 1)
+            cols[tied] = np.take_along_axis(cols[tied], order, 1)
         crossing = np.flatnonzero(vals[:, k - 1] == vals[:, k])
         vals, cols = vals[:, :k].copy(), cols[:, :k].copy()
         for row in crossing.tolist():
