@@ -375,6 +375,12 @@ class EvalConfig:
         "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
         "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.",
     )
+    cache_dir: str = _f(
+        "",
+        "Embedding cache folder (empty: off). A second evaluation of one local model folder "
+        "on the same texts (recipe, prefixes, max lengths) reuses the encoded queries / "
+        "candidates; keyed by a hash of the model files; safe to share between jobs.",
+    )
     at_end_of_training: bool = _f(
         True,
         "`rayhybrid train` / jobs/train.py: evaluate eval.tasks with the final model, into the training's MLflow run (tasks are loaded before training, so a bad task fails first).",

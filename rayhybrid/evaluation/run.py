@@ -233,7 +233,7 @@ def evaluate_task(
         EvaluationError: bad settings, top-k larger than a shard, a shard failure.
         ModelError: the model cannot be loaded.
     """
-    from rayhybrid.evaluation.encode import encode_with_ray
+    from rayhybrid.evaluation.cache import encode_cached
     from rayhybrid.evaluation.shards import ActorShards
 
     settings = check_settings(cfg.eval.settings)
@@ -247,7 +247,7 @@ def evaluate_task(
             f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}"
         )
     start = time.perf_counter()
-    (q_emb, c_emb), encode_s = encode_with_ray(
+    (q_emb, c_emb), encode_s, cached = encode_cached(
         [
             ([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
             (
@@ -258,6 +258,7 @@ def evaluate_task(
         ],
         cfg.model,
         model_path,
+        cfg.eval.cache_dir,
         batch_size=cfg.eval.batch_size,
         workers=cfg.eval.encode_workers,
     )
@@ -317,6 +318,7 @@ def evaluate_task(
             "samples": cfg.eval.bootstrap_samples,
             "values": intervals,
         },
+        embedding_cache={"queries": cached[0], "candidates": cached[1]},
     )
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     return metrics, summary, folder
@@ -332,6 +334,7 @@ def _write_outputs(
     timing: dict[str, float],
     files: dict[str, str],
     intervals: dict[str, Any],
+    embedding_cache: dict[str, str] | None = None,
 ) -> dict:
     from rayhybrid.evaluation.outputs import cross_matrix, write_summary, write_trec
     from rayhybrid.experiments.plots import plot_language_matrices, plot_per_language
@@ -367,6 +370,7 @@ def _write_outputs(
         "intervals": intervals,
         "cells": counts,
         "timing_s": timing,
+        "embedding_cache": embedding_cache or {},
         "files": files,
         "load_report": task.report.summary(),
     }

@@ -1,0 +1,203 @@
+"""Embedding cache: re-evaluating one model on one corpus reuses its encoded texts.
+
+An entry holds the embeddings of one group of texts (a task's queries, or its candidates)
+under a key that names everything they depend on:
+
+- the model: a SHA-256 over the model folder's files (relative names and contents) and
+  the model config that shapes the embeddings (pooling, normalisation, dtype ...; its
+  ``name`` is left out, so a copy of the same files elsewhere hits the same entries);
+- the texts exactly as encoded (text recipe and prefix applied) and their token limit.
+
+A changed weight file, prefix, recipe (with_context / with_title) or max length therefore
+misses. Only local model folders are cached: a hub name has no files here to hash (the
+cache is then off for that model, said once in the log).
+
+Entries are ``<eval.cache_dir>/<key>.npz`` (float32 embeddings and a JSON note, loaded
+without pickle). Every write goes to a unique temporary file in the same folder and is
+renamed over the entry (``os.replace`` is atomic on POSIX), so two jobs sharing the
+folder never see a half-written entry; both writing one key leave one whole copy. An
+unreadable or mis-shaped entry counts as a miss and is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rayhybrid.evaluation import EvaluationError
+
+if TYPE_CHECKING:
+    from rayhybrid.config import ModelConfig
+
+__all__ = ["EmbeddingCache", "encode_cached", "model_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+_VERSION = 1  # bump when what an entry holds changes
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """SHA-256 over every file under ``folder`` (sorted relative names and contents)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _texts_fingerprint(texts: Sequence[str], prefix: str, max_length: int) -> str:
+    h = hashlib.sha256(f"{prefix}\0{max_length}\0{len(texts)}\0".encode())
+    for t in texts:
+        h.update((prefix + t).encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of text groups for one model, stored under ``folder``.
+
+    Args:
+        folder: the cache folder (created).
+        model_key: what identifies the model (:meth:`for_model` builds it).
+
+    Raises:
+        EvaluationError: the folder cannot be created or written (checked at once, before
+            anything is encoded).
+    """
+
+    def __init__(self, folder: str | Path, model_key: str) -> None:
+        self.folder = Path(folder).expanduser()
+        self.model_key = model_key
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise EvaluationError(
+                f"eval.cache_dir={str(folder)!r}: not a writable folder "
+                f"({type(exc).__name__}: {exc.strerror or exc}); set eval.cache_dir to a "
+                "writable folder, or to '' to turn the cache off"
+            ) from exc
+
+    @classmethod
+    def for_model(
+        cls, folder: str, model_cfg: ModelConfig, model_path: str | None
+    ) -> EmbeddingCache | None:
+        """The cache of this model, or None when ``folder`` is empty or the model is not
+        a local folder (nothing to hash)."""
+        if not folder:
+            return None
+        from rayhybrid.config import config_to_dict
+
+        model = Path(model_path or model_cfg.name).expanduser()
+        if not model.is_dir():
+            log.info(
+                f"[rayhybrid eval] embedding cache off for {model_path or model_cfg.name}: "
+                "not a local model folder (no files to fingerprint)"
+            )
+            cls(folder, "")  # still fail early on an unusable folder
+            return None
+        shape = {k: v for k, v in config_to_dict(model_cfg).items() if k != "name"}
+        key = hashlib.sha256(
+            json.dumps(
+                {"v": _VERSION, "files": model_fingerprint(model), "model": shape},
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
+        return cls(folder, key)
+
+    def path(self, texts: Sequence[str], prefix: str, max_length: int) -> Path:
+        text_key = _texts_fingerprint(texts, prefix, max_length)
+        key = hashlib.sha256(f"{self.model_key}\0{text_key}".encode()).hexdigest()
+        return self.folder / f"{key[:40]}.npz"
+
+    def get(self, texts: Sequence[str], prefix: str, max_length: int) -> np.ndarray | None:
+        """The cached ``[len(texts), dim]`` float32 embeddings, or None (miss)."""
+        path = self.path(texts, prefix, max_length)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                emb = np.asarray(z["emb"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning(f"[rayhybrid eval] embedding cache: unreadable {path} ({exc}); re-encoding")
+            return None
+        if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(texts):
+            log.warning(
+                f"[rayhybrid eval] embedding cache: {path} has shape {emb.shape}; re-encoding"
+            )
+            return None
+        return emb
+
+    def put(self, texts: Sequence[str], prefix: str, max_length: int, emb: np.ndarray) -> Path:
+        """Store ``emb`` for these texts (temporary file, then an atomic rename)."""
+        path = self.path(texts, prefix, max_length)
+        note = json.dumps({"texts": len(texts), "prefix": prefix, "max_length": max_length})
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, emb=np.ascontiguousarray(emb, np.float32), note=np.array(note))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def encode_cached(
+    groups: Sequence[tuple[Sequence[str], str, int]],
+    model_cfg: ModelConfig,
+    model_path: str | None,
+    cache_dir: str,
+    **encode_kwargs: object,
+) -> tuple[list[np.ndarray], float, list[str]]:
+    """:func:`~rayhybrid.evaluation.encode.encode_with_ray` with the embedding cache.
+
+    Groups found in the cache are not encoded; the others are encoded in one Ray Data pass
+    and stored. With ``cache_dir`` empty this is ``encode_with_ray``.
+
+    Returns:
+        ``(embeddings per group, encode seconds, "hit" / "miss" / "off" per group)``.
+
+    Raises:
+        EvaluationError: an unusable cache folder (before encoding), or from encoding.
+    """
+    from rayhybrid.evaluation import encode
+
+    cache = EmbeddingCache.for_model(cache_dir, model_cfg, model_path)
+    found = [cache.get(*g) if cache else None for g in groups]
+    todo = [i for i, emb in enumerate(found) if emb is None]
+    seconds = 0.0
+    if todo:
+        new, seconds = encode.encode_with_ray(
+            [groups[i] for i in todo], model_cfg, model_path, **encode_kwargs
+        )
+        for i, emb in zip(todo, new):
+            found[i] = emb
+            if cache:
+                cache.put(*groups[i], emb)
+    status = [
+        "off" if cache is None else ("miss" if i in todo else "hit") for i in range(len(groups))
+    ]
+    if cache:
+        log.info(
+            f"[rayhybrid eval] embedding cache {cache.folder}: "
+            + ", ".join(
+                f"group {i} ({len(g[0])} texts) {s}" for i, (g, s) in enumerate(zip(groups, status))
+            )
+        )
+    return found, seconds, status
