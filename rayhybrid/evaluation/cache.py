@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,7 +132,7 @@ class EmbeddingCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 emb = np.asarray(z["emb"])
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning(f"[rayhybrid eval] embedding cache: unreadable {path} ({exc}); re-encoding")
             return None
         if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(texts):
