@@ -130,5 +130,5 @@ def test_second_evaluation_skips_encoding_and_gives_identical_metrics(
     assert second.keys() == first.keys()
     assert all(second[k] == first[k] or (np.isnan(first[k]) and np.isnan(second[k])) for k in first)
     # another query prefix: the queries are encoded again, the candidates still come from the cache
-    _, s3 = run("model.query_prefix=question: ")
+    _, s3 = run("model.query_prefix=Q-")
     assert calls == [2, 1] and s3["embedding_cache"] == {"queries": "miss", "candidates": "hit"}
