@@ -123,8 +123,14 @@ def test_second_evaluation_skips_encoding_and_gives_identical_metrics(
         return {k: v for k, v in metrics.items() if "/time/" not in k}, summary
 
     first, s1 = run()
+    print(
+        f"\nencode / total s: miss {s1['timing_s']['encode_s']:.2f} / {s1['timing_s']['total_s']:.2f}"
+    )
     assert calls == [2] and s1["embedding_cache"] == {"queries": "miss", "candidates": "miss"}
     second, s2 = run()
+    print(
+        f"encode / total s: hit {s2['timing_s']['encode_s']:.2f} / {s2['timing_s']['total_s']:.2f}"
+    )
     assert calls == [2]  # the encoder did not run again
     assert s2["embedding_cache"] == {"queries": "hit", "candidates": "hit"}
     assert second.keys() == first.keys()
