@@ -51,6 +51,11 @@ def test_key_changes_with_model_files_prefix_length_and_texts(tmp_path):
         str(tmp_path / "cache"), ModelConfig(pooling="cls"), str(folder)
     )
     assert pooled.path(texts, "query: ", 64) != base
+    # the configured prefixes are not part of the model: only of the texts they start
+    prefixed = EmbeddingCache.for_model(
+        str(tmp_path / "cache"), ModelConfig(query_prefix="Q-"), str(folder)
+    )
+    assert prefixed.path(texts, "query: ", 64) == base
 
 
 def test_put_get_roundtrip_is_atomic_and_bad_entries_are_misses(tmp_path):

@@ -109,7 +109,10 @@ class EmbeddingCache:
             )
             cls(folder, "")  # still fail early on an unusable folder
             return None
-        shape = {k: v for k, v in config_to_dict(model_cfg).items() if k != "name"}
+        # What shapes the embeddings besides the files; prefixes are in each group's text key
+        # (a new query prefix must not invalidate the candidates), training-only knobs out.
+        skip = {"name", "query_prefix", "passage_prefix", "freeze_embeddings"}
+        shape = {k: v for k, v in config_to_dict(model_cfg).items() if k not in skip}
         key = hashlib.sha256(
             json.dumps(
                 {"v": _VERSION, "files": model_fingerprint(model), "model": shape},
