@@ -236,8 +236,9 @@ def _brute_force(
     q: np.ndarray, c: np.ndarray, cand_ids: list[str], rel: set[str], langs: set[str]
 ) -> list[tuple[int, str]]:
     """(1-based rank, id) of the relevant candidates, best first, after a full sort of the pool
-    of ``langs`` by score (float64 products rounded to float32, as the shards score), ties
-    by candidate id in reverse lexicographic order (trec_eval)."""
+    of ``langs`` by score (float64 products rounded to float32: the shards score in float32,
+    whose order differs from this one only among near-ties, none here), ties by candidate id
+    in reverse lexicographic order (trec_eval)."""
     scores = (c.astype(np.float64) @ q.astype(np.float64)).astype(np.float32)
     ranked = sorted(
         (i for i, cid in enumerate(cand_ids) if cid.split(":")[1] in langs),
