@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import ipaddress
 import re
 import shlex
 from pathlib import Path
@@ -317,7 +318,7 @@ def test_rayjob_manifest_is_consistent_with_the_image(instructions):
     assert num_workers <= gpus, "more Ray Train GPU workers than GPUs in the cluster"
     for pod in pods:
         container = pod["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert {"HF_HOME", "RAYHYBRID_DATA", "MLFLOW_TRACKING_URI"} <= set(env)
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/mnt/shared" in mounts
@@ -332,3 +333,113 @@ def test_runtime_env_excludes_local_state():
     assert set(env) <= {"excludes", "env_vars", "pip", "py_modules", "working_dir", "conda"}
     for must in (".venv*", "runs", "mlruns", "mlflow.db", "data", ".git"):
         assert must in env["excludes"]
+
+
+# --------------------------------------------------------------------------- nobody gets in
+
+
+def _strings(node) -> list[str]:
+    """Every string in a parsed YAML document (keys and values)."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _strings(k) + _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def _bind_problem(host: str, env_refs: dict[str, str] | None = None) -> str | None:
+    """Why ``host`` (a --dashboard-host / --host value) is not a private bind, or None.
+
+    ``$(VAR)`` is a Kubernetes env reference; it is private when VAR is the pod's own IP.
+    """
+    m = re.fullmatch(r"\$\((\w+)\)", host)
+    if m:
+        ref = (env_refs or {}).get(m.group(1))
+        return None if ref == "status.podIP" else f"{host} is not the pod IP (got {ref})"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host} is not an address"
+    if ip.is_unspecified:
+        return f"{host} listens on every interface"
+    if not (ip.is_loopback or ip.is_private):
+        return f"{host} is a public address"
+    return None
+
+
+def _ray_start_flags(command: str) -> dict[str, str]:
+    args = shlex.split(command.split(";")[-1])
+    assert args[:2] == ["ray", "start"], command
+    out = {}
+    for a in args[2:]:
+        if a.startswith("--"):
+            key, _, value = a[2:].partition("=")
+            out[key] = value
+    return out
+
+
+def test_bind_check_can_fail():
+    assert _bind_problem("127.0.0.1") is None and _bind_problem("10.0.0.5") is None
+    assert "every interface" in _bind_problem("0.0.0.0")
+    assert "every interface" in _bind_problem("::")
+    assert "public" in _bind_problem("8.8.8.8")
+    assert _bind_problem("$(MY_POD_IP)", {"MY_POD_IP": "status.podIP"}) is None
+    assert _bind_problem("$(MY_POD_IP)", {}) is not None
+
+
+def test_cluster_yaml_turns_on_token_auth_and_binds_the_dashboard_privately():
+    raw = yaml.safe_load((DOCKER / "cluster.yaml").read_text())
+    opts = [o.split(None, 1) for o in raw["docker"]["run_options"] if o.startswith("-e ")]
+    env = dict(o[1].split("=", 1) for o in opts)
+    assert env.get("RAY_AUTH_MODE") == "token"
+    # The token is a file copied from the launching machine, never a value in this file.
+    assert "RAY_AUTH_TOKEN" not in env
+    assert env["RAY_AUTH_TOKEN_PATH"] in raw["file_mounts"]
+    assert raw["file_mounts"][env["RAY_AUTH_TOKEN_PATH"]] == "~/.ray/auth_token"
+    heads = [c for c in raw["head_start_ray_commands"] if "ray start" in c]
+    assert heads
+    for cmd in heads:
+        host = _ray_start_flags(cmd).get("dashboard-host")
+        assert host is not None, f"head starts without --dashboard-host: {cmd}"
+        assert _bind_problem(host) is None, _bind_problem(host)
+    assert not [s for s in _strings(raw) if "0.0.0.0" in s]
+
+
+def test_rayjob_turns_on_token_auth_and_binds_the_dashboard_privately():
+    job = yaml.safe_load((DOCKER / "rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    auth = cluster["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    head = cluster["headGroupSpec"]
+    container = head["template"]["spec"]["containers"][0]
+    refs = {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        for e in container["env"]
+    }
+    host = head["rayStartParams"]["dashboard-host"]
+    assert _bind_problem(host, refs) is None, _bind_problem(host, refs)
+    # KubeRay's default probes ask localhost:8265; ours must ask where the dashboard listens.
+    var = re.fullmatch(r"\$\((\w+)\)", host).group(1)
+    for probe in ("readinessProbe", "livenessProbe"):
+        script = " ".join(container[probe]["exec"]["command"])
+        assert f"${var}:8265" in script and "localhost:8265" not in script, script
+    assert not [s for s in _strings(job) if "0.0.0.0" in s]
+    # The jobs log to the protected MLflow server with credentials from a Secret.
+    for pod in [head["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert "secretKeyRef" in env[key]["valueFrom"], key
+
+
+def test_docker_readme_documents_the_protected_servers():
+    text = (DOCKER / "README.md").read_text()
+    flat = re.sub(r"\\\n\s*", " ", text)
+    servers = re.findall(r"mlflow server [^\n`]*", flat)
+    assert servers, "docker/README.md starts no mlflow server"
+    for cmd in servers:
+        argv = shlex.split(cmd)
+        assert "--app-name" in argv and argv[argv.index("--app-name") + 1] == "basic-auth", cmd
+        assert "--allowed-hosts" in argv, cmd
+        assert _bind_problem(argv[argv.index("--host") + 1]) is None, cmd
+    assert "RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text
+    assert "MLFLOW_TRACKING_USERNAME" in text and "MLFLOW_TRACKING_PASSWORD" in text
