@@ -77,7 +77,12 @@ def ensure_ray(**init_kwargs: Any) -> None:
         raise JobError(
             f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}"
         ) from None
-    log.info(f"[rayhybrid job] Ray {ray.__version__}, cluster resources {ray.cluster_resources()}")
+    # Which cluster, so a job's log shows whether it joined the cluster or started its own Ray.
+    ctx = ray.get_runtime_context()
+    log.info(
+        f"[rayhybrid job] Ray {ray.__version__}, GCS {ctx.gcs_address}, node {ctx.get_node_id()}, "
+        f"cluster resources {ray.cluster_resources()}"
+    )
 
 
 def path_warnings(cfg: Config) -> list[str]:

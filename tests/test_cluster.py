@@ -8,7 +8,9 @@ own process group), so this module never calls ``ray.init`` and leaves the sessi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ pytestmark = pytest.mark.slow
 @dataclass
 class Head:
     address: str  # dashboard URL: what `ray job submit --address` and the SDK take
+    gcs_address: str  # host:port of the head's GCS: what a job that joined it reports
     env: dict  # environment of the head and of `ray job submit` (holds the auth token)
     headers: dict  # Authorization header for the Jobs SDK
     workdir: Path  # where the jobs write (storage, outputs, MLflow store)
@@ -168,7 +173,13 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
         head.wait_http(
             f"http://127.0.0.1:{dash}/api/version", 180, "ray start --head", headers=headers
         )
-        yield Head(address=f"http://127.0.0.1:{dash}", env=env, headers=headers, workdir=work)
+        yield Head(
+            address=f"http://127.0.0.1:{dash}",
+            gcs_address=f"127.0.0.1:{gcs}",
+            env=env,
+            headers=headers,
+            workdir=work,
+        )
     finally:
         head.stop()
         # Ray's worker processes run in process groups of their own and exit when their raylet
@@ -182,6 +193,39 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"processes of the test cluster still alive 20 s after stop: {left}"
+
+
+def _http(url: str, headers: dict | None = None, body: dict | None = None) -> tuple[int, str]:
+    """(status, body) of one plain HTTP request (urllib: no Ray client code in between)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_jobs_api_refuses_requests_without_the_token(ray_head):
+    """Token auth on the head: no token 401, a wrong one 403, nothing submitted; the token passes."""
+    jobs = f"{ray_head.address}/api/jobs/"
+    attempt = {"entrypoint": "python -c 'print(1)'", "submission_id": "rh-intruder"}
+    status, text = _http(jobs, body=attempt)
+    assert status == 401, (status, text)
+    wrong = {"Authorization": f"Bearer {secrets.token_hex(32)}"}
+    status, text = _http(jobs, headers=wrong, body={**attempt, "submission_id": "rh-wrong"})
+    assert status == 403, (status, text)
+    assert _http(jobs)[0] == 401 and _http(jobs, headers=wrong)[0] == 403  # reading, too
+
+    status, text = _http(jobs, headers=ray_head.headers)
+    assert status == 200, (status, text)
+    ids = {job.get("submission_id") for job in json.loads(text)}
+    assert not ids & {"rh-intruder", "rh-wrong"}, ids
+    # The SDK with the token reaches the same list (the jobs test below submits through it).
+    listed = {j.submission_id for j in _client(ray_head).list_jobs()}
+    assert listed == ids
 
 
 def _client(head: Head):
@@ -273,7 +317,9 @@ def test_jobs_submitted_to_a_real_cluster(ray_head, xquad_dir):
     )
     bad_data = client.submit_job(
         submission_id="rh-bad-data",
-        entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml "
+        # model.name=tiny: no zero-shot baseline of the default model before training reads
+        # data.path (the quickstart evaluates that one first, minutes on a busy machine).
+        entrypoint="python jobs/quickstart.py --config configs/quickstart.yaml model.name=tiny "
         f"data.path={work / 'no-such-data'} train.storage_path={work / 'runs-bad'} "
         f"eval.output_dir={work / 'out-bad'}",
         runtime_env={"working_dir": str(REPO), **yaml.safe_load(runtime_env.read_text())},
@@ -292,7 +338,11 @@ def test_jobs_submitted_to_a_real_cluster(ray_head, xquad_dir):
     status = _wait(ray_head, "rh-good")
     logs = client.get_job_logs("rh-good")
     assert status == "SUCCEEDED", logs[-6000:]
-    assert "[rayhybrid job] Ray" in logs  # connected to the cluster, not a private local Ray
+    # The job joined this test's head (its GCS, the node its driver ran on), not a private Ray.
+    joined = re.search(r"\[rayhybrid job\] Ray \S+, GCS (\S+), node (\w+),", logs)
+    assert joined, logs[-3000:]
+    assert joined.group(1) == ray_head.gcs_address, joined.group(0)
+    assert joined.group(2) == client.get_job_info("rh-good").driver_node_id, joined.group(0)
     assert "mAP@20" in logs and "multi X→all" in logs  # the summary table
     assert f"mlflow ui --backend-store-uri {store}" in logs
 
