@@ -21,26 +21,34 @@ def pytest_configure(config):
     setup_logging()
 
 
+def in_ci() -> bool:
+    """CI=true (GitHub Actions, GitLab, .ci/run): there a missing input is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def xquad_path() -> Path | None:
+    """The XQuAD-R folder: under RAYHYBRID_DATA when set (and only there), else ../shared/data."""
     env = os.environ.get("RAYHYBRID_DATA")
-    for base in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
-        if (base / "xquad-r" / "en.json").is_file():
-            return base / "xquad-r"
-    return None
+    # A folder named explicitly is the one meant: falling back to another copy would hide a
+    # wrong RAYHYBRID_DATA (and make a CI run without its data pass on a stray copy).
+    base = Path(env) if env else REPO.parent / "shared" / "data"
+    return base / "xquad-r" if (base / "xquad-r" / "en.json").is_file() else None
 
 
 @pytest.fixture(scope="session")
 def xquad_dir() -> Path:
     path = xquad_path()
-    if path is None and os.environ.get("CI"):
+    where = os.environ.get("RAYHYBRID_DATA") or str(REPO.parent / "shared" / "data")
+    if path is None and in_ci():
         pytest.fail(
-            "XQuAD-R not found and CI is set: a CI run without the data proves nothing; "
-            "set RAYHYBRID_DATA to the folder holding xquad-r/"
+            f"XQuAD-R not found in {where} (no xquad-r/en.json) and CI is set: a CI run without "
+            "the data proves nothing; set RAYHYBRID_DATA to the folder holding xquad-r/",
+            pytrace=False,
         )
     if path is None:
         pytest.skip(
-            "XQuAD-R not found: set RAYHYBRID_DATA to the folder holding xquad-r/ "
-            "(expected ../shared/data/xquad-r beside the checkout)"
+            f"XQuAD-R not found in {where} (no xquad-r/en.json): set RAYHYBRID_DATA to the "
+            "folder holding xquad-r/ (default ../shared/data beside the checkout)"
         )
     return path
 
