@@ -173,6 +173,11 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
         head.wait_http(
             f"http://127.0.0.1:{dash}/api/version", 180, "ray start --head", headers=headers
         )
+        # Jobs go through the head node's dashboard agent, which starts after the dashboard;
+        # the Jobs API waits for it only a few seconds ("No available agent to submit job").
+        head.wait_http(
+            f"http://127.0.0.1:{agent_http}/api/local_raylet_healthz", 180, "the head's agent"
+        )
         yield Head(
             address=f"http://127.0.0.1:{dash}",
             gcs_address=f"127.0.0.1:{gcs}",
