@@ -162,6 +162,8 @@ def test_compare_two_strategies_two_seeds_table_equals_files_and_mlflow(
         "mono mAP@20": ("mono", "map_at_20"),
         "cross mAP@20": ("cross", "map_at_20"),
         "multi mAP": ("multi", "map"),
+        "multi nDCG@10": ("multi", "ndcg_at_10"),
+        "mono MRR@10": ("mono", "mrr_at_10"),
         "rank distance": ("bias", "rank_distance"),
     }
     parents, seed_values = set(), {}

@@ -7,6 +7,7 @@ import pytest
 
 from rayhybrid.evaluation.metrics import (
     BEIR_METRICS,
+    LAREQA_METRICS,
     bias_metrics,
     per_query,
     rank_distances,
@@ -27,6 +28,25 @@ def test_hand_computed_values():
     idcg0 = 1 + 1 / np.log2(3)
     assert m["ndcg_at_10"][0] == pytest.approx((1 + 1 / np.log2(4)) / idcg0)
     assert m["ndcg_at_10"][1] == pytest.approx((2 / np.log2(3)) / 2)
+
+
+def test_mrr_at_10_and_binary_ndcg_by_hand():
+    # best relevant at rank 1, 10, 11 (cut away), and a binary query with two relevant
+    ranks = np.array([[1, 4], [10, 0], [11, 12], [2, 3]])
+    gains = np.where(ranks > 0, 1.0, 0.0)
+    m = per_query(ranks, gains, LAREQA_METRICS)
+    assert m["mrr_at_10"] == pytest.approx([1, 1 / 10, 0, 1 / 2])
+    assert m["mrr"] == pytest.approx([1, 1 / 10, 1 / 11, 1 / 2])
+    ideal2 = 1 + 1 / np.log2(3)
+    assert m["ndcg_at_10"] == pytest.approx(
+        [
+            (1 + 1 / np.log2(5)) / ideal2,
+            (1 / np.log2(11)) / 1,
+            0.0,
+            (1 / np.log2(3) + 1 / np.log2(4)) / ideal2,
+        ]
+    )
+    assert {"ndcg_at_10", "mrr_at_10"} <= set(LAREQA_METRICS) <= set(BEIR_METRICS)
 
 
 def test_map_at_20_divides_by_min_of_relevant_and_20():
@@ -77,6 +97,39 @@ def test_agrees_with_pytrec_eval_on_random_graded_rankings():
     ):  # R <= 14 < 20: LAReQA and trec_eval agree
         expect = [ref[f"q{q}"][key] for q in range(40)]
         assert mine[name] == pytest.approx(expect, abs=1e-9), name
+    # MRR@10: trec_eval's recip_rank on the run cut at depth 10 (a query with no relevant
+    # document in its top 10 scores 0 there).
+    cut = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in runs.items()}
+    ref10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    expect = [ref10.get(f"q{q}", {"recip_rank": 0.0})["recip_rank"] for q in range(40)]
+    assert mine["mrr_at_10"] == pytest.approx(expect, abs=1e-9)
+    assert 0 < sum(e == 0 for e in expect) < 40  # both cases occur
+
+
+def test_binary_relevance_agrees_with_pytrec_eval():
+    """LAReQA tasks: every relevant candidate has grade 1 (nDCG@10 and MRR@10 there)."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(1)
+    n_docs, runs, qrels, ranks = 60, {}, {}, []
+    for q in range(50):
+        scores = rng.permutation(n_docs).astype(float)
+        rel = rng.choice(n_docs, int(rng.integers(1, 12)), replace=False)
+        runs[f"q{q}"] = {f"d{d}": float(scores[d]) for d in range(n_docs)}
+        qrels[f"q{q}"] = {f"d{d}": 1 for d in rel}
+        rank_of = {d: r + 1 for r, d in enumerate(np.argsort(-scores))}
+        ranks.append(sorted(rank_of[d] for d in rel))
+    width = max(map(len, ranks))
+    r = np.array([x + [0] * (width - len(x)) for x in ranks])
+    mine = per_query(r, (r > 0).astype(float), LAREQA_METRICS)
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(runs)
+    cut = {q: dict(sorted(d.items(), key=lambda kv: -kv[1])[:10]) for q, d in runs.items()}
+    ref10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    assert mine["ndcg_at_10"] == pytest.approx(
+        [ref[f"q{q}"]["ndcg_cut_10"] for q in range(50)], abs=1e-9
+    )
+    assert mine["mrr_at_10"] == pytest.approx(
+        [ref10.get(f"q{q}", {"recip_rank": 0.0})["recip_rank"] for q in range(50)], abs=1e-9
+    )
 
 
 def test_rank_distance_uses_best_rank_per_language():

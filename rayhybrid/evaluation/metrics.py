@@ -16,7 +16,9 @@ broken as trec_eval does (``search`` module). With ``R`` relevant candidates at 
   rate; in the multilingual pool (R = number of languages) R@1 is at most 1/R.
 - ``mrr``: reciprocal rank of the best-ranked relevant candidate, ``1 / r_1`` (trec_eval
   ``recip_rank`` at full depth).
-- ``ndcg_at_K`` (K = 10, BEIR / MIRACL tasks): ``DCG@K / IDCG@K`` with gain = the relevance
+- ``mrr_at_K`` (K = 10): ``1 / r_1`` if ``r_1 <= K``, else 0 (trec_eval ``recip_rank`` on a
+  run cut at depth K; MS MARCO's MRR@10).
+- ``ndcg_at_K`` (K = 10, every task; LAReQA relevance is binary): ``DCG@K / IDCG@K`` with gain = the relevance
   grade, ``DCG@K = sum_{r_i <= K} g_i / log2(r_i + 1)``, the ideal from all relevant grades
   sorted (trec_eval ``ndcg_cut.K``).
 
@@ -56,17 +58,17 @@ __all__ = [
     "topk_shares",
 ]
 
-LAREQA_METRICS = ("map", "map_at_20", "r_at_1", "r_at_10", "mrr")
-BEIR_METRICS = LAREQA_METRICS + ("ndcg_at_10", "r_at_100")
+LAREQA_METRICS = ("map", "map_at_20", "r_at_1", "r_at_10", "mrr", "ndcg_at_10", "mrr_at_10")
+BEIR_METRICS = LAREQA_METRICS + ("r_at_100",)
 
-_NAME = re.compile(r"^(map|mrr|map_at_(\d+)|r_at_(\d+)|ndcg_at_(\d+))$")
+_NAME = re.compile(r"^(map|mrr|map_at_(\d+)|r_at_(\d+)|ndcg_at_(\d+)|mrr_at_(\d+))$")
 
 
 def _check_name(name: str) -> re.Match:
     m = _NAME.match(name)
     if m is None:
         raise ValueError(
-            f"unknown metric {name!r}; expected map, mrr, map_at_K, r_at_K or ndcg_at_K"
+            f"unknown metric {name!r}; expected map, mrr, map_at_K, r_at_K, ndcg_at_K or mrr_at_K"
         )
     return m
 
@@ -110,6 +112,10 @@ def per_query(
         elif m.group(3):
             k = int(m.group(3))
             out[name] = (valid & (ranks <= k)).sum(1) / n_rel
+        elif m.group(5):
+            k = int(m.group(5))
+            first = safe[:, 0] if ranks.shape[1] else np.zeros(0)
+            out[name] = np.where(first <= k, 1.0 / first, 0.0)
         else:
             k = int(m.group(4))
             dcg = np.where(valid & (ranks <= k), gains / np.log2(safe + 1), 0.0).sum(1)

@@ -8,7 +8,7 @@ stops the shard actors and marks the MLflow run FAILED with the error in the tag
 ``rayhybrid.eval_status`` / ``rayhybrid.eval_error``, so a half-written run says so.
 
 Only the headline figures go to MLflow (:func:`headline_metrics`: per setting mAP, mAP@20,
-R@1, R@10, nDCG@10 where defined, with their interval ends, and the rank distance), at the
+R@1, R@10, nDCG@10, MRR@10, with their interval ends, and the rank distance), at the
 training step the evaluated model belongs to; per-language / per-pair values and counts are
 in ``summary.json``, the per-query CSV files and the heatmaps, logged as artifacts
 (``tracking.log_all_metrics=true`` logs every value as before). MRR is not logged for mono /
@@ -66,7 +66,7 @@ def mlflow_key(name: str) -> str:
 
 # The figures a person compares runs by; everything else is detail for the artifacts.
 _HEADLINE = re.compile(
-    r"^(?P<task>[^/]+)/(?:(?:mono|cross|multi)/(?:map|map_at_20|r_at_1|r_at_10|ndcg_at_10)"
+    r"^(?P<task>[^/]+)/(?:(?:mono|cross|multi)/(?:map|map_at_20|r_at_1|r_at_10|ndcg_at_10|mrr_at_10)"
     r"|multi/mrr|bias/rank_distance)(?:/ci_low|/ci_high)?$"
 )
 
@@ -74,8 +74,8 @@ _HEADLINE = re.compile(
 def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The headline subset of flat evaluation metrics ``<task>/<setting>/<metric>``.
 
-    Kept: the macro figures mAP, mAP@20, R@1, R@10 and nDCG@10 of mono / cross / multi, the
-    multilingual MRR (in mono and cross it equals mAP: one relevant candidate), the macro
+    Kept: the macro figures mAP, mAP@20, R@1, R@10, nDCG@10 and MRR@10 of mono / cross /
+    multi, the multilingual MRR (in mono and cross it equals mAP: one relevant candidate), the macro
     rank distance, and their ``ci_low`` / ``ci_high``. Dropped: per-language and per-pair
     cells, counts (``queries``, ``excluded``), timings and NaN values.
     """
@@ -455,6 +455,11 @@ def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
                 f"  {setting:5s} mAP {metrics[f'{setting}/map']:.4f}  mAP@20 "
                 f"{metrics[f'{setting}/map_at_20']:.4f}  R@1 {metrics[f'{setting}/r_at_1']:.4f}  "
                 f"R@10 {metrics[f'{setting}/r_at_10']:.4f}  MRR {metrics[f'{setting}/mrr']:.4f}"
+                + "".join(
+                    f"  {label} {metrics[f'{setting}/{key}']:.4f}"
+                    for key, label in (("ndcg_at_10", "nDCG@10"), ("mrr_at_10", "MRR@10"))
+                    if f"{setting}/{key}" in metrics
+                )
             )
     if "bias/rank_distance" in metrics:
         lines.append(

@@ -102,13 +102,18 @@ def baseline_label(cfg: Config, specs: list[StrategySpec]) -> str:
 
 
 def _metric_columns(cfg: Config) -> list[Column]:
-    """Per task: mono / cross / multi mAP (the paper's headline) and mAP@20, nDCG@10 for
-    BEIR tasks, and the rank distance (lower is better)."""
+    """Per task: mono / cross / multi mAP (the paper's headline), mAP@20, nDCG@10 and MRR@10
+    (every task: LAReQA relevance is binary), and the rank distance (lower is better)."""
     cols = []
-    names = [("mAP", "map"), ("mAP@20", "map_at_20")]
+    names = [
+        ("mAP", "map"),
+        ("mAP@20", "map_at_20"),
+        ("nDCG@10", "ndcg_at_10"),
+        ("MRR@10", "mrr_at_10"),
+    ]
     for task in cfg.eval.tasks:
         prefix = f"{task.name} " if len(cfg.eval.tasks) > 1 else ""
-        for label, metric in names + ([("nDCG@10", "ndcg_at_10")] if task.format == "beir" else []):
+        for label, metric in names:
             for setting in ("mono", "cross", "multi"):
                 if setting in cfg.eval.settings:
                     cols.append(Column(f"{prefix}{setting} {label}", task.name, setting, metric))

@@ -45,7 +45,7 @@ def dev_key(name: str) -> str:
     return DEV_PREFIX + name.replace("@", "_at_")
 
 
-_METRICS = ("map", "map_at_20", "mrr", "r_at_1", "r_at_10", "ndcg_at_10", "r_at_100")
+_METRICS = ("map", "map_at_20", "mrr", "r_at_1", "r_at_10", "ndcg_at_10", "mrr_at_10", "r_at_100")
 _MIN_METRICS = ("bias/rank_distance",)
 
 
