@@ -339,15 +339,31 @@ class TaskConfig:
     """One evaluation task."""
 
     name: str = _f("xquad_r", "Name used in metric keys, e.g. xquad_r/multi/map_at_20.")
-    format: Literal["lareqa", "beir", "hf", "hf_disk"] = _f("lareqa", "Task format.")
+    format: Literal["lareqa", "beir", "hf", "hf_disk", "tatoeba", "tatoeba_hf", "mewsli_x"] = _f(
+        "lareqa",
+        "Task format. tatoeba: XTREME's tatoeba folder, one task per `language` (tatoeba_hf: "
+        "path = the hub dataset, e.g. xtreme); mewsli_x: the Mewsli-X dataset folder "
+        "(qrels_split = dev / test).",
+    )
     path: str = _f("${RAYHYBRID_DATA:-../shared/data}/xquad-r", "Folder or dataset name.")
     languages: tuple[str, ...] = _f((), "Languages to use; empty means all.")
     part: Literal["all", "train", "dev", "test"] = _f(
         "test",
         "Which split of the articles/groups (data.train_fraction/dev_fraction) to evaluate on.",
     )
-    language: str = _f("", "beir: the language tag of the folder.")
-    qrels_split: str = _f("test", "beir: qrels/<split>.tsv.")
+    language: str = _f("", "beir: the language tag of the folder; tatoeba: the non-English side.")
+    qrels_split: str = _f("test", "beir: qrels/<split>.tsv; mewsli_x: wikinews_mentions-<split>.")
+    corpus_path: str = _f(
+        "",
+        "beir: another BEIR folder whose corpus is the candidate pool (queries and qrels from "
+        "`path`): query language x corpus language, e.g. two MIRACL languages.",
+    )
+    corpus_language: str = _f("", "beir with corpus_path: the language tag of that corpus.")
+    qrels_path: str = _f(
+        "",
+        "beir with corpus_path: a qrels TSV naming documents of that corpus (default: "
+        "`path`/qrels/<qrels_split>.tsv).",
+    )
 
 
 @dataclass(frozen=True)

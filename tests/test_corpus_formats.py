@@ -18,6 +18,7 @@ from rayhybrid.corpus import (
     split_units,
     task_from_items,
 )
+from rayhybrid.corpus.beir import load_beir_cross_task
 from rayhybrid.datamodel import DataError
 
 ITEM_ROWS = [
@@ -231,6 +232,52 @@ def test_beir_task(tmp_path: Path) -> None:
         ("0", "T3 doc 3"),
         ("1", "T1 doc 1"),
     ]
+
+
+def test_beir_training_load_shows_its_report(tmp_path: Path, caplog) -> None:
+    """A qrels line naming a document outside the corpus is dropped, counted and shown for
+    a training load too (issue 12)."""
+    folder = _beir(tmp_path / "b")
+    (folder / "qrels" / "train.tsv").write_text("0\td0\t1\n1\td7\t1\n1\td1\t1\n")
+    cfg = DataConfig(format="beir", path=str(folder), languages=("de",), train_fraction=1.0)
+    with caplog.at_level("INFO", logger="rayhybrid.corpus.data"):
+        train = load_training_data(cfg, "train")
+    assert train.report.counts["qrels_unknown_candidate"] == 1
+    assert len(train.pairs) == 2
+    shown = [r for r in caplog.records if "training data" in r.getMessage()]
+    assert len(shown) == 1 and shown[0].levelname == "WARNING"
+    assert "qrels_unknown_candidate=1" in shown[0].getMessage()
+    assert "train.tsv:2: d7" in shown[0].getMessage()
+
+
+def test_beir_cross_folder_task(tmp_path: Path) -> None:
+    """Queries of folder A (de) against the corpus of folder B (sw), qrels naming B's docs."""
+    a, b = _beir(tmp_path / "miracl-de"), _beir(tmp_path / "miracl-sw")
+    _jsonl(b / "corpus.jsonl", [{"_id": f"s{i}", "text": f"hati {i}"} for i in range(3)])
+    qrels = tmp_path / "de_to_sw.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n0\ts0\t1\n1\ts2\t1\n1\td1\t1\n")
+    task = load_beir_cross_task(a, "de", b, "sw", name="de_sw", qrels_path=qrels)
+    assert [q.id for q in task.queries] == ["q:de:0", "q:de:1"]
+    assert {c.lang for c in task.candidates} == {"sw"} and len(task.candidates) == 3
+    assert task.qrels == {"q:de:0": {"c:sw:s0": 1}, "q:de:1": {"c:sw:s2": 1}}
+    assert task.report.counts == {"qrels_unknown_candidate": 1, "query_without_qrels": 3}
+    via_cfg = load_eval_task(
+        TaskConfig(
+            name="de_sw",
+            format="beir",
+            path=str(a),
+            language="de",
+            corpus_path=str(b),
+            corpus_language="sw",
+            qrels_path=str(qrels),
+            part="all",
+        ),
+        DataConfig(),
+    )
+    assert via_cfg.qrels == task.qrels
+    # A's own qrels name only A's documents: this pair is not allowed by them
+    with pytest.raises(DataError, match=r"test\.tsv: no judgement names a document of"):
+        load_beir_cross_task(a, "de", b, "sw")
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from rayhybrid.datamodel import (
     passage_text,
 )
 
-__all__ = ["load_beir_pairs", "load_beir_task", "read_beir_folder"]
+__all__ = ["load_beir_cross_task", "load_beir_pairs", "load_beir_task", "read_beir_folder"]
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -148,6 +148,64 @@ def load_beir_task(
     }
     return EvalTask(
         name=name or Path(folder).name, queries=qs, candidates=cands, qrels=rels, report=report
+    )
+
+
+def load_beir_cross_task(
+    query_folder: str | Path,
+    query_language: str,
+    corpus_folder: str | Path,
+    corpus_language: str,
+    split: str = "test",
+    name: str | None = None,
+    qrels_path: str | Path | None = None,
+) -> EvalTask:
+    """Queries of one BEIR folder against the corpus of another (query language x corpus
+    language; MIRACL is one folder per language).
+
+    The judgements are ``qrels_path`` (default: the query folder's ``qrels/<split>.tsv``) and
+    must name documents of the *corpus* folder: a line naming a document that is not there
+    is dropped and counted (``qrels_unknown_candidate``), a query left without any judged
+    document is dropped and counted (``query_without_qrels``). Query ids are
+    ``q:{query_language}:{id}``, candidate ids ``c:{corpus_language}:{id}``, so the task's
+    ``cross`` setting is the pair query_language -> corpus_language (equal languages: two
+    folders of one language, ``mono``).
+
+    Raises:
+        DataError: as :func:`read_beir_folder`, an unknown language tag, or no query with a
+            judged document of the corpus (the qrels do not allow this pair).
+    """
+    qlang = check_language(query_language, f"{query_folder}: language tag")
+    clang = check_language(corpus_language, f"{corpus_folder}: corpus_language tag")
+    query_folder, corpus_folder = Path(query_folder), Path(corpus_folder)
+    for folder in (query_folder, corpus_folder):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not a folder; expected a BEIR folder")
+    report = LoadReport(f"{query_folder} x {corpus_folder}")
+    corpus = _read_docs(_find(corpus_folder, "corpus"), report, with_title=True)
+    queries = _read_docs(_find(query_folder, "queries"), report, with_title=False)
+    path = Path(qrels_path) if qrels_path else query_folder / "qrels" / f"{split}.tsv"
+    qrels = _read_qrels(path, queries, corpus, report)
+    for qid in queries:
+        if qid not in qrels:
+            report.note("query_without_qrels", qid)
+    if not qrels:
+        raise DataError(
+            f"{path}: no judgement names a document of {corpus_folder}; expected qrels "
+            "linking these queries to that corpus"
+        )
+    return EvalTask(
+        name=name or f"{query_folder.name}_x_{corpus_folder.name}",
+        queries=[Query(f"q:{qlang}:{q}", qlang, queries[q][0]) for q in queries if q in qrels],
+        candidates=[
+            Candidate(f"c:{clang}:{cid}", clang, text, "", title)
+            for cid, (text, title) in corpus.items()
+        ],
+        qrels={
+            f"q:{qlang}:{q}": {f"c:{clang}:{c}": s for c, s in rel.items()}
+            for q, rel in qrels.items()
+        },
+        report=report,
     )
 
 

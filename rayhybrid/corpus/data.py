@@ -7,6 +7,7 @@ a corpus is never trained on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,19 @@ from rayhybrid.datamodel import (
 __all__ = ["TrainingData", "load_eval_task", "load_training_data", "task_from_items"]
 
 _PARTS = ("train", "dev", "test", "all")
+
+log = logging.getLogger(__name__)
+
+
+def _show_report(what: str, report: LoadReport) -> None:
+    """Print what a load found odd (a warning when anything was dropped or odd)."""
+    level = logging.WARNING if report.counts else logging.INFO
+    examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(report.examples.items()))
+    log.log(
+        level,
+        f"[rayhybrid data] {what}: {report.summary()}"
+        + (f" (e.g. {examples})" if examples else ""),
+    )
 
 
 @dataclass
@@ -152,6 +166,7 @@ def load_training_data(data_cfg: DataConfig, part: str = "train") -> TrainingDat
             f"{list(data_cfg.languages) or 'all'} (check data.train_fraction / "
             "data.dev_fraction / data.languages)"
         )
+    _show_report(f"training data ({part})", report)
     return TrainingData(items=items, pairs=pairs, report=report)
 
 
@@ -212,6 +227,38 @@ def _keep_queries(task: EvalTask, keep: set[str]) -> None:
     task.qrels = {q.id: task.qrels[q.id] for q in task.queries}
 
 
+def _load_xtreme_or_beir(task_cfg: TaskConfig, path: str) -> EvalTask:
+    """The loaders of the formats that need no training-split bookkeeping of their own."""
+    if task_cfg.format == "beir":
+        from rayhybrid.corpus.beir import load_beir_cross_task, load_beir_task
+
+        if task_cfg.corpus_path:
+            return load_beir_cross_task(
+                path,
+                task_cfg.language,
+                resolve_path(task_cfg.corpus_path),
+                task_cfg.corpus_language,
+                task_cfg.qrels_split,
+                task_cfg.name,
+                qrels_path=resolve_path(task_cfg.qrels_path) if task_cfg.qrels_path else None,
+            )
+        return load_beir_task(path, task_cfg.language, task_cfg.qrels_split, task_cfg.name)
+    if task_cfg.format in ("tatoeba", "tatoeba_hf"):
+        from rayhybrid.corpus.tatoeba import load_tatoeba_hf, load_tatoeba_task
+
+        if not task_cfg.language:
+            raise DataError(
+                f"task {task_cfg.name}: format {task_cfg.format} needs `language` (the "
+                "non-English side, e.g. de); configure one task per language"
+            )
+        if task_cfg.format == "tatoeba_hf":
+            return load_tatoeba_hf(task_cfg.language, path, name=task_cfg.name)
+        return load_tatoeba_task(path, task_cfg.language, task_cfg.name)
+    from rayhybrid.corpus.mewsli_x import load_mewsli_x_task
+
+    return load_mewsli_x_task(path, task_cfg.qrels_split, task_cfg.languages, task_cfg.name)
+
+
 def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
     """Load one configured evaluation task, restricted to ``task_cfg.part``.
 
@@ -238,11 +285,12 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
         )
         if keep is not None and not by_article:  # split by question: drop the other queries
             _keep_queries(task, keep)
-    elif task_cfg.format == "beir":
-        from rayhybrid.corpus.beir import load_beir_task
-
-        task = load_beir_task(path, task_cfg.language, task_cfg.qrels_split, task_cfg.name)
-        keep = _part_units([q.id.split(":", 2)[2] for q in task.queries], task_cfg.part, *split)
+    elif task_cfg.format in ("beir", "tatoeba", "tatoeba_hf", "mewsli_x"):
+        task = _load_xtreme_or_beir(task_cfg, path)
+        # Split units: query ids (BEIR, Mewsli-X mentions) or Tatoeba line numbers (both
+        # directions of a line together).
+        units = list(dict.fromkeys(q.id.split(":", 2)[2] for q in task.queries))
+        keep = _part_units(units, task_cfg.part, *split)
         if keep is not None:
             _keep_queries(task, keep)
     elif task_cfg.format in ("hf", "hf_disk"):
@@ -260,7 +308,7 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
     else:
         raise DataError(
             f"task {task_cfg.name}: unknown format {task_cfg.format!r}; expected "
-            "lareqa, beir, hf or hf_disk"
+            "lareqa, beir, hf, hf_disk, tatoeba, tatoeba_hf or mewsli_x"
         )
     if not task.queries or not task.candidates:
         raise DataError(
@@ -268,4 +316,5 @@ def load_eval_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> EvalTask:
             f"{task_cfg.part!r} (check data.train_fraction / data.dev_fraction / "
             "task languages)"
         )
+    _show_report(f"task {task_cfg.name}", task.report)
     return task
