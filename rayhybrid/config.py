@@ -31,6 +31,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "ResourceGroup",
     "Strategy",
     "TaskConfig",
     "TrackingConfig",
@@ -367,6 +368,22 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class ResourceGroup:
+    """A named group of languages reported on its own (evaluation/groups.py)."""
+
+    name: str = _f("", "Group name, in metric keys: group_<name>/<setting>/<metric>.")
+    languages: tuple[str, ...] = _f((), "Query languages of the group.")
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ConfigError(
+                f"eval.resource_groups: name {self.name!r}; expected letters, digits or _"
+            )
+        if not self.languages:
+            raise ConfigError(f"eval.resource_groups[{self.name}]: languages is empty")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation."""
 
@@ -420,6 +437,11 @@ class EvalConfig:
         "Paired randomization test (compare / tune tables): number of "
         "random swaps of the two runs' items; >= 1.",
     )
+    resource_groups: tuple[ResourceGroup, ...] = _f(
+        (),
+        "Groups of query languages (e.g. MIRACL low / high resource) whose every metric is "
+        "also reported over all tasks together, with intervals (resource_groups.md).",
+    )
 
     def __post_init__(self) -> None:
         if self.bootstrap_samples < 1:
@@ -434,6 +456,9 @@ class EvalConfig:
             )
         if not self.settings:
             raise ConfigError("eval.settings is empty; expected a subset of mono, cross, multi")
+        names = [g.name for g in self.resource_groups]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval.resource_groups: names must be unique, got {names}")
         if min(self.top_k, self.batch_size, self.encode_workers) < 1:
             raise ConfigError(
                 f"eval.top_k, eval.batch_size and eval.encode_workers must be >= 1, "

@@ -423,6 +423,7 @@ def evaluate(
     model = model_path or cfg.model.name
     tracker = _Tracker(cfg, run_id, model, step, guard=tracking)
     out: dict[str, float] = {}
+    folders: dict[str, Path] = {}
     try:
         ensure_ray()
         pending = (
@@ -439,7 +440,22 @@ def evaluate(
             flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
             tracker.log(flat, folder, f"eval/{task.name}")
             out.update(flat)
+            folders[task.name] = folder
             log.info(_headline(task.name, metrics, folder))
+        if cfg.eval.resource_groups:  # every metric per language group, over all tasks
+            from rayhybrid.evaluation.groups import write_groups
+
+            flat, gfolder = write_groups(
+                folders,
+                {g.name: g.languages for g in cfg.eval.resource_groups},
+                Path(cfg.eval.output_dir).expanduser(),
+                samples=cfg.eval.bootstrap_samples,
+                level=cfg.eval.ci_level,
+                seed=cfg.eval.bootstrap_seed,
+            )
+            tracker.log(flat, gfolder, "eval/resource_groups")
+            out.update(flat)
+            log.info(f"[rayhybrid eval] resource groups: {gfolder / 'resource_groups.md'}")
     except BaseException as exc:
         tracker.fail(exc)
         raise
