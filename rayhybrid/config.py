@@ -116,6 +116,11 @@ def check_fractions(train_fraction: float, dev_fraction: float) -> None:
         )
 
 
+def _divisor_below(n: int, m: int) -> int:
+    """The largest divisor of ``n`` not above ``m`` (for an error message)."""
+    return max(d for d in range(1, min(n, m) + 1) if n % d == 0)
+
+
 def _raise_all(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
@@ -249,6 +254,11 @@ class ModelConfig:
         "Do not train the word-embedding matrix (most of a multilingual encoder: 96 M of "
         "multilingual-e5-small's 118 M parameters); saves its gradient and AdamW moments.",
     )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute the encoder's activations in the backward pass (Hugging Face "
+        "gradient_checkpointing_enable, non-reentrant): less memory, about a third more compute.",
+    )
     tiny_hidden_size: int = _f(64, "tiny: hidden size.")
     tiny_layers: int = _f(2, "tiny: number of layers.")
     tiny_vocab_size: int = _f(4000, "tiny: vocabulary of the tokenizer trained on the fly.")
@@ -299,6 +309,17 @@ class TrainConfig:
     threads_per_worker: int | None = _f(
         None, "torch.set_num_threads in each worker (None: cpus_per_worker)."
     )
+    mini_batch_size: int = _f(
+        0,
+        "Cached InfoNCE (GradCache): encode each worker's batch in mini-batches of this many "
+        "pairs, so memory is flat in the batch size; same loss and gradients. 0: off. Must "
+        "divide the per-worker batch.",
+    )
+    negatives_per_query: int = _f(
+        0,
+        "Hard negatives per query, taken from the data's negatives in the step's passage "
+        "language (every query is scored against all of the global batch's). 0: none.",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -329,6 +350,11 @@ class TrainConfig:
             problems.append(
                 f"train.max_failures must be >= 0 (or -1: restart without limit), "
                 f"got {self.max_failures}"
+            )
+        if self.mini_batch_size < 0 or self.negatives_per_query < 0:
+            problems.append(
+                f"train.mini_batch_size and train.negatives_per_query must be >= 0, got "
+                f"{self.mini_batch_size} and {self.negatives_per_query}"
             )
         if self.early_stopping_patience and not self.eval_every:
             problems.append("train.early_stopping_patience needs train.eval_every > 0 (validation)")
@@ -574,7 +600,13 @@ class Config:
                 f"batch.batch_size={b.batch_size} is too small for train.num_workers="
                 f"{t.num_workers}: every worker needs >= 2 pairs (in-batch negatives)"
             )
-        b.per_worker(t.num_workers)  # BatchPlanError: does not divide
+        per_worker = b.per_worker(t.num_workers)  # BatchPlanError: does not divide
+        if t.mini_batch_size and per_worker % t.mini_batch_size:
+            raise ConfigError(
+                f"train.mini_batch_size={t.mini_batch_size} does not divide the per-worker batch "
+                f"{per_worker} (batch.batch_size={b.batch_size} / train.num_workers="
+                f"{t.num_workers}); expected a divisor such as {_divisor_below(per_worker, t.mini_batch_size)}"
+            )
         if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: expected at least one seed, e.g. [0, 1, 2]")
         if self.seeds and len(set(self.seeds)) != len(self.seeds):

@@ -21,6 +21,7 @@ __all__ = [
     "BiEncoder",
     "ModelError",
     "build_tiny_model",
+    "enable_gradient_checkpointing",
     "encode_texts",
     "export_model",
     "freeze_embeddings",
@@ -137,6 +138,25 @@ def freeze_embeddings(model: torch.nn.Module) -> int:
             frozen += p.numel()
         p.requires_grad_(False)
     return frozen
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """``model.gradient_checkpointing``: recompute the encoder's layer activations in backward.
+
+    Hugging Face's own switch (``gradient_checkpointing_enable``), non-reentrant: the reentrant
+    variant needs inputs that require grad and breaks DDP's bookkeeping of which parameters got
+    gradients. Active in training mode only; gradients are unchanged (tests/test_model.py).
+
+    Raises:
+        ModelError: the encoder does not support gradient checkpointing.
+    """
+    inner = unwrap_model(model)
+    encoder = inner.encoder if isinstance(inner, BiEncoder) else inner
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"model.gradient_checkpointing: {type(encoder).__name__} does not support it"
+        )
+    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_biencoder(cfg: ModelConfig, path: str | None = None):

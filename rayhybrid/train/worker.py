@@ -25,7 +25,13 @@ import torch
 from rayhybrid._io import write_json_atomic
 from rayhybrid.config import Config, config_from_dict
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
-from rayhybrid.model import export_model, freeze_embeddings, load_biencoder, unwrap_model
+from rayhybrid.model import (
+    enable_gradient_checkpointing,
+    export_model,
+    freeze_embeddings,
+    load_biencoder,
+    unwrap_model,
+)
 from rayhybrid.tracking import StepLogger
 from rayhybrid.train import TrainingError
 from rayhybrid.train.checkpoint import (
@@ -38,6 +44,7 @@ from rayhybrid.train.checkpoint import (
 )
 from rayhybrid.train.optim import build_optimizer, build_scheduler
 from rayhybrid.train.precision import autocast, resolve_precision
+from rayhybrid.train.step import forward_backward
 
 __all__ = ["FINAL_METRICS", "TrainHooks", "train_loop_per_worker"]
 
@@ -214,6 +221,8 @@ class _Worker:
         self.device = ray.train.torch.get_device()
         self.tokenizer, model = load_biencoder(cfg.model, path=loop_config["model_path"])
         model.to(self.device)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if cfg.model.freeze_embeddings:  # before the optimiser and DDP see the parameters
             freeze_embeddings(model)
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
@@ -237,6 +246,7 @@ class _Worker:
         log_dir = self.hooks.batch_log
         self.batch_log = Path(log_dir) / f"rank{self.rank}.jsonl" if log_dir else None
         self.step_times: list[float] = []
+        self.false_negatives = 0  # pairs masked as false negatives by text, this attempt
         self.step_cpu: list[float] = []  # process CPU time per step: robust to a busy machine
         self.window: list[dict] = []
         self.last, self.last_cpu = time.perf_counter(), time.process_time()
@@ -271,14 +281,19 @@ class _Worker:
                     json.dumps({"step": batch["step"], "pid": os.getpid(), "group": batch["group"]})
                     + "\n"
                 )
-        with autocast(self.precision, dev):
-            q = self.model(batch["q_input_ids"].to(dev), batch["q_attention_mask"].to(dev))
-            p = self.model(batch["p_input_ids"].to(dev), batch["p_attention_mask"].to(dev))
-        loss, backward_loss = info_nce(
-            q, p, tau=tc.tau, rank=self.rank, world_size=self.world, symmetric=tc.symmetric
-        )
         self.optimizer.zero_grad(set_to_none=True)
-        backward_loss.backward()
+        out = forward_backward(  # plain, or cached InfoNCE with train.mini_batch_size
+            self.model,
+            batch,
+            tau=tc.tau,
+            symmetric=tc.symmetric,
+            rank=self.rank,
+            world_size=self.world,
+            device=dev,
+            precision=self.precision,
+            mini_batch_size=tc.mini_batch_size,
+        )
+        self.false_negatives += out.false_negatives
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), tc.grad_clip or float("inf")
         )
@@ -291,11 +306,12 @@ class _Worker:
         self.step_cpu.append(cpu - self.last_cpu)
         self.last, self.last_cpu = now, cpu
         metrics = {
-            "train/loss": loss.item(),
+            "train/loss": out.loss,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm),
             "train/pairs_per_s": self.cfg.batch.batch_size / self.step_times[-1],
             "train/mode_is_mono": float(batch["mode"] in ("mono", "english")),
+            "train/false_negatives": float(out.false_negatives),
         }
         self.mlflow.log(metrics, self.state.step)
         self.window.append(metrics)
@@ -381,6 +397,7 @@ class _Worker:
             "step_time_median_s": _median(self.step_times[KEEP_STEP_TIMES:] or self.step_times),
             "step_cpu_median_s": _median(self.step_cpu[KEEP_STEP_TIMES:] or self.step_cpu),
             "steps_this_attempt": len(self.step_times),
+            "false_negatives_masked": self.false_negatives,
         }
         if self.rank == 0:
             self.mlflow.flush()
