@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayhybrid.loss import LossError, gather_with_local_grad, in_batch_accuracy, info_nce
+from rayhybrid.loss import (
+    LossError,
+    duplicate_text_pairs,
+    gather_with_local_grad,
+    in_batch_accuracy,
+    info_nce,
+)
 
 B = 4  # pairs per worker
 
@@ -160,3 +166,84 @@ def test_two_gloo_workers_equal_one_process_with_the_global_batch(
             # The check has teeth: the gradient is far from zero and a 1/world_size slip shows.
             scale = max(grads_1[k].abs().max().item() for k in grads_1)
             assert scale > 1e-3
+
+
+# ----------------------------------------------------------------- hard negatives, false negatives
+
+
+def _row_loss(s: torch.Tensor, i: int, keep: list[int]) -> torch.Tensor:
+    """-log softmax of column i among columns ``keep`` of row ``s`` (written out, no masking)."""
+    row = torch.stack([s[j] for j in keep])
+    return -(s[i] - torch.logsumexp(row, 0))
+
+
+def test_hard_negatives_are_extra_columns_for_every_query():
+    q, p, neg, tau = _unit(4, 8, 0), _unit(4, 8, 1), _unit(6, 8, 2), 0.1
+    loss, _ = info_nce(q, p, tau=tau, negatives=neg)
+    cols = torch.cat([p, neg]) @ q.T / tau  # [10, 4]: column i = scores of query i
+    expected = sum(_row_loss(cols[:, i], i, list(range(10))) for i in range(4)) / 4
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    # symmetric: the passage->query term scores passages against queries only
+    sym, _ = info_nce(q, p, tau=tau, negatives=neg, symmetric=True)
+    s = p @ q.T / tau
+    reverse = sum(_row_loss(s[i], i, list(range(4))) for i in range(4)) / 4
+    assert sym.item() == pytest.approx(0.5 * (expected + reverse).item(), abs=1e-6)
+    with pytest.raises(LossError, match="hard negatives must be"):
+        info_nce(q, p, tau=tau, negatives=_unit(3, 5, 0))
+
+
+def test_near_duplicate_hard_negatives_raise_the_loss_and_get_gradients(tiny_model_dir):
+    """Issue 13, shown 2: easy in-batch negatives, near-duplicate hard ones, step 0 of a model."""
+    from rayhybrid.config import ModelConfig
+    from rayhybrid.model import load_biencoder
+
+    tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
+    model.eval()
+    topics = ["river", "castle", "engine", "violin"]
+    queries = [f"where is the old {t}" for t in topics]
+    passages = [f"the old {t} stands near the market square of the town" for t in topics]
+    # easy: the other pairs' passages; hard: the positive with one word changed
+    hard = [f"the old {t} stands near the market square of the city" for t in topics]
+
+    def enc(texts):
+        tok = tokenizer(texts, padding=True, return_tensors="pt")
+        return model(tok["input_ids"], tok["attention_mask"])
+
+    q, p, n = enc(queries), enc(passages), enc(hard)
+    n.retain_grad()
+    plain, _ = info_nce(q, p, tau=0.05)
+    with_hard, backward_loss = info_nce(q, p, tau=0.05, negatives=n)
+    assert with_hard.item() > plain.item() + 0.1, (plain.item(), with_hard.item())
+    # the hard negatives are closer to the positives than the in-batch negatives are
+    assert (p * n).sum(1).mean() > (p @ p.T).fill_diagonal_(0).sum() / 12
+    backward_loss.backward()
+    assert n.grad is not None and n.grad.abs().sum(1).min().item() > 1e-4
+
+
+def test_identical_passage_texts_are_masked_like_a_removed_column():
+    """Issue 13, shown 3: pairs 1 and 3 share a passage text (keys equal): each one's loss is
+    the loss of the batch with the other's column removed for it."""
+    q, p, tau = _unit(5, 8, 3), _unit(5, 8, 4), 0.1
+    p[3] = p[1]  # same text, same embedding
+    keys = torch.tensor([10, 11, 12, 11, 14])
+    masked, _ = info_nce(q, p, tau=tau, passage_keys=keys)
+    s = q @ p.T / tau
+    keep = {i: [j for j in range(5) if j != {1: 3, 3: 1}.get(i)] for i in range(5)}
+    expected = sum(_row_loss(s[i], i, keep[i]) for i in range(5)) / 5
+    assert masked.item() == pytest.approx(expected.item(), abs=1e-6)
+    unmasked, _ = info_nce(q, p, tau=tau)
+    assert unmasked.item() > masked.item() + 1e-3  # the mask changed something
+    assert duplicate_text_pairs(keys) == 1 and duplicate_text_pairs(torch.arange(5)) == 0
+    # symmetric: passage 1 does not count query 3 as a negative either
+    sym, _ = info_nce(q, p, tau=tau, passage_keys=keys, symmetric=True)
+    reverse = sum(_row_loss(s[:, i], i, keep[i]) for i in range(5)) / 5
+    assert sym.item() == pytest.approx(0.5 * (expected + reverse).item(), abs=1e-6)
+    # a hard negative with the text of the query's own positive is masked too
+    neg = torch.cat([p[2:3], _unit(1, 8, 5)])
+    with_neg, _ = info_nce(
+        q, p, tau=tau, negatives=neg, passage_keys=keys, negative_keys=torch.tensor([12, 99])
+    )
+    cols = torch.cat([s, q @ neg.T / tau], dim=1)
+    keep_n = {i: keep[i] + ([6] if i == 2 else [5, 6]) for i in range(5)}
+    expected_n = sum(_row_loss(cols[i], i, keep_n[i]) for i in range(5)) / 5
+    assert with_neg.item() == pytest.approx(expected_n.item(), abs=1e-6)
