@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from rayhybrid.config import BatchPlanError
-from rayhybrid.datamodel import Pair, ParallelItem
+from rayhybrid.datamodel import DataError, Pair, ParallelItem
 
 if TYPE_CHECKING:
     from rayhybrid.config import BatchConfig
 
-__all__ = ["BatchPlan", "BatchPlanError", "PlanRow", "Unit", "units_from"]
+__all__ = ["BatchPlan", "BatchPlanError", "PlanRow", "Unit", "check_negatives", "units_from"]
 
 Key = tuple[str, str]  # (query language, passage language)
 
@@ -74,6 +74,50 @@ class Unit:
         if isinstance(src, Pair):
             return src.query, src.passage
         return src.queries[query_lang], src.positives[passage_lang][0]
+
+    def negatives(self, passage_lang: str, k: int, epoch: int) -> list[str]:
+        """``k`` hard negatives in ``passage_lang``: the unit's negatives in that language,
+        rotated by ``epoch`` (every one is used over the epochs; repeated when fewer than
+        ``k``), so a step's negatives are a pure function of the plan's (seed, epoch, step).
+
+        Raises:
+            DataError: the unit has no negatives in ``passage_lang``.
+        """
+        src = self.source
+        negs = () if isinstance(src, Pair) else src.negatives.get(passage_lang, ())
+        if not negs:
+            raise DataError(
+                f"group {self.group!r}: no hard negatives in language {passage_lang!r}; "
+                "train.negatives_per_query > 0 needs them (see rayhybrid mine)"
+            )
+        start = epoch * k % len(negs)
+        return [negs[(start + j) % len(negs)] for j in range(k)]
+
+
+def check_negatives(units: Sequence[Unit], k: int) -> None:
+    """Every unit has hard negatives in every language it can serve as a passage language.
+
+    Checked in the driver before training (``train.negatives_per_query = k > 0``).
+
+    Raises:
+        DataError: naming the first units (group, language) without negatives and how many.
+    """
+    if k <= 0:
+        return
+    missing = []
+    for unit in units:
+        if isinstance(unit.source, Pair):
+            missing.append(f"{unit.group} (a pair row: pairs carry no negatives)")
+            continue
+        missing += [
+            f"{unit.group}/{lang}" for lang in unit.languages if not unit.source.negatives.get(lang)
+        ]
+    if missing:
+        raise DataError(
+            f"train.negatives_per_query={k} but {len(missing)} unit language(s) have no hard "
+            f"negatives, e.g. {', '.join(missing[:3])}; expected item rows with 'negatives' "
+            "in every training language (write them with rayhybrid mine) or negatives_per_query=0"
+        )
 
 
 def units_from(

@@ -22,6 +22,7 @@ uninterrupted stream, because every row is computed from its global step alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rayhybrid.batching import BatchPlan, PlanRow, Unit, units_from
+from rayhybrid.batching import BatchPlan, PlanRow, Unit, check_negatives, units_from
 from rayhybrid.datamodel import DataError
 
 if TYPE_CHECKING:
@@ -86,6 +87,14 @@ class _StreamSpec:
     passage_prefix: str
     max_query_length: int
     max_passage_length: int
+    negatives_per_query: int = 0  # hard negatives tokenized per row (train.negatives_per_query)
+
+
+def text_key(text: str) -> int:
+    """A 64-bit key of a passage text (equal texts, equal keys): the loss masks pairs whose
+    passages share one as false negatives (:func:`rayhybrid.loss.info_nce`)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _token_lists(tokenizer: Any, texts: list[str]) -> pa.Array:
@@ -144,11 +153,16 @@ class _StepTokenizer:
         }
         queries: list[str] = []
         passages: list[str] = []
+        negatives: list[str] = []  # k per row, in row order
+        k = spec.negatives_per_query
         for rank, step in shares:
             share = self.plan.worker_rows(step, rank)
             texts = [spec.units[r.unit].texts(r.query_lang, r.passage_lang) for r in share]
             _check_share(share, texts, step, rank)
+            epoch = self.plan.locate(step)[0]
             for row, (query, passage) in zip(share, texts):
+                if k:  # in the step's passage language: the pair's own, mono or cross
+                    negatives += spec.units[row.unit].negatives(row.passage_lang, k, epoch)
                 cols["step"].append(step)
                 cols["slot"].append(row.slot)
                 cols["mode"].append(row.mode)
@@ -156,13 +170,25 @@ class _StepTokenizer:
                 cols["q_lang"].append(row.query_lang)
                 cols["p_lang"].append(row.passage_lang)
                 queries.append(spec.query_prefix + query)
-                passages.append(spec.passage_prefix + passage)
+                passages.append(passage)
         table = {
             k: pa.array(v, type=pa.int64() if k in ("step", "slot") else pa.string())
             for k, v in cols.items()
         }
         table["q_ids"] = _token_lists(self.tokenizers["q"], queries)
-        table["p_ids"] = _token_lists(self.tokenizers["p"], passages)
+        # keys of the texts without the prefix (the same prefix is on every passage)
+        table["p_key"] = pa.array([text_key(x) for x in passages], type=pa.int64())
+        passages_prefixed = [spec.passage_prefix + x for x in passages]
+        table["p_ids"] = _token_lists(self.tokenizers["p"], passages_prefixed)
+        if k:
+            offsets = pa.array(np.arange(0, len(negatives) + 1, k, dtype=np.int32))
+            flat = [spec.passage_prefix + x for x in negatives]
+            table["n_ids"] = pa.ListArray.from_arrays(
+                offsets, _token_lists(self.tokenizers["p"], flat)
+            )
+            table["n_key"] = pa.ListArray.from_arrays(
+                offsets, pa.array([text_key(x) for x in negatives], type=pa.int64())
+            )
         return pa.table(table)
 
 
@@ -225,6 +251,7 @@ def _spec(
         cfg.model.passage_prefix,
         cfg.data.max_query_length,
         cfg.data.max_passage_length,
+        cfg.train.negatives_per_query,
     ), tokenizer
 
 
@@ -258,6 +285,9 @@ def validation_batches(
     units, plan = validation_plan(cfg, data, num_workers)
     n_steps = min(max_steps, plan.steps_per_epoch)
     spec, tokenizer = _spec(cfg, plan.cfg, units, num_workers, 0, n_steps, tokenizer_path)
+    # The validation loss stays in-batch (comparable across negatives_per_query; the dev split
+    # need not carry negatives).
+    spec = dataclasses.replace(spec, negatives_per_query=0)
     steps = _StepTokenizer(spec)
     return [
         [
@@ -352,11 +382,13 @@ def build_train_datasets(
 
     Returns:
         ``{"train_rank0": ds0, ...}``: rows ``step, slot, mode, group, q_lang, p_lang, q_ids,
-        p_ids`` (unpadded token ids), ``batch_size // num_workers`` rows per step, in order.
+        p_ids`` (unpadded token ids), ``p_key`` (passage text key), with hard negatives
+        ``n_ids`` (k token lists) and ``n_key``, ``batch_size // num_workers`` rows per step, in order.
 
     Raises:
         BatchPlanError: the batch config cannot be satisfied by the data (checked here,
             in the driver, before any Ray work starts).
+        DataError: ``train.negatives_per_query > 0`` and some unit has no negatives.
         ValueError: ``start_step`` outside ``[0, max_steps]``; not a fast tokenizer.
     """
     import ray
@@ -366,6 +398,7 @@ def build_train_datasets(
         raise ValueError(f"start_step={start_step} must be in [0, max_steps={max_steps}]")
     units = units_from(data.items, data.pairs, cfg.data.languages)
     BatchPlan(cfg.batch, units, num_workers)  # validate in the driver, with a clear error
+    check_negatives(units, cfg.train.negatives_per_query)  # DataError before any Ray work
     n_steps = max_steps - start_step
     per_worker = cfg.batch.per_worker(num_workers)
     spec, _ = _spec(cfg, cfg.batch, units, num_workers, start_step, n_steps, str(tokenizer_path))
@@ -421,7 +454,9 @@ def iter_step_batches(
     Yields:
         ``q_input_ids, q_attention_mask, p_input_ids, p_attention_mask`` (torch.long, padded
         to the step's longest row), ``q_lang, p_lang, group`` (lists of str), ``step`` (int),
-        ``mode`` (``mono`` / ``cross`` / ``mixed`` / ``english``).
+        ``mode`` (``mono`` / ``cross`` / ``mixed`` / ``english``), ``p_key`` (text keys of the
+        passages); with ``train.negatives_per_query = k``: ``n_input_ids, n_attention_mask``
+        (``k`` rows per pair, pair-major) and ``n_key``.
 
     Raises:
         StreamError: a batch does not hold exactly one step's ``per_worker_batch_size`` rows
@@ -451,9 +486,20 @@ def iter_step_batches(
 
 def _step_batch(table: pa.Table, pad_token_id: int) -> dict:
     """One worker's rows of one step as a padded batch (see :func:`iter_step_batches`)."""
+    import torch
+
     q_ids, q_mask = _padded(table.column("q_ids"), pad_token_id)
     p_ids, p_mask = _padded(table.column("p_ids"), pad_token_id)
+    extra = {}
+    if "p_key" in table.column_names:
+        extra["p_key"] = torch.from_numpy(table.column("p_key").to_numpy().astype(np.int64))
+    if "n_ids" in table.column_names:  # k hard negatives per row, flattened row-major
+        n_ids = table.column("n_ids").combine_chunks().flatten()
+        extra["n_input_ids"], extra["n_attention_mask"] = _padded(n_ids, pad_token_id)
+        n_key = table.column("n_key").combine_chunks().flatten()
+        extra["n_key"] = torch.from_numpy(n_key.to_numpy().astype(np.int64))
     return {
+        **extra,
         "q_input_ids": q_ids,
         "q_attention_mask": q_mask,
         "p_input_ids": p_ids,
