@@ -143,9 +143,10 @@ def freeze_embeddings(model: torch.nn.Module) -> int:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """``model.gradient_checkpointing``: recompute the encoder's layer activations in backward.
 
-    Hugging Face's own switch (``gradient_checkpointing_enable``), non-reentrant: the reentrant
+    Hugging Face's own switch (``activation_checkpointing_enable``, formerly
+    ``gradient_checkpointing_enable``), non-reentrant: the reentrant
     variant needs inputs that require grad and breaks DDP's bookkeeping of which parameters got
-    gradients. Active in training mode only; gradients are unchanged (tests/test_model.py).
+    gradients. Active in training mode only; gradients are unchanged (tests/test_gradcache.py).
 
     Raises:
         ModelError: the encoder does not support gradient checkpointing.
@@ -156,7 +157,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise ModelError(
             f"model.gradient_checkpointing: {type(encoder).__name__} does not support it"
         )
-    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.2 spelling
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_biencoder(cfg: ModelConfig, path: str | None = None):

@@ -176,3 +176,40 @@ def test_cached_equals_plain_on_two_gloo_workers_with_one_allreduce(
         # B / MINI = 2 mini-batches per step, yet the cached step all-reduces as often as the
         # plain one (once per bucket per step): no_sync held back the first mini-batch's sync.
         assert out["reduces"][MINI] == out["reduces"][0] > 0, out["reduces"]
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_model_dir, xquad_dir):
+    """model.gradient_checkpointing, in training mode (dropout on, same seed): the same loss and
+    gradients as without, alone and under the cached loss."""
+    from rayhybrid.model import enable_gradient_checkpointing, load_biencoder
+
+    texts = _texts(xquad_dir, 2)  # rank 0's share: pairs 0..B-1, negatives 0..B*K-1
+    texts["p"][1] = texts["p"][0]  # a duplicate inside this one worker's share
+    out = {}
+    for checkpointing, mini in product((False, True), (0, MINI)):
+        tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            enc = model.encoder
+            assert (
+                getattr(enc, "is_activation_checkpointing", None) or enc.is_gradient_checkpointing
+            )
+        model.train()
+        torch.manual_seed(0)
+        res = forward_backward(
+            model,
+            _batch(tokenizer, texts, 0, True, B),
+            tau=0.05,
+            symmetric=True,
+            rank=0,
+            world_size=1,
+            device=torch.device("cpu"),
+            mini_batch_size=mini,
+        )
+        grads = {n: t.grad for n, t in model.named_parameters() if t.grad is not None}
+        out[(checkpointing, mini)] = (res.loss, res.false_negatives, grads)
+    # Dropout draws its masks in another order in mini-batches than in one pass: compare
+    # checkpointing on / off at the same mini-batch size.
+    for mini in (0, MINI):
+        _assert_same(out[(True, mini)], out[(False, mini)], f"checkpointing, mini={mini}")
+    assert out[(False, 0)][0] != out[(False, MINI)][0]  # dropout is on (masks differ)
