@@ -320,6 +320,11 @@ class TrainConfig:
         "Hard negatives per query, taken from the data's negatives in the step's passage "
         "language (every query is scored against all of the global batch's). 0: none.",
     )
+    negatives_path: str = _f(
+        "",
+        "Items JSONL written by 'rayhybrid mine': its negatives are attached to the training "
+        "items by id (the data source and its split stay data.*). Empty: the data's own.",
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -388,7 +388,8 @@ def build_train_datasets(
     Raises:
         BatchPlanError: the batch config cannot be satisfied by the data (checked here,
             in the driver, before any Ray work starts).
-        DataError: ``train.negatives_per_query > 0`` and some unit has no negatives.
+        DataError: ``train.negatives_per_query > 0`` and some unit has no negatives; a
+            ``train.negatives_path`` file with ids the training data lacks.
         ValueError: ``start_step`` outside ``[0, max_steps]``; not a fast tokenizer.
     """
     import ray
@@ -396,6 +397,11 @@ def build_train_datasets(
     max_steps = cfg.train.max_steps if max_steps is None else max_steps
     if not 0 <= start_step <= max_steps:
         raise ValueError(f"start_step={start_step} must be in [0, max_steps={max_steps}]")
+    if cfg.train.negatives_path:  # mined negatives, attached by item id (DataError: unknown ids)
+        from rayhybrid.config import resolve_path
+        from rayhybrid.mine import attach_negatives
+
+        data = attach_negatives(data, resolve_path(cfg.train.negatives_path))
     units = units_from(data.items, data.pairs, cfg.data.languages)
     BatchPlan(cfg.batch, units, num_workers)  # validate in the driver, with a clear error
     check_negatives(units, cfg.train.negatives_per_query)  # DataError before any Ray work
