@@ -98,6 +98,37 @@ def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine(cfg: Config, args: argparse.Namespace) -> int:
+    from rayhybrid.mine import MineSettings, mine_hard_negatives
+
+    settings = MineSettings(
+        args.num_negatives, args.range_min, args.range_max, args.margin, args.part
+    )
+    report = mine_hard_negatives(cfg, args.model, args.out, settings, use_ray=not args.in_process)
+    for lang, r in report["languages"].items():
+        print(
+            f"{lang}: {r['queries']} queries, negatives per query {r['negatives_per_query']}, "
+            f"positive score median {r['positive_score'].get('median')}, negative score "
+            f"median {r['negative_score'].get('median')}"
+        )
+    print(f"wrote {args.out} ({report['items']} items) and {args.out}.report.json")
+    print(f"train with: train.negatives_path={args.out} train.negatives_per_query=<k>")
+    return 0
+
+
+def _args_mine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="Encoder folder or name that ranks.")
+    p.add_argument("--out", "-o", default="mined_negatives.jsonl", help="Items JSONL to write.")
+    p.add_argument("--num-negatives", type=int, default=4, help="Negatives per query (4).")
+    p.add_argument("--range-min", type=int, default=0, help="Skip this many top ranks (0).")
+    p.add_argument("--range-max", type=int, default=50, help="Consider ranks below this (50).")
+    p.add_argument(
+        "--margin", type=float, default=0.05, help="Keep scores <= positive - margin (0.05)."
+    )
+    p.add_argument("--part", default="train", help="Split part to mine (train).")
+    p.add_argument("--in-process", action="store_true", help="Encode here, without Ray.")
+
+
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from rayhybrid.evaluation.run import evaluate_cli
 
@@ -180,6 +211,11 @@ COMMANDS: dict[str, Command] = {
         "Evaluate an encoder: mono / cross / multilingual retrieval and language bias.",
         _args_evaluate,
         "evaluate_xquad_r.yaml",
+    ),
+    "mine": Command(
+        _cmd_mine,
+        "Mine hard negatives for the training items (rank range, margin, never the own item).",
+        _args_mine,
     ),
     "compare": Command(_cmd_compare, "Train and evaluate every batch strategy under one budget."),
     "tune": Command(

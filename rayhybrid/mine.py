@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rayhybrid.config import ConfigError
 from rayhybrid.datamodel import DataError, ParallelItem
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class MineSettings:
 
     def __post_init__(self) -> None:
         if self.num_negatives < 1 or not 0 <= self.range_min < self.range_max:
-            raise ValueError(
+            raise ConfigError(
                 f"mine: expected num_negatives >= 1 and 0 <= range_min < range_max, got "
                 f"{self.num_negatives}, {self.range_min}, {self.range_max}"
             )
@@ -190,11 +191,16 @@ def mine_hard_negatives(
         use_ray: encode with the Ray Data encoder actors (the CLI); False: in this process.
 
     Raises:
-        DataError: the data has no parallel items (pair rows cannot carry negatives).
+        DataError: the data has no parallel items (pair rows cannot carry negatives), or the
+            data cannot be loaded.
     """
     from rayhybrid.corpus import load_training_data
 
     data = load_training_data(cfg.data, part=settings.part)
+    if use_ray:  # after the data loaded: a bad path fails before Ray starts
+        from rayhybrid.cluster import ensure_ray
+
+        ensure_ray()
     if not data.items:
         raise DataError(
             f"{cfg.data.path}: mining needs parallel items (item rows); pair rows carry no "

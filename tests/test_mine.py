@@ -127,3 +127,17 @@ def test_mined_file_loads_back_and_attaches_by_id(mined, tmp_path):
         DataError, match=r"other.jsonl: \d+ of \d+ item ids are not in the training"
     ):
         attach_negatives(load_training_data(cfg.data, part="train"), other)
+
+
+def test_mine_cli_errors_are_one_line(xquad_dir, tmp_path, capsys):
+    from rayhybrid.cli import main
+
+    args = ["mine", "--model", "nope", "--in-process", f"data.path={xquad_dir}"]
+    assert main([*args, "--range-min", "5", "--range-max", "5"]) == 2
+    assert (
+        "mine: expected num_negatives >= 1 and 0 <= range_min < range_max"
+        in capsys.readouterr().err
+    )
+    assert main(["mine", "--model", "nope", "--in-process", f"data.path={tmp_path}/none"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rayhybrid mine: error:" in err[0] and "none" in err[0], err
