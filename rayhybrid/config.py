@@ -256,8 +256,8 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _f(
         False,
-        "Recompute the encoder's activations in the backward pass (Hugging Face "
-        "gradient_checkpointing_enable, non-reentrant): less memory, about a third more compute.",
+        "Recompute the encoder's activations in the backward pass (Hugging Face activation "
+        "checkpointing, non-reentrant): less activation memory, one more forward of compute.",
     )
     tiny_hidden_size: int = _f(64, "tiny: hidden size.")
     tiny_layers: int = _f(2, "tiny: number of layers.")

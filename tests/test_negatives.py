@@ -107,3 +107,51 @@ def test_mini_batch_size_must_divide_the_per_worker_batch(tmp_path):
     with pytest.raises(ConfigError, match="expected a divisor such as 4"):
         _cfg(path, "train.mini_batch_size=5", "batch.batch_size=16")
     assert _cfg(path, "train.mini_batch_size=2").train.mini_batch_size == 2
+
+
+def test_ray_train_run_with_mined_negatives_cached_loss_and_checkpointing(
+    ray_local, xquad_dir, tiny_model_dir, tmp_path
+):
+    """End to end on a real local Ray: mine (in process), then 2 Ray Train steps on 2 workers
+    with the mined negatives, the cached loss and gradient checkpointing."""
+    from rayhybrid.mine import MineSettings, mine_hard_negatives
+    from rayhybrid.train.driver import train
+
+    common = [
+        f"data.path={xquad_dir}",
+        "data.languages=[en,de]",
+        "data.train_fraction=0.05",
+        "data.dev_fraction=0.0",
+        "data.max_query_length=24",
+        "data.max_passage_length=40",
+        f"model.name={tiny_model_dir}",
+    ]
+    mined = tmp_path / "mined.jsonl"
+    # margin -10: every candidate in the rank range qualifies (a random model's positives
+    # rarely lead), so every query gets its negatives
+    settings = MineSettings(num_negatives=2, range_min=0, range_max=10, margin=-10.0)
+    mine_hard_negatives(
+        load_config(None, common), str(tiny_model_dir), mined, settings, use_ray=False
+    )
+    cfg = load_config(
+        None,
+        [
+            *common,
+            "batch.batch_size=8",
+            "batch.strategy=hybrid",
+            "train.num_workers=2",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.mini_batch_size=2",
+            f"train.negatives_per_query={K}",
+            f"train.negatives_path={mined}",
+            "model.gradient_checkpointing=true",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=negs",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
+    result = train(cfg)
+    assert result.metrics["step"] == 2
+    assert result.metrics["false_negatives_masked"] >= 0
+    assert (result.model_dir / "config.json").is_file()
