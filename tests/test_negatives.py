@@ -75,6 +75,9 @@ def test_negatives_are_in_the_step_passage_language_and_a_pure_function_of_the_s
             ]
             for i, row in enumerate(rows):
                 item = row.group
+                passage = units[row.unit].texts(row.query_lang, row.passage_lang)[1]
+                ids = tok("Passage: " + passage, truncation=True, max_length=128)["input_ids"]
+                assert batch["p_input_ids"][i][batch["p_attention_mask"][i].bool()].tolist() == ids
                 for j in range(K):
                     # independent expectation: item i's negatives in the pair's passage
                     # language, starting at (epoch * K) mod 3
