@@ -213,3 +213,32 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_model_dir, xquad_d
     for mini in (0, MINI):
         _assert_same(out[(True, mini)], out[(False, mini)], f"checkpointing, mini={mini}")
     assert out[(False, 0)][0] != out[(False, MINI)][0]  # dropout is on (masks differ)
+
+
+def test_cached_under_bf16_autocast_follows_the_plain_step(tiny_model_dir, xquad_dir):
+    """bf16 autocast: mini-batches round differently from one pass, so not to 1e-5, but the
+    cached step's loss and gradient direction are the plain step's."""
+    from rayhybrid.model import load_biencoder
+
+    tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
+    model.eval()
+    batch = _batch(tokenizer, _texts(xquad_dir, 2), 0, True, 2 * B)
+    out = {}
+    for mini in (0, MINI):
+        model.zero_grad(set_to_none=True)
+        res = forward_backward(
+            model,
+            batch,
+            tau=0.05,
+            symmetric=True,
+            rank=0,
+            world_size=1,
+            device=torch.device("cpu"),
+            precision="bf16",
+            mini_batch_size=mini,
+        )
+        flat = torch.cat([t.grad.flatten() for t in model.parameters() if t.grad is not None])
+        out[mini] = (res.loss, flat)
+    assert out[MINI][0] == pytest.approx(out[0][0], rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(out[MINI][1], out[0][1], dim=0).item()
+    assert cos > 0.99, cos
