@@ -93,8 +93,14 @@ def _validate(
                             batch[f"{side}_attention_mask"].to(device),
                         ).float()
                     )
+            keys = batch.get("p_key")  # false negatives by text masked as in training
             loss, _ = info_nce(
-                *embs, tau=cfg.train.tau, rank=rank, world_size=world, symmetric=cfg.train.symmetric
+                *embs,
+                tau=cfg.train.tau,
+                rank=rank,
+                world_size=world,
+                symmetric=cfg.train.symmetric,
+                passage_keys=None if keys is None else keys.to(device),
             )
             losses.append(loss.item())
             accs.append(in_batch_accuracy(*(gather_with_local_grad(e, rank, world) for e in embs)))
