@@ -192,12 +192,15 @@ def test_hard_negatives_are_extra_columns_for_every_query():
         info_nce(q, p, tau=tau, negatives=_unit(3, 5, 0))
 
 
-def test_near_duplicate_hard_negatives_raise_the_loss_and_get_gradients(tiny_model_dir):
-    """Issue 13, shown 2: easy in-batch negatives, near-duplicate hard ones, step 0 of a model."""
+def test_near_duplicate_hard_negatives_raise_the_loss_and_get_gradients(minilm_dir):
+    """Issue 13, shown 2: easy in-batch negatives, near-duplicate hard ones, step 0 of a model.
+
+    A trained encoder (MiniLM): a random tiny model maps every text to nearly one direction,
+    so nothing is "easy" for it."""
     from rayhybrid.config import ModelConfig
     from rayhybrid.model import load_biencoder
 
-    tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=str(tiny_model_dir))
+    tokenizer, model = load_biencoder(ModelConfig(), path=str(minilm_dir))
     model.eval()
     topics = ["river", "castle", "engine", "violin"]
     queries = [f"where is the old {t}" for t in topics]
