@@ -367,3 +367,70 @@ def test_jobs_submitted_to_a_real_cluster(ray_head, xquad_dir):
     assert len(mc.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert mc.list_artifacts(run.info.run_id), "no artifacts logged"
     assert (work / "runs" / "cluster-job").is_dir()
+
+
+def test_ray_job_stop_ends_the_run_killed_and_a_resume_continues(ray_head, xquad_dir):
+    """Issue 12: a real `ray job stop` mid-run (SIGTERM to the job, SIGKILL 3 s later).
+
+    The MLflow run ends KILLED with an end time, the kept checkpoint is complete, and a job
+    submitted with ``train.resume=true`` trains exactly the remaining steps into the same run.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from rayhybrid.train.checkpoint import RunPaths, checkpoint_complete, latest_checkpoint
+
+    work = ray_head.workdir
+    store = f"sqlite:///{work / 'stop.db'}"
+    runtime_env = yaml.safe_load(
+        _runtime_env_file(
+            ray_head, RAYHYBRID_DATA=str(xquad_dir.parent), MLFLOW_TRACKING_URI=store
+        ).read_text()
+    )
+    steps, every = 40, 2
+    run_dir = work / "runs-stop" / "stopped"
+    entry = (
+        "python jobs/train.py --config configs/quickstart.yaml model.name=tiny "
+        "data.languages=[en,de,es] batch.batch_size=8 train.log_every=1 "
+        f"train.max_steps={steps} train.checkpoint_every={every} train.run_name=stopped "
+        f"train.storage_path={work / 'runs-stop'} tracking.experiment=stop "
+        "eval.at_end_of_training=false"
+    )
+    client = _client(ray_head)
+    env = {"working_dir": str(REPO), **runtime_env}
+    first = client.submit_job(submission_id="rh-stop", entrypoint=entry, runtime_env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if checkpoint_complete(run_dir / f"checkpoint_{every:08d}")[0] == every:
+            break
+        status = str(client.get_job_status(first).value)
+        assert status not in TERMINAL, client.get_job_logs(first)[-4000:]
+        time.sleep(0.5)
+    else:
+        client.stop_job(first)
+        pytest.fail(f"no complete checkpoint after 600 s:\n{client.get_job_logs(first)[-4000:]}")
+    assert client.stop_job(first)  # the real command's API: SIGTERM, then SIGKILL after 3 s
+    assert _wait(ray_head, first) == "STOPPED"
+    logs = client.get_job_logs(first)
+    assert "MLflow run is marked KILLED" in logs, logs[-4000:]
+
+    run_id = json.loads((run_dir / "rayhybrid_run.json").read_text())["mlflow_run_id"]
+    info = MlflowClient(store).get_run(run_id).info
+    assert info.status == "KILLED" and info.end_time and info.end_time >= info.start_time
+    assert not (run_dir / "final_model").exists()
+    kept, folder = latest_checkpoint(RunPaths(str(run_dir)))
+    assert every <= kept < steps and kept % every == 0, kept
+    assert checkpoint_complete(folder)[0] == kept
+
+    second = client.submit_job(
+        submission_id="rh-resume",
+        entrypoint=f"{entry} train.resume=true train.overwrite=false",
+        runtime_env=env,
+    )
+    status = _wait(ray_head, second, timeout=900)
+    assert status == "SUCCEEDED", client.get_job_logs(second)[-6000:]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == steps and final["steps_this_attempt"] == steps - kept, final
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = MlflowClient(store).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # each step once

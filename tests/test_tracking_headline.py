@@ -55,7 +55,9 @@ def _expected(metrics: dict[str, float]) -> set[str]:
         names = ["map", "map_at_20", "r_at_1", "r_at_10", "ndcg_at_10", "mrr_at_10"]
         names += ["mrr"] if setting == "multi" else []
         for name in names:
-            keep |= {f"t/{setting}/{name}{end}" for end in ("", "/ci_low", "/ci_high")}
+            with_interval = name in ("map", "map_at_20", "ndcg_at_10")
+            ends = ("", "/ci_low", "/ci_high") if with_interval else ("",)
+            keep |= {f"t/{setting}/{name}{end}" for end in ends}
     keep |= {f"t/bias/rank_distance{end}" for end in ("", "/ci_low", "/ci_high")}
     return {k for k in keep & set(metrics) if not math.isnan(metrics[k])}
 
