@@ -450,7 +450,9 @@ def test_crash_before_the_first_checkpoint_logs_each_step_once(
     checkpoint (step N); the restart begins again at step 0 and must not log 1, 2 again."""
     hooks = TrainHooks(batch_log=str(root / "log_early"), fault=f"1:2:{root / 'killed_early'}")
     result = train(
-        make_cfg(root, xquad_dir, "early", f"model.name={tiny_model_dir}", "train.max_failures=1"),
+        make_cfg(
+            root, xquad_dir, "crash-early", f"model.name={tiny_model_dir}", "train.max_failures=1"
+        ),
         hooks=hooks,
     )
     assert (root / "killed_early").is_file(), "the fault was not injected"
@@ -459,7 +461,7 @@ def test_crash_before_the_first_checkpoint_logs_each_step_once(
     assert len(pids) == 2, "exactly one restart"
     assert next(e["step"] for e in log[0] if e["pid"] == pids[1]) == 0  # from scratch
     assert result.metrics["step"] == 2 * N
-    client, runs = mlflow_runs(root, "early")
+    client, runs = mlflow_runs(root, "crash-early")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 2 * N + 1)), history
