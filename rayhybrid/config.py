@@ -767,6 +767,16 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _dict_lists(a: Any, b: Any) -> bool:
+    """Two equally long lists of dicts."""
+    return (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and len(a) == len(b)
+        and all(isinstance(x, dict) for x in a + b)
+    )
+
+
 def config_differences(
     old: typing.Mapping[str, Any],
     new: typing.Mapping[str, Any],
@@ -795,6 +805,13 @@ def config_differences(
         elif isinstance(old[key], dict) and isinstance(new[key], dict):
             sub = default.get(key) if isinstance(default.get(key), dict) else {}
             out += config_differences(old[key], new[key], sub, f"{name}.")
+        elif _dict_lists(old[key], new[key]):
+            # A list of sections (eval.tasks): item by item, a field added to the item type
+            # since is equal at its default (the default list's first item holds the defaults).
+            dflt = default.get(key)
+            sub = dflt[0] if isinstance(dflt, list) and dflt and isinstance(dflt[0], dict) else {}
+            for i, (a, b) in enumerate(zip(old[key], new[key])):
+                out += config_differences(a, b, sub, f"{name}[{i}].")
         elif old[key] != new[key]:
             out.append((name, old[key], new[key]))
     return out

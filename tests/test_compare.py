@@ -323,3 +323,11 @@ def test_reuse_fingerprint_differences_name_the_keys():
     ) == ["train.tau"]
     tracking_only = apply_overrides(cfg, {"tracking.experiment": "elsewhere", "reuse": True})
     assert _differences(stored, _fingerprint(tracking_only), default) == []
+    # A field added to the task type since (eval.tasks is a list of sections): equal at its
+    # default, a difference named by item when set.
+    no_field = json.loads(json.dumps(stored))
+    del no_field["eval"]["tasks"][0]["corpus_path"]
+    assert _differences(no_field, _fingerprint(cfg), default) == []
+    moved = json.loads(json.dumps(stored))
+    moved["eval"]["tasks"][0]["corpus_path"] = "/elsewhere"
+    assert _differences(moved, _fingerprint(cfg), default) == ["eval.tasks[0].corpus_path"]
