@@ -15,6 +15,7 @@ entrypoint exits non-zero and shows what it printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
@@ -373,30 +374,32 @@ def execute(prog: str, run: Body, args: argparse.Namespace) -> int:
         interrupted; errors are printed to stderr as one line.
     """
     from rayhybrid.cluster import path_warnings
-    from rayhybrid.console import quiet
+    from rayhybrid.console import drop_stderr_lines, is_quiet, quiet
 
     restore_env = quiet(verbose=bool(getattr(args, "verbose", False)))  # before Ray starts
     setup_logging()
-    try:
-        cfg = _load(args)
-        for warning in path_warnings(cfg):
-            print(f"{prog}: warning: {warning}", file=sys.stderr, flush=True)
-        status = run(cfg, args)
-    except ConfigError as exc:
-        print(f"{prog}: config error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt as exc:  # TrainingStopped (SIGTERM) says what was kept
-        print(f"{prog}: {exc or 'interrupted'}", file=sys.stderr, flush=True)
-        return getattr(exc, "exit_status", 130)
-    except Exception as exc:  # noqa: BLE001 - any failure must become a non-zero exit status
-        # Library errors (bad data, model, run folder, tracking server) carry a message that
-        # says what to change; anything else is a bug and keeps its traceback.
-        if not _user_facing(exc):
-            traceback.print_exc()
-        print(f"{prog}: error: {_error_line(exc)}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        restore_env()
+    # Ray's C++ lines on this process's own stderr (rayhybrid.console.drop_stderr_lines).
+    with drop_stderr_lines() if is_quiet() else contextlib.nullcontext():
+        try:
+            cfg = _load(args)
+            for warning in path_warnings(cfg):
+                print(f"{prog}: warning: {warning}", file=sys.stderr, flush=True)
+            status = run(cfg, args)
+        except ConfigError as exc:
+            print(f"{prog}: config error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt as exc:  # TrainingStopped (SIGTERM) says what was kept
+            print(f"{prog}: {exc or 'interrupted'}", file=sys.stderr, flush=True)
+            return getattr(exc, "exit_status", 130)
+        except Exception as exc:  # noqa: BLE001 - any failure must become a non-zero exit status
+            # Library errors (bad data, model, run folder, tracking server) carry a message that
+            # says what to change; anything else is a bug and keeps its traceback.
+            if not _user_facing(exc):
+                traceback.print_exc()
+            print(f"{prog}: error: {_error_line(exc)}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            restore_env()
     return int(status or 0)
 
 

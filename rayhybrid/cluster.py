@@ -64,7 +64,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
         )
     # A submitted job's runtime env comes from `ray job submit`; only a direct run sets one.
     runtime_env = None if in_submitted_job() else {"env_vars": dict(RAY_ENV)}
-    from rayhybrid.console import quiet_ray
+    from rayhybrid.console import filter_worker_logs, is_quiet, quiet_ray
 
     quiet = quiet_ray()  # Ray's own lines filtered unless the command runs with --verbose
     try:
@@ -77,6 +77,8 @@ def ensure_ray(**init_kwargs: Any) -> None:
         raise JobError(
             f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}"
         ) from None
+    if is_quiet():
+        filter_worker_logs()
     # Which cluster, so a job's log shows whether it joined the cluster or started its own Ray.
     ctx = ray.get_runtime_context()
     log.info(

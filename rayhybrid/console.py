@@ -16,11 +16,24 @@ filtered, and by which setting:
 - deprecation warnings of Ray, transformers and the workers (``PYTHONWARNINGS``), Hugging
   Face progress bars (``HF_HUB_DISABLE_PROGRESS_BARS``) and MLflow's INFO lines.
 
-Not filtered: the C++ core worker's ``core_worker.cc ... has constructor arguments in the
-object store and max_restarts > 0`` (ERROR level; Ray issues 53727 / 57733: Ray Data's and
-Ray Train's own actors trigger it). Ray's only switch for it, ``RAY_BACKEND_LOG_LEVEL=fatal``,
-hides every C++ error of every process and makes each new worker print a "Set ray log level"
-line of its own; set it yourself if you prefer that trade.
+- lines Ray's own processes print through the driver's log forwarding: the C++ core
+  worker's ``core_worker.cc ... has constructor arguments in the object store and
+  max_restarts > 0`` (ERROR level, about a restart that has not happened; Ray issues 53727 /
+  57733: Ray Data's and Ray Train's own actors trigger it) and the traceback Ray Train's
+  ``PlacementGroupCleaner`` thread dies with when two Ray instances run on one machine
+  ("Found multiple active Ray instances": it looks the cluster up without an address). Ray
+  has no setting for either short of ``RAY_BACKEND_LOG_LEVEL=fatal``, which hides every C++
+  error of every process, so :func:`filter_worker_logs` drops exactly these lines from what is
+  forwarded; the session's worker log files keep them;
+- in the Ray Train workers, INFO records of loggers other than the project's (Ray Train's
+  ``Reporting training result`` lines, which its ``LoggingConfig`` misses because that logger
+  is named by file path, and sentence-transformers' ``Saving model to``):
+  :func:`quiet_worker`.
+
+The same ``core_worker.cc`` line of the driver process itself (Ray Data's actor pools that
+the driver executes: the materialized training stream, the evaluation encoders) is written by
+C++ straight to file descriptor 2, where no Python setting reaches; :func:`drop_stderr_lines`
+passes the command's file descriptor 2 through a filter for the length of the command.
 
 Environment settings are set only where unset (a person's own value wins) and reach the
 processes of a Ray started by this command; a cluster joined from outside keeps its own.
@@ -29,15 +42,31 @@ The library itself never quiets anything unless a command asked (:data:`ENV_FLAG
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
+import re
+import sys
 import tempfile
+import threading
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_FLAG", "QUIET_ENV", "is_quiet", "quiet", "quiet_ray"]
+__all__ = [
+    "ENV_FLAG",
+    "QUIET_ENV",
+    "RAY_NOISE",
+    "drop_stderr_lines",
+    "filter_worker_logs",
+    "is_quiet",
+    "quiet",
+    "quiet_ray",
+    "quiet_worker",
+]
 
 ENV_FLAG = "RAYHYBRID_CONSOLE"  # "quiet" once a command chose the quiet console
 
@@ -73,7 +102,20 @@ loggers:
     level: DEBUG
     handlers: [file, console]
     propagate: false
+  # "Progress bars disabled": the quiet console turned them off on purpose.
+  ray.data._internal.progress:
+    level: ERROR
 """
+
+# Forwarded lines of Ray's own processes that the quiet console drops (see the module doc).
+RAY_NOISE = re.compile(
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object "
+    r"store and max_restarts > 0"
+)
+# The traceback of Ray Train's PlacementGroupCleaner thread, dropped when its last line says this.
+_PG_CLEANER = "PlacementGroupCleaner"
+_PG_START = "Exception in thread PlacementGroupCleanerMonitor"
+_PG_CAUSE = "Found multiple active Ray instances"
 
 
 def is_quiet() -> bool:
@@ -150,3 +192,148 @@ def quiet_ray() -> dict[str, Any]:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return {"logging_level": logging.WARNING}
+
+
+def filter_worker_logs(dispatcher: Any = None) -> None:
+    """Drop :data:`RAY_NOISE` (and the ``PlacementGroupCleaner`` traceback) from the worker
+    lines Ray forwards to this driver; :func:`rayhybrid.cluster.ensure_ray` calls it after
+    ``ray.init`` when the console is quiet. Everything else is printed as Ray prints it.
+
+    Ray forwards worker output through one dispatcher whose printing handler is named
+    ``ray_print_logs``; it offers no filter of its own, so this wraps that handler (a Ray
+    without it is left as it is).
+
+    Args:
+        dispatcher: the dispatcher to filter (default: Ray's own, this process's).
+    """
+    if dispatcher is None:
+        import ray._private.worker as ray_worker
+
+        dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    handlers = dict(getattr(dispatcher, "handlers", ()))
+    printer = handlers.get("ray_print_logs")
+    if printer is None or getattr(printer, "_rayhybrid_filter", False):
+        return
+
+    held: dict[Any, list[str]] = {}  # pid -> lines of a PlacementGroupCleaner traceback
+
+    def filtered(data: dict) -> None:
+        kept = []
+        pid = data.get("pid")
+        for line in data.get("lines") or []:
+            if data.get("actor_name") == _PG_CLEANER and (pid in held or _PG_START in line):
+                # Held until its last (unindented, not "Traceback") line says what it was:
+                # the known multiple-instances error is dropped, anything else printed.
+                lines = held.setdefault(pid, [])
+                lines.append(line)
+                if len(lines) > 1 and not line.startswith((" ", "Traceback")):
+                    del held[pid]
+                    if _PG_CAUSE not in line:
+                        kept.extend(lines)
+                elif len(lines) > 500:  # not a traceback that ends: printed after all
+                    kept.extend(held.pop(pid))
+            elif not RAY_NOISE.search(line):
+                kept.append(line)
+        if kept:
+            printer({**data, "lines": kept})
+
+    filtered._rayhybrid_filter = True  # type: ignore[attr-defined]
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
+
+
+class _ProjectInfoOnly(logging.Filter):
+    """Lets through WARNING and up, and the project's own records of any level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        return record.levelno >= logging.WARNING or name.partition(".")[0] == "rayhybrid"
+
+
+def quiet_worker(quiet: bool) -> None:
+    """In a Ray Train worker of a quiet command, keep only the project's INFO lines on the
+    console: the handlers of the root logger (which Ray Train sets up at INFO) get a filter
+    that passes WARNING and up from every logger and INFO from ``rayhybrid.*``. Ray Train's
+    worker log files are not touched (only stream handlers that are not file handlers get it)."""
+    if not quiet:
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.StreamHandler) or isinstance(
+            handler, logging.FileHandler
+        ):
+            continue
+        if not any(isinstance(f, _ProjectInfoOnly) for f in handler.filters):
+            handler.addFilter(_ProjectInfoOnly())
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(pattern: re.Pattern[str] = RAY_NOISE) -> Iterator[None]:
+    """Pass this process's file descriptor 2 through a filter that drops whole lines matching
+    ``pattern`` (default :data:`RAY_NOISE`), for the length of the ``with`` block.
+
+    For what C++ code in this process writes to the descriptor directly (Ray's core worker):
+    Python's logging and ``sys.stderr`` settings never see it. Everything else passes
+    unchanged and at once (a partial line is passed on as it comes, unless it could be the
+    start of a C++ log line). On exit the process's own output is flushed through, the
+    descriptor is put back, and a process started inside the block that inherited the pipe
+    keeps being filtered until it closes it. ``faulthandler``, when enabled, writes to the
+    real descriptor meanwhile, so a crash report is never lost in the pipe.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_fd, write_fd = os.pipe()
+    except OSError:  # no descriptor 2 (or none left): nothing to filter
+        yield
+        return
+    needle = pattern.pattern.encode()
+    compiled = re.compile(needle)
+    marker = f"\x00rayhybrid-stderr-{uuid.uuid4().hex}\n".encode()
+    synced = threading.Event()
+
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(saved, data) :]
+
+    def pump() -> None:
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(read_fd, 65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    full = line + b"\n"
+                    if full == marker:
+                        synced.set()
+                    elif not compiled.search(line):
+                        write(full)
+                if buffer and not buffer.startswith(b"["):
+                    write(buffer)
+                    buffer = b""
+        write(buffer)
+        os.close(read_fd)
+
+    thread = threading.Thread(target=pump, name="rayhybrid-stderr-filter", daemon=True)
+    fault = faulthandler.is_enabled()
+    saved_file = os.fdopen(os.dup(saved), "w")
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    thread.start()
+    if fault:
+        faulthandler.enable(file=saved_file)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            os.write(2, marker)
+        synced.wait(timeout=5)
+        os.dup2(saved, 2)
+        if fault:
+            faulthandler.enable(file=2)  # the real descriptor again
+        saved_file.close()
+        thread.join(timeout=0.5)  # ends now unless a child process still holds the pipe
+        if not thread.is_alive():
+            os.close(saved)

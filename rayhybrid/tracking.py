@@ -323,6 +323,16 @@ def create_run(
     return run_id
 
 
+def _model_requirements() -> list[str]:
+    """The pins of the packages a logged model needs, installable from PyPI: a local version
+    label (``torch==2.13.0+cpu``) is dropped, since PyPI serves none, and dropping it here keeps
+    MLflow from warning that it would (its own default pins keep the label)."""
+    from importlib.metadata import version
+
+    names = ("sentence-transformers", "transformers", "torch")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
 def log_model(
     tracking_uri: str,
     run_id: str,
@@ -361,7 +371,7 @@ def log_model(
         step=step,
         registered_model_name=registered_name or None,
         # Given, so that MLflow does not load the model again in a subprocess to infer them.
-        pip_requirements=mlflow.sentence_transformers.get_default_pip_requirements(),
+        pip_requirements=_model_requirements(),
         await_registration_for=60 if registered_name else 0,
     )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rayhybrid.config import Config, ConfigError, config_to_dict
+from rayhybrid.console import is_quiet
 from rayhybrid.model import TINY, ModelError, build_tiny_model, resolve_model_path
 from rayhybrid.train import TrainingError, TrainingStopped
 from rayhybrid.train.checkpoint import (
@@ -387,6 +388,7 @@ def _run(
         "paths": {"run_dir": paths.run_dir},
         "model_path": model_path,
         "mlflow": mlflow_spec,
+        "quiet": is_quiet(),  # the workers' console follows the command's (rayhybrid.console)
         **extra,
     }
     try:

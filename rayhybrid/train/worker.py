@@ -24,6 +24,7 @@ import torch
 
 from rayhybrid._io import write_json_atomic
 from rayhybrid.config import Config, config_from_dict
+from rayhybrid.console import quiet_worker
 from rayhybrid.loss import gather_with_local_grad, in_batch_accuracy, info_nce
 from rayhybrid.model import (
     enable_gradient_checkpointing,
@@ -213,6 +214,7 @@ class _Worker:
         import ray.train
         import ray.train.torch
 
+        quiet_worker(loop_config.get("quiet", False))
         self.cfg = cfg = config_from_dict(loop_config["config"])  # plain dict back to the schema
         self.paths = RunPaths(**loop_config["paths"])
         self.hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
