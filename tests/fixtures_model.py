@@ -7,12 +7,40 @@ trained on XQuAD-R texts (all languages), built once per session. Load it with
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rayhybrid.config import ModelConfig
+
+
+@contextlib.contextmanager
+def tiny_ddp(rank: int, world: int, port: int, model_dir: str) -> Iterator[tuple[Any, Any]]:
+    """In a spawned process: a gloo process group on loopback port ``port`` and the tiny
+    bi-encoder of ``model_dir`` in eval mode (no dropout) wrapped in DDP, one torch thread.
+
+    Yields:
+        ``(tokenizer, ddp_model)``; the process group is destroyed on exit.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from rayhybrid.model import load_biencoder
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=model_dir)
+        model.eval()
+        yield tokenizer, torch.nn.parallel.DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()
 
 
 def xquad_texts(xquad_dir: Path, per_language: int = 400) -> list[str]:

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +19,68 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-__all__ = ["Background", "free_ports", "http_ok", "pids_with"]
+__all__ = [
+    "BIN",
+    "Background",
+    "cli_env",
+    "free_ports",
+    "http_ok",
+    "mlflow_server_cmd",
+    "pids_with",
+    "run_cli",
+]
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: rayhybrid, mlflow, ray
+
+
+def cli_env(data_root: Path, drop: Sequence[str] = ("MLFLOW_", "RAY_ADDRESS")) -> dict[str, str]:
+    """The environment a person's shell gives the ``rayhybrid`` console script: this one
+    without the variables starting with ``drop`` (the suite's own tracking and Ray), offline,
+    the data under ``data_root``, the venv's scripts first on ``PATH``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
+    env.update(
+        RAYHYBRID_DATA=str(data_root),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``rayhybrid <args>`` as a subprocess, its output captured as text (not checked)."""
+    return subprocess.run(
+        [str(BIN / "rayhybrid"), *args],
+        cwd=cwd,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def mlflow_server_cmd(root: Path, port: int, *extra: str) -> list[str]:
+    """``mlflow server`` on loopback ``port``, one worker, its SQLite store and artifacts
+    under ``root``; ``extra`` options appended (``--app-name basic-auth``, ...)."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]
 
 
 def free_ports(n: int) -> list[int]:

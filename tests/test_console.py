@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from rayhybrid.console import QUIET_ENV
-
-BIN = Path(sys.executable).parent
+from tests.procs import cli_env, run_cli
 
 # Lines Ray prints on its own: the token-auth notice, the local-start INFO line, Ray Data's
 # execution echoes and logged progress, tqdm bars of datasets, worker deprecation warnings,
@@ -46,24 +45,8 @@ RAY_LINES = {
 
 
 def _run(args: list[str], cwd: Path, xquad_dir: Path) -> str:
-    drop = ("MLFLOW_", "RAY_", "RAYHYBRID_CONSOLE", *QUIET_ENV)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        RAYHYBRID_DATA=str(xquad_dir.parent),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    proc = subprocess.run(
-        [str(BIN / "rayhybrid"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
+    env = cli_env(xquad_dir.parent, drop=("MLFLOW_", "RAY_", "RAYHYBRID_CONSOLE", *QUIET_ENV))
+    proc = run_cli(args, cwd, env, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from itertools import product
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 
 from rayhybrid.config import ModelConfig
 from rayhybrid.train.step import forward_backward
+from tests.fixtures_model import tiny_ddp
+from tests.procs import free_ports
 
 B, K, MINI = 4, 2, 2  # pairs per worker, hard negatives per pair, GradCache mini-batch
 CASES = list(product((False, True), (False, True)))  # (symmetric, hard negatives)
@@ -88,19 +89,9 @@ def _run(model, tokenizer, texts, rank, world, mini, b=B) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, texts: dict, out_dir: str):
-    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from rayhybrid.model import load_biencoder
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=model_dir)
-        model.eval()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with tiny_ddp(rank, world, port, model_dir) as (tokenizer, ddp):
         calls = [0]
 
         def counting_hook(state, bucket):
@@ -114,14 +105,6 @@ def _worker(rank: int, world: int, port: int, model_dir: str, texts: dict, out_d
             results[mini] = _run(ddp, tokenizer, texts, rank, world, mini)
             reduces[mini] = calls[0]
         torch.save({"results": results, "reduces": reduces}, Path(out_dir) / f"r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_same(got: tuple, ref: tuple, what: str) -> None:
@@ -164,7 +147,7 @@ def test_cached_equals_plain_on_two_gloo_workers_with_one_allreduce(
     texts, plain, _ = reference
     mp.spawn(
         _worker,
-        args=(2, _free_port(), str(tiny_model_dir), texts, str(tmp_path)),
+        args=(2, free_ports(1)[0], str(tiny_model_dir), texts, str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from rayhybrid.loss import (
     in_batch_accuracy,
     info_nce,
 )
+from tests.fixtures_model import tiny_ddp
+from tests.procs import free_ports
 
 B = 4  # pairs per worker
 
@@ -96,32 +97,12 @@ def _grads_and_losses(model, tq, tp, rank, world_size, sl):
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, model_dir: str, texts: tuple, out_dir: str):
-    import torch.distributed as dist
-
-    from rayhybrid.config import ModelConfig
-    from rayhybrid.model import load_biencoder
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
-    try:
-        tokenizer, model = load_biencoder(ModelConfig(name="tiny"), path=model_dir)
-        model.eval()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with tiny_ddp(rank, world_size, port, model_dir) as (tokenizer, ddp):
         tq, tp = _batch(tokenizer, *texts)
         sl = slice(rank * B, (rank + 1) * B)
         torch.save(
             _grads_and_losses(ddp, tq, tp, rank, world_size, sl), Path(out_dir) / f"r{rank}.pt"
         )
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_workers_equal_one_process_with_the_global_batch(
@@ -145,7 +126,7 @@ def test_two_gloo_workers_equal_one_process_with_the_global_batch(
     assert len(texts[0]) == 2 * B
     mp.spawn(
         _ddp_worker,
-        args=(2, _free_port(), str(tiny_model_dir), texts, str(tmp_path)),
+        args=(2, free_ports(1)[0], str(tiny_model_dir), texts, str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -17,7 +17,6 @@ import base64
 import importlib.util
 import os
 import secrets
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Background, free_ports
+from tests.procs import Background, free_ports, mlflow_server_cmd
 
-MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
 ALIAS = "mlflow.internal"  # a cluster name for the server, as in docker/cluster.yaml
 
 pytestmark = pytest.mark.slow
@@ -76,24 +74,14 @@ def auth_server(tmp_path_factory) -> AuthServer:
         MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),  # CSRF key of the auth app
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
-    cmd = [
-        MLFLOW_BIN,
-        "server",
+    cmd = mlflow_server_cmd(
+        root,
+        port,
         "--app-name",
         "basic-auth",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
         "--allowed-hosts",
         f"127.0.0.1:{port},{ALIAS}:{port}",
-        "--workers",
-        "1",
-    ]
+    )
     proc = Background(cmd, log=root / "server.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:

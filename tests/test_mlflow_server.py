@@ -25,9 +25,7 @@ import pytest
 import yaml
 
 from rayhybrid.config import config_from_dict, load_config
-from tests.procs import Background, free_ports
-
-MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
+from tests.procs import Background, free_ports, mlflow_server_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +45,7 @@ def start_server(root: Path, extra: Sequence[str] = ()) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # MLflow 3's server also starts a job runner and a pool of huey consumers, unused here.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    cmd = [
-        MLFLOW_BIN,
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        *extra,
-    ]
+    cmd = mlflow_server_cmd(root, port, *extra)
     proc = Background(cmd, log=root / "server.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:

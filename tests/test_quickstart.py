@@ -9,11 +9,8 @@ time, then reads the MLflow store it left through ``MlflowClient`` and through t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -21,10 +18,10 @@ import pytest
 
 from rayhybrid.config import load_config
 from rayhybrid.experiments.quickstart import default_config_path, format_table, ui_command
-from tests.procs import Background, free_ports
+from tests.procs import BIN, Background, cli_env, free_ports, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+
 
 # CI size: 3 languages, 6 steps; everything else is the shipped default.
 SHRINK = [
@@ -85,23 +82,8 @@ def test_ui_command_for_local_store_and_server():
 def test_quickstart_command_leaves_a_readable_mlflow_run(xquad_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env.update(
-        RAYHYBRID_DATA=str(xquad_dir.parent),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    proc = subprocess.run(
-        [str(BIN / "rayhybrid"), "quickstart", *SHRINK],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    env = cli_env(xquad_dir.parent)
+    proc = run_cli(["quickstart", *SHRINK], tmp_path, env)
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-6000:]
 

@@ -11,7 +11,20 @@ from typing import Any
 
 from rayhybrid.datamodel import DataError
 
-__all__ = ["read_json", "read_jsonl", "require"]
+__all__ = ["find_jsonl", "read_json", "read_jsonl", "require"]
+
+
+def find_jsonl(folder: Path, stem: str, expected: str) -> Path:
+    """``folder/<stem>.jsonl`` or ``folder/<stem>.jsonl.gz``, whichever exists.
+
+    Raises:
+        DataError: neither exists; the message ends with ``expected`` (what the folder
+            should hold).
+    """
+    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: no {stem}.jsonl; expected {expected}")
 
 
 def read_json(path: Path) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rayhybrid.corpus._io import read_jsonl
+from rayhybrid.corpus._io import find_jsonl, read_jsonl
 from rayhybrid.datamodel import (
     Candidate,
     DataError,
@@ -25,12 +25,8 @@ __all__ = ["load_beir_cross_task", "load_beir_pairs", "load_beir_task", "read_be
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(
-        f"{folder}: no {stem}.jsonl; expected a BEIR folder with corpus.jsonl, "
-        "queries.jsonl and qrels/<split>.tsv"
+    return find_jsonl(
+        folder, stem, "a BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
     )
 
 

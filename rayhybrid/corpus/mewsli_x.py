@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rayhybrid.corpus._io import read_jsonl, require
+from rayhybrid.corpus._io import find_jsonl, read_jsonl, require
 from rayhybrid.datamodel import Candidate, DataError, EvalTask, LoadReport, Query, check_language
 
 __all__ = ["load_mewsli_x_hf", "load_mewsli_x_task", "mention_query"]
@@ -48,12 +48,10 @@ def mention_query(text: str, spans: Sequence[tuple[int, int]], start: int, end: 
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(
-        f"{folder}: no {stem}.jsonl; expected a Mewsli-X dataset folder "
-        "(candidate_set_entities.jsonl, wikinews_mentions-<split>.jsonl)"
+    return find_jsonl(
+        folder,
+        stem,
+        "a Mewsli-X dataset folder (candidate_set_entities.jsonl, wikinews_mentions-<split>.jsonl)",
     )
 
 
