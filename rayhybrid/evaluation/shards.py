@@ -45,12 +45,9 @@ class _ShardActor:
         # numpy's OpenBLAS scores, faiss's OpenMP runs the top-k heaps (and IVF / HNSW).
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
-        try:
-            from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits
 
-            self._limits = threadpool_limits(threads, user_api="blas")
-        except ImportError:  # Ray already sets OMP_NUM_THREADS from num_cpus for actors
-            log.info("[rayhybrid eval] threadpoolctl missing: BLAS threads from OMP_NUM_THREADS")
+        self._limits = threadpool_limits(threads, user_api="blas")
         self.searcher = ShardSearcher(name, embeddings, keys, index=index, device=device)
 
     def info(self) -> tuple[int, int]:
