@@ -129,6 +129,33 @@ def test_mined_file_loads_back_and_attaches_by_id(mined, tmp_path):
         attach_negatives(load_training_data(cfg.data, part="train"), other)
 
 
+def test_mining_with_the_ray_encoder_actors_gives_the_in_process_file(
+    ray_local, mined, minilm_dir, tmp_path
+):
+    """The CLI's path (Ray Data encoder actors, ``use_ray=True``) mines what the in-process
+    encoder mines: same items, languages and negatives, up to candidates whose score sits on
+    the margin or a rank boundary (float32 sums in another thread order)."""
+    cfg, out, report = mined
+    via_ray = tmp_path / "mined_ray.jsonl"
+    ray_report = mine_hard_negatives(cfg, str(minilm_dir), via_ray, SETTINGS, use_ray=True)
+    ref = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    got = {r["id"]: r for r in map(json.loads, via_ray.read_text().splitlines())}
+    assert got.keys() == ref.keys()
+    pairs = [
+        (got[k]["negatives"].get(lang, []), ref[k]["negatives"].get(lang, []))
+        for k in ref
+        for lang in ("en", "de")
+    ]
+    same = sum(a == b for a, b in pairs)
+    assert same >= 0.95 * len(pairs), f"{same} of {len(pairs)} negative lists equal"
+    for lang in ("en", "de"):
+        a, b = ray_report["languages"][lang], report["languages"][lang]
+        assert (a["queries"], a["candidates"]) == (b["queries"], b["candidates"])
+        assert a["positive_score"]["median"] == pytest.approx(
+            b["positive_score"]["median"], abs=1e-4
+        )
+
+
 def test_mine_cli_errors_are_one_line(xquad_dir, tmp_path, capsys):
     from rayhybrid.cli import main
 
