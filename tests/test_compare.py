@@ -331,3 +331,47 @@ def test_reuse_fingerprint_differences_name_the_keys():
     moved = json.loads(json.dumps(stored))
     moved["eval"]["tasks"][0]["corpus_path"] = "/elsewhere"
     assert _differences(moved, _fingerprint(cfg), default) == ["eval.tasks[0].corpus_path"]
+
+
+def test_a_metric_some_run_lacks_is_left_out_of_the_comparison(tmp_path, caplog):
+    """Reused records written before a metric existed: that column is left out for every row
+    (said in a warning), the others are computed as usual (mean over seeds by hand)."""
+    from rayhybrid.evaluation.uncertainty import (
+        Column,
+        PerQuery,
+        comparison_stats,
+        write_per_query,
+    )
+
+    rng = np.random.default_rng(0)
+    qids = np.array([f"q:en:{i}" for i in range(40)])
+    maps = {}
+
+    def run(name, metrics):
+        values = {m: rng.random(40) for m in metrics}
+        maps[name] = values["map"].mean()  # one cell: the macro figure is the plain mean
+        write_per_query(
+            {"mono": PerQuery("mono", qids, np.array(["en"] * 40), values)}, tmp_path / name / "t"
+        )
+        return tmp_path / name
+
+    runs = {
+        "old": [run("old0", ["map"]), run("old1", ["map", "ndcg_at_10"])],
+        "new": [run("new0", ["map", "ndcg_at_10"])],
+    }
+    cols = [
+        Column("mono mAP", "t", "mono", "map"),
+        Column("mono nDCG@10", "t", "mono", "ndcg_at_10"),
+    ]
+    import logging
+
+    logger = logging.getLogger("rayhybrid.evaluation.uncertainty")
+    logger.addHandler(caplog.handler)  # the project's loggers may not propagate (setup_logging)
+    try:
+        stats = comparison_stats(runs, cols, "old", samples=50, permutations=50)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert set(stats["old"]) == set(stats["new"]) == {"mono mAP"}
+    assert stats["old"]["mono mAP"]["mean"] == pytest.approx((maps["old0"] + maps["old1"]) / 2)
+    assert stats["new"]["mono mAP"]["mean"] == pytest.approx(maps["new0"])
+    assert "mono nDCG@10: left out, 1 run(s) have no ndcg_at_10" in caplog.text

@@ -23,6 +23,7 @@ The item id of a query ``q:<lang>:<id>`` is ``<id>`` (LAReQA question id, BEIR q
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ __all__ = [
     "read_per_query",
     "write_per_query",
 ]
+
+log = logging.getLogger(__name__)
 
 AGGREGATES = ("macro", "micro", "median")
 
@@ -437,6 +440,22 @@ def comparison_stats(
 
     out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in runs}
     for col in columns:
+        # A figure is compared only where every run has it: records written before a metric
+        # existed (reused by `compare reuse=true`) leave its column out, said once.
+        lacking = [
+            str(f)
+            for folders in runs.values()
+            for f in folders
+            if col.setting in tables(Path(f) / col.task)
+            and col.metric not in tables(Path(f) / col.task)[col.setting].values
+        ]
+        if lacking:
+            log.warning(
+                f"[rayhybrid compare] {col.name}: left out, {len(lacking)} run(s) have no "
+                f"{col.metric} in their per-query files (written before it existed), e.g. "
+                f"{lacking[0]}"
+            )
+            continue
         means: dict[str, PerQuery] = {}
         for label, folders in runs.items():
             tabs = [

@@ -313,6 +313,10 @@ def _fill_statistics(
         permutations=cfg.eval.permutations,
         seed=cfg.eval.bootstrap_seed,
     )
+    for col in columns:  # left out (a run lacks it): no per-run figure either, for any row
+        if not any(col.name in cells for cells in stats.values()):
+            for row in table.rows:
+                row[col.name] = None
     for row in table.rows:
         for col in columns:
             cell = stats.get(row["strategy"], {}).get(col.name)
