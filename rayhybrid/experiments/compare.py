@@ -347,9 +347,13 @@ def _interval_metrics(table: ResultsTable, columns: list[Column]) -> dict[str, f
 
 
 def display_table(table: ResultsTable, columns: list[Column], baseline: str) -> ResultsTable:
-    """The table as people read it: ``mean ± sd [low, high] marker`` per cell."""
+    """The table as people read it: ``mean ± sd [low, high] marker`` per cell; a metric
+    column no row has (left out by the statistics) and an error column without errors are not
+    shown (the CSV keeps every column)."""
+    columns = [c for c in columns if any(row.get(c.name) is not None for row in table.rows)]
+    errors = ["error"] if any(row.get("error") for row in table.rows) else []
     shown = ResultsTable(
-        columns=["strategy", "seeds"] + [c.name for c in columns] + ["error"], title=table.title
+        columns=["strategy", "seeds"] + [c.name for c in columns] + errors, title=table.title
     )
     for row in table.rows:
         out = {
