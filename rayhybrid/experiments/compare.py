@@ -245,7 +245,7 @@ def compare(cfg: Config) -> ResultsTable:
         + extra,
         title=_title(cfg),
     )
-    summaries: dict[str, dict[str, float]] = {}
+    summaries: dict[str, list[dict[str, float]]] = {}  # strategy -> one summary per seed
     folders: dict[str, list[Path]] = {}
     n_runs = len(specs) * len(seeds)
     for i, spec in enumerate(specs):
@@ -267,7 +267,7 @@ def compare(cfg: Config) -> ResultsTable:
                 errors.append(f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}")
                 log.warning(f"[rayhybrid compare] {spec.label} failed: {errors[-1]}")
                 continue
-            summaries.setdefault(spec.label, out["summary"])
+            summaries.setdefault(spec.label, []).append(out["summary"])
             folders.setdefault(spec.label, []).append(Path(resolve_path(scfg.eval.output_dir)))
             ids.append(out["mlflow_run_id"])
             minutes += out["minutes"]
@@ -392,7 +392,7 @@ def _write_outputs(
     cfg: Config,
     table: ResultsTable,
     columns: list[Column],
-    summaries: dict[str, dict[str, float]],
+    summaries: dict[str, list[dict[str, float]]],
     baseline: str,
 ) -> dict[str, Path]:
     out = Path(resolve_path(cfg.eval.output_dir)).expanduser() / "compare"
@@ -406,14 +406,15 @@ def _write_outputs(
     )
     ok = [r for r in table.rows if r.get("seeds")]
     if ok:
-        names = [c.name for c in columns]
+        shown = [c for c in columns if any(r.get(c.name) is not None for r in ok)]
+        names = [c.name for c in shown]
         paths["heatmap"] = plot_table_heatmap(
             [[r.get(c) for c in names] for r in ok],
             [r["strategy"] for r in ok],
             names,
             out / "comparison_heatmap.png",
             title=table.title,
-            lower_is_better=[c.lower_is_better for c in columns],
+            lower_is_better=[c.lower_is_better for c in shown],
         )
         cross = _cross_heatmaps(cfg, summaries, out / "cross_heatmaps.png")
         if cross is not None:
@@ -423,14 +424,26 @@ def _write_outputs(
     return paths
 
 
-def _cross_heatmaps(cfg: Config, summaries: dict[str, dict[str, float]], path: Path) -> Path | None:
-    """One X->Y mAP@20 matrix per strategy (first task), from ``<task>/cross/<x>-<y>/map_at_20``."""
+def _cross_heatmaps(
+    cfg: Config, per_seed: dict[str, list[dict[str, float]]], path: Path
+) -> Path | None:
+    """One X->Y mAP@20 matrix per strategy (first task), from ``<task>/cross/<x>-<y>/map_at_20``,
+    each cell the mean over the strategy's seeds."""
     from rayhybrid.evaluation.outputs import cross_matrix
 
-    if not cfg.eval.tasks or not summaries:
+    if not cfg.eval.tasks or not per_seed:
         return None
     task = cfg.eval.tasks[0].name
     pattern = re.compile(rf"^{re.escape(task)}/cross/([a-z]+)-([a-z]+)/map_at_20$")
+    summaries = {
+        label: {
+            k: sum(r[k] for r in runs) / len(runs)
+            for k in set.intersection(*(set(r) for r in runs))
+            if pattern.match(k)
+        }
+        for label, runs in per_seed.items()
+        if runs
+    }
     langs = sorted(
         {x for s in summaries.values() for k in s if (m := pattern.match(k)) for x in m.groups()}
     )
