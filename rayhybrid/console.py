@@ -65,6 +65,8 @@ __all__ = [
     "is_quiet",
     "quiet",
     "quiet_ray",
+    "quiet_ray_data",
+    "quiet_trial",
     "quiet_worker",
 ]
 
@@ -74,6 +76,9 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # Ray Tune's newer console engine prints its experiment box even at verbose=0; the
+    # legacy one prints nothing at verbose=0 (rayhybrid.tuning.progress prints the trials).
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 # Ray Data's own default logging config (ray/data/_internal/logging.py) with the console
@@ -116,6 +121,7 @@ RAY_NOISE = re.compile(
 _PG_CLEANER = "PlacementGroupCleaner"
 _PG_START = "Exception in thread PlacementGroupCleanerMonitor"
 _PG_CAUSE = "Found multiple active Ray instances"
+_EXC_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
 
 def is_quiet() -> bool:
@@ -184,14 +190,37 @@ def quiet_ray() -> dict[str, Any]:
     """
     if not is_quiet():
         return {}
-    import ray.data
-
     # "Token authentication is enabled": a notice, not a problem; the setting is unchanged.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    quiet_ray_data()
+    return {"logging_level": logging.WARNING}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and execution-start echoes off in this process.
+
+    A process that builds Ray Data pipelines (the command's driver, and a Tune trial's driver,
+    which Tune starts as a worker process with a default ``DataContext``) sets this itself; the
+    ``DataContext`` of a process travels to the Ray Train workers its trainer starts.
+    """
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    return {"logging_level": logging.WARNING}
+
+
+def quiet_trial(quiet: bool) -> None:
+    """In a Tune trial's driver process of a quiet command: the command's console choice
+    (:data:`ENV_FLAG`, read by the trainer it builds, which passes it to its workers), Ray
+    Data's progress off (:func:`quiet_ray_data`), and only the project's INFO lines on the
+    console (:func:`quiet_worker`). The flag comes as an argument, not from the environment:
+    on a cluster joined from outside, the trial process does not inherit the command's."""
+    if not quiet:
+        return
+    os.environ[ENV_FLAG] = "quiet"
+    quiet_ray_data()
+    quiet_worker(True)
 
 
 def filter_worker_logs(dispatcher: Any = None) -> None:
@@ -226,7 +255,9 @@ def filter_worker_logs(dispatcher: Any = None) -> None:
                 # the known multiple-instances error is dropped, anything else printed.
                 lines = held.setdefault(pid, [])
                 lines.append(line)
-                if len(lines) > 1 and not line.startswith((" ", "Traceback")):
+                # The last line names the exception (a caret line of Python's traceback can
+                # also arrive unindented, split off its line by the log forwarding).
+                if len(lines) > 1 and _EXC_LINE.match(line):
                     del held[pid]
                     if _PG_CAUSE not in line:
                         kept.extend(lines)

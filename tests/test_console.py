@@ -109,6 +109,53 @@ def test_console_is_quiet_by_default_and_verbose_on_request(xquad_dir, tmp_path)
     assert re.search(r"\[rayhybrid eval\] xquad_r: outputs in ", verbose)
 
 
+# Ray Tune's own console output: the status table every 30 s and the per-trial config boxes.
+TUNE_LINES = {
+    "Tune status table": re.compile(r"Trial status: \d"),
+    "Tune experiment box": re.compile(r"Configuration for experiment"),
+    "Tune trial config box": re.compile(r"Trial \S+ started with configuration"),
+}
+
+
+@pytest.mark.slow
+def test_tune_console_shows_trial_lines_not_tune_tables(xquad_dir, tmp_path):
+    quiet = _run(
+        [
+            "tune",
+            "--config",
+            str(Path(__file__).parents[1] / "configs" / "tune_small.yaml"),
+            "model.name=tiny",
+            f"data.path={xquad_dir}",
+            "data.languages=[en,de]",
+            "data.max_query_length=24",
+            "data.max_passage_length=40",
+            "batch.batch_size=8",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "train.precision=fp32",
+            "tune.alphas=[0.0,1.0]",
+            "tune.scheduler=none",
+            "tune.cpus_per_trial=1",
+            "eval.bootstrap_samples=50",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tune.storage_path={tmp_path / 'tune'}",
+            f"eval.output_dir={tmp_path / 'out'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        tmp_path,
+        xquad_dir,
+    )
+    (tmp_path / "console.txt").write_text(quiet)
+    noise = {**RAY_LINES, **TUNE_LINES}
+    shown = {name for name, pattern in noise.items() if pattern.search(quiet)}
+    assert not shown, (shown, quiet[-6000:])
+    for alpha, n in (("0.0", 1), ("1.0", 2)):
+        trial = rf"\[rayhybrid tune\] trial {n}/2 \(alpha={alpha}\)"
+        for event in (" started", r" step 2: dev objective 0\.\d{4}", " finished"):
+            assert len(re.findall(trial + event, quiet)) == 1, (trial + event, quiet[-4000:])
+
+
 NOISE = (
     "[2026-12-04 20:58:41,825 E 23947 23947] core_worker.cc:2465: Actor with class name: "
     "'MapWorker(MapBatches(_Encoder))' and ID: 'ab01' has constructor arguments in the object "
@@ -123,6 +170,8 @@ def _traceback(cause: str) -> list[str]:
         "Traceback (most recent call last):",
         '  File "placement_group_cleaner.py", line 80, in _monitor_loop',
         "    alive = is_actor_alive(",
+        "            ^^^^^^^^^^^^^^^",
+        "^^^^^^^^^^^^",  # a caret line split off by the forwarding, as seen from a Tune trial
         cause,
     ]
 

@@ -230,13 +230,21 @@ _DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
 def _trial_driver(
-    params: dict[str, Any], *, base: dict, parent_run_id: str | None, exp_dir: str
+    params: dict[str, Any],
+    *,
+    base: dict,
+    parent_run_id: str | None,
+    exp_dir: str,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """One Tune trial: train with the trial's values, reporting dev metrics to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from rayhybrid.console import quiet_trial
     from rayhybrid.train.driver import train
+
+    quiet_trial(quiet)  # the command's console choice, in this process and the trainer's
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_from_dict(base)
@@ -389,6 +397,8 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
     from ray import tune
 
     from rayhybrid.cluster import ensure_ray
+    from rayhybrid.console import is_quiet
+    from rayhybrid.tuning.progress import trial_lines_callback
     from rayhybrid.tuning.report import (
         add_significance,
         close_trial_runs,
@@ -414,9 +424,18 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
             base=config_to_dict(cfg),
             parent_run_id=parent_run_id,
             exp_dir=str(exp_dir),
+            quiet=is_quiet(),
         ),
         _DRIVER_RESOURCES,
     )
+    # Quiet console: the project's trial lines instead of Tune's status tables (verbose=0).
+    quiet = is_quiet()
+    callbacks = [
+        *callbacks,
+        trial_lines_callback(
+            math.prod(len(v) for v in axes.values()) if cfg.tune.search == "grid" else num_samples
+        ),
+    ]
     if restoring:
         log.info(
             f"[rayhybrid tune] restoring {exp_dir}: finished trials are kept, unfinished ones rerun"
@@ -440,7 +459,10 @@ def run_tune(cfg: Config, *, callbacks: Any = ()) -> Any:
                 max_concurrent_trials=cfg.tune.max_concurrent,
             ),
             run_config=tune.RunConfig(
-                name=cfg.tune.name, storage_path=str(exp_dir.parent), callbacks=list(callbacks)
+                name=cfg.tune.name,
+                storage_path=str(exp_dir.parent),
+                callbacks=list(callbacks),
+                verbose=0 if quiet else None,
             ),
         )
     grid = tuner.fit()
