@@ -150,7 +150,7 @@ def _cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     from rayhybrid.experiments.compare import compare
 
     table = compare(cfg)
-    print(table.to_markdown(), flush=True)
+    print(table.summary or table.to_markdown(), flush=True)
     return 1 if table.all_failed else 0
 
 
@@ -158,7 +158,7 @@ def _cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
     from rayhybrid.tuning.driver import run_tune
 
     table = run_tune(cfg)
-    print(table.to_markdown(), flush=True)
+    print(table.summary or table.to_markdown(), flush=True)
     return 1 if table.all_failed else 0
 
 

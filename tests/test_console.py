@@ -154,6 +154,11 @@ def test_tune_console_shows_trial_lines_not_tune_tables(xquad_dir, tmp_path):
         trial = rf"\[rayhybrid tune\] trial {n}/2 \(alpha={alpha}\)"
         for event in (" started", r" step 2: dev objective 0\.\d{4}", " finished"):
             assert len(re.findall(trial + event, quiet)) == 1, (trial + event, quiet[-4000:])
+    # The table people read (figures with intervals), not the CSV's bookkeeping columns.
+    assert re.search(r"\| 0\.000 \| finished \(baseline\) \| 2 \| 0\.\d{3} \[", quiet), quiet[
+        -3000:
+    ]
+    assert "mlflow_run_id" not in quiet, quiet[-3000:]
 
 
 NOISE = (

@@ -345,6 +345,16 @@ def test_alpha_sweep_end_to_end_interrupted_and_restored(
     out = Path(cfg.eval.output_dir) / "tune_sweep"
     assert (out / "alpha_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert len(ResultsTable.from_csv(out / "results.csv")) == 3
+    # What the command prints: one line per trial, figures with their interval and marker.
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("**tune sweep") and table.summary == summary
+    lines = [line for line in summary.splitlines() if line.startswith("| 0.")]
+    assert len(lines) == 3 and "(baseline)" in lines[1], summary
+    assert "mlflow_run_id" not in summary, summary
+    for row, line in zip(table.rows, lines):
+        low, high = row["dev multi/map_at_20 low"], row["dev multi/map_at_20 high"]
+        cell = f"{row['dev multi/map_at_20']:.3f} [{low:.3f}, {high:.3f}]"
+        assert cell in line, (cell, line)
     best = max(table.rows, key=lambda r: r["objective"])
     assert yaml.safe_load((out / "best_config.yaml").read_text())["batch"]["alpha"] == best["alpha"]
     artifacts = {a.path for a in client.list_artifacts(parent)}

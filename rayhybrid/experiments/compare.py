@@ -286,6 +286,7 @@ def compare(cfg: Config) -> ResultsTable:
         metrics=_interval_metrics(table, columns),
     )
     log.info(f"[rayhybrid compare] table and heatmaps in {paths['markdown'].parent}")
+    table.summary = paths["markdown"].read_text()
     return table
 
 

@@ -53,11 +53,14 @@ class ResultsTable:
         columns: column names, in display order.
         rows: one dict per row; missing keys print as empty cells.
         title: printed above the markdown table when set.
+        summary: the table as people read it (cells ``value [low, high] *``, bookkeeping
+            columns left out), which a command prints; empty: :meth:`to_markdown`.
     """
 
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     title: str = ""
+    summary: str = ""
 
     def add(self, row: dict[str, Any]) -> None:
         """Append a row; keys outside :attr:`columns` are kept but not printed.

@@ -195,6 +195,42 @@ def add_significance(table: ResultsTable, cfg: Config, exp_dir: Path) -> None:
     ]
 
 
+def display_markdown(table: ResultsTable, axes: dict[str, list[Any]], level: float) -> str:
+    """The sweep as people read it: per trial its values, status, and each dev figure as
+    ``value [low, high] *`` (marker against the baseline trial); run ids, raw p-values and
+    interval columns stay in ``results.csv``."""
+    from rayhybrid.evaluation.uncertainty import format_cell
+
+    axis_cols = [_axis_name(k) for k in axes]
+    errors = ["error"] if any(r.get("error") for r in table.rows) else []
+    shown = ResultsTable(
+        columns=[*axis_cols, "status", "step", *(f"dev {k}" for k in DEV_COLUMNS), "objective"]
+        + errors,
+        title=table.title,
+    )
+    for row in table.rows:
+        out = {c: row.get(c) for c in (*axis_cols, "status", "step", "objective", "error")}
+        if row.get("baseline"):
+            out["status"] = f"{row.get('status')} (baseline)"
+        for key in DEV_COLUMNS:
+            col = f"dev {key}"
+            if row.get(col) is None:
+                continue
+            if row.get(f"{col} low") is None:
+                out[col] = row[col]
+                continue
+            cell = {"mean": row[col], "sd": float("nan")}
+            cell.update({k: row.get(f"{col} {k}") for k in ("low", "high", "p_holm")})
+            out[col] = format_cell({k: (float("nan") if v is None else v) for k, v in cell.items()})
+        shown.add(out)
+    return (
+        shown.to_markdown()
+        + f"\n\nCells: dev figure [{level:.0%} bootstrap interval over parallel items]; * / ** : "
+        "differs from the baseline trial with Holm-corrected p < 0.05 / 0.01 (paired "
+        "randomization test over items). Every number at full precision: results.csv.\n"
+    )
+
+
 def _trial_id_from_path(path: str | None) -> str:
     m = re.search(r"_([0-9a-f]{5}_\d{5})", Path(path or "").name)
     return m.group(1) if m else Path(path or "?").name
@@ -233,6 +269,9 @@ def write_outputs(table: ResultsTable, cfg: Config, axes: dict[str, list[Any]]) 
     """
     out = Path(resolve_path(cfg.eval.output_dir)).expanduser() / f"tune_{cfg.tune.name}"
     paths = dict(table.write(out, "results"))
+    table.summary = display_markdown(table, axes, cfg.eval.ci_level)
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text(table.summary)
     plotted = [r for r in table.rows if r.get("objective") is not None]
     if plotted:
         quality = {k: f"dev {k}" for k in ("mono/map_at_20", "cross/map_at_20", "multi/map_at_20")}
