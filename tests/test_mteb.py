@@ -61,11 +61,10 @@ def local_retrieval_task(data: dict[str, dict[str, Any]]):
     mteb's public API for custom tasks: ``AbsTaskRetrieval`` with its ``TaskMetadata`` and a
     ``load_data`` that fills ``self.dataset[subset][split]`` from memory instead of the hub."""
     from datasets import Dataset
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.task_metadata import TaskMetadata
+    from mteb.abstasks import AbsTaskRetrieval
 
     class XquadRSentences(AbsTaskRetrieval):
-        metadata = TaskMetadata(
+        metadata = mteb.TaskMetadata(
             name="RayhybridXquadRSentences",
             description="XQuAD-R questions against the sentences of their own language.",
             type="Retrieval",
@@ -128,7 +127,7 @@ def max_abs_diff(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]])
 def test_mteb_evaluates_exported_model_with_its_prefixes(
     tiny_model_dir, tiny_model_cfg, xquad_dir, tmp_path
 ):
-    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.models.abs_encoder import AbsEncoder  # the base of mteb's model wrappers
     from sentence_transformers import SentenceTransformer
 
     cfg = dataclasses.replace(
