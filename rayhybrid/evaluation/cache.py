@@ -13,7 +13,11 @@ misses. Only local model folders are cached: a hub name has no files here to has
 cache is then off for that model, said once in the log).
 
 Entries are ``<eval.cache_dir>/<key>.npz`` (float32 embeddings and a JSON note, loaded
-without pickle). Every write goes to a unique temporary file in the same folder and is
+without pickle). The evaluation stores a task's queries as one entry (written and read by
+the driver: small) and its candidates as one entry *per language shard* (the texts of that
+language in shard order), written and read by the shard actors themselves
+(:func:`read_entry`, :func:`write_entry`): a cached candidate pool never passes through the
+driver, whose memory then stays bounded by the queries however large the pool. Every write goes to a unique temporary file in the same folder and is
 renamed over the entry (``os.replace`` is atomic on POSIX), so two jobs sharing the
 folder never see a half-written entry; both writing one key leave one whole copy. An
 unreadable or mis-shaped entry counts as a miss and is rewritten.
@@ -38,7 +42,7 @@ from rayhybrid.evaluation import EvaluationError
 if TYPE_CHECKING:
     from rayhybrid.config import ModelConfig
 
-__all__ = ["EmbeddingCache", "encode_cached", "model_fingerprint"]
+__all__ = ["EmbeddingCache", "model_fingerprint", "read_entry", "write_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -129,79 +133,44 @@ class EmbeddingCache:
 
     def get(self, texts: Sequence[str], prefix: str, max_length: int) -> np.ndarray | None:
         """The cached ``[len(texts), dim]`` float32 embeddings, or None (miss)."""
-        path = self.path(texts, prefix, max_length)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                emb = np.asarray(z["emb"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            log.warning(f"[rayhybrid eval] embedding cache: unreadable {path} ({exc}); re-encoding")
-            return None
-        if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(texts):
-            log.warning(
-                f"[rayhybrid eval] embedding cache: {path} has shape {emb.shape}; re-encoding"
-            )
-            return None
-        return emb
+        return read_entry(self.path(texts, prefix, max_length), len(texts))
 
     def put(self, texts: Sequence[str], prefix: str, max_length: int, emb: np.ndarray) -> Path:
         """Store ``emb`` for these texts (temporary file, then an atomic rename)."""
         path = self.path(texts, prefix, max_length)
-        note = json.dumps({"texts": len(texts), "prefix": prefix, "max_length": max_length})
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, emb=np.ascontiguousarray(emb, np.float32), note=np.array(note))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        note = {"texts": len(texts), "prefix": prefix, "max_length": max_length}
+        return write_entry(path, emb, note)
 
 
-def encode_cached(
-    groups: Sequence[tuple[Sequence[str], str, int]],
-    model_cfg: ModelConfig,
-    model_path: str | None,
-    cache_dir: str,
-    **encode_kwargs: object,
-) -> tuple[list[np.ndarray], float, list[str]]:
-    """:func:`~rayhybrid.evaluation.encode.encode_with_ray` with the embedding cache.
+def read_entry(path: str | Path, rows: int) -> np.ndarray | None:
+    """The ``[rows, dim]`` float32 embeddings of one entry; None when it is missing,
+    unreadable or mis-shaped (a warning says which: the caller re-encodes)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb = np.asarray(z["emb"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning(f"[rayhybrid eval] embedding cache: unreadable {path} ({exc}); re-encoding")
+        return None
+    if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != rows:
+        log.warning(f"[rayhybrid eval] embedding cache: {path} has shape {emb.shape}; re-encoding")
+        return None
+    return emb
 
-    Groups found in the cache are not encoded; the others are encoded in one Ray Data pass
-    and stored. With ``cache_dir`` empty this is ``encode_with_ray``.
 
-    Returns:
-        ``(embeddings per group, encode seconds, "hit" / "miss" / "off" per group)``.
-
-    Raises:
-        EvaluationError: an unusable cache folder (before encoding), or from encoding.
-    """
-    from rayhybrid.evaluation import encode
-
-    cache = EmbeddingCache.for_model(cache_dir, model_cfg, model_path)
-    found = [cache.get(*g) if cache else None for g in groups]
-    todo = [i for i, emb in enumerate(found) if emb is None]
-    seconds = 0.0
-    if todo:
-        new, seconds = encode.encode_with_ray(
-            [groups[i] for i in todo], model_cfg, model_path, **encode_kwargs
-        )
-        for i, emb in zip(todo, new):
-            found[i] = emb
-            if cache:
-                cache.put(*groups[i], emb)
-    status = [
-        "off" if cache is None else ("miss" if i in todo else "hit") for i in range(len(groups))
-    ]
-    if cache:
-        log.info(
-            f"[rayhybrid eval] embedding cache {cache.folder}: "
-            + ", ".join(
-                f"group {i} ({len(g[0])} texts) {s}" for i, (g, s) in enumerate(zip(groups, status))
-            )
-        )
-    return found, seconds, status
+def write_entry(path: str | Path, emb: np.ndarray, note: dict) -> Path:
+    """Write one entry atomically (a unique temporary file in the folder, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, emb=np.ascontiguousarray(emb, np.float32), note=np.array(json.dumps(note)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

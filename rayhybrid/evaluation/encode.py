@@ -6,13 +6,20 @@ dataset (each row carries its own prefix-applied text and token limit), so the p
 once. Rows are sorted by length first, so a batch pads to similar lengths, and carry their
 row number, so the result is re-assembled in input order whatever order blocks finish in.
 Ray Data shows its progress bar while it runs (``DataContext.enable_progress_bars``).
+
+A group can stay in the object store (``keep``): its embeddings are then never gathered in
+the driver; :class:`StoredEmbeddings` names the encoder's output blocks, which the language
+shard actors read themselves (:mod:`rayhybrid.evaluation.shards`), so the driver's memory
+does not grow with the candidate pool. The driver only fetches the rows of the groups it
+returns as arrays (the queries), block by block.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +28,43 @@ from rayhybrid.evaluation import EvaluationError
 if TYPE_CHECKING:
     from rayhybrid.config import ModelConfig
 
-__all__ = ["encode_with_ray"]
+__all__ = ["StoredEmbeddings", "block_rows", "encode_with_ray"]
+
+
+@dataclass
+class StoredEmbeddings:
+    """One group's embeddings left in the Ray object store.
+
+    ``blocks`` are the encoder's output blocks (columns ``row``, ``emb``) of the whole pass,
+    shared by its groups; this group's i-th text is the block row whose ``row`` is
+    ``offset + i``. Holding this keeps the blocks alive (the driver owns them).
+    """
+
+    blocks: list[Any]
+    offset: int
+    count: int
+
+
+def block_rows(block: Any, wanted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, embeddings)`` of an encoder output block, only the rows where ``wanted[row]``
+    (all rows when ``wanted`` is None).
+
+    Only the selected rows' embeddings are copied out of the block (a block fetched from the
+    object store is shared memory; the rest of it is never turned into an array).
+    """
+    from ray.data.block import BlockAccessor
+
+    acc = BlockAccessor.for_block(block)
+    rows = np.asarray(acc.to_numpy("row"), np.int64)
+    if wanted is not None:  # rows past the end of ``wanted`` are not wanted
+        inside = np.flatnonzero(rows < len(wanted))
+        sel = inside[wanted[rows[inside]]]
+        if len(sel) < len(rows):
+            if not len(sel):
+                return rows[:0], np.zeros((0, 0), np.float32)
+            acc = BlockAccessor.for_block(acc.take(sel))
+            rows = rows[sel]
+    return rows, np.asarray(acc.to_numpy("emb"), np.float32)
 
 
 class _Encoder:
@@ -65,7 +108,8 @@ def encode_with_ray(
     batch_size: int = 128,
     workers: int = 1,
     use_gpu: bool | None = None,
-) -> tuple[list[np.ndarray], float]:
+    keep: Sequence[bool] | None = None,
+) -> tuple[list[np.ndarray | StoredEmbeddings], float]:
     """Encode several groups of texts in one Ray Data pass.
 
     Args:
@@ -75,9 +119,11 @@ def encode_with_ray(
         batch_size: texts per ``map_batches`` batch.
         workers: encoder actors in the pool.
         use_gpu: one GPU per actor; None = when the cluster has GPUs.
+        keep: per group, True to leave its embeddings in the object store (a
+            :class:`StoredEmbeddings` instead of an array); default: every group an array.
 
     Returns:
-        ``([embeddings per group], seconds)``; each ``[len(texts), dim]`` float32.
+        ``([embeddings per group], seconds)``; an array is ``[len(texts), dim]`` float32.
 
     Raises:
         EvaluationError: an empty group, or the encoders returned a wrong number of rows.
@@ -132,14 +178,36 @@ def encode_with_ray(
         num_cpus=per_actor,
         num_gpus=1 if use_gpu else 0,
     )
-    emb = None
-    seen = 0
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        if emb is None:
-            emb = np.zeros((len(texts), batch["emb"].shape[1]), np.float32)
-        emb[batch["row"]] = batch["emb"]
-        seen += len(batch["row"])
-    if seen != len(texts) or emb is None:
-        raise EvaluationError(f"encode: expected {len(texts)} embeddings, got {seen}")
+    keep = [False] * len(groups) if keep is None else [bool(k) for k in keep]
     owner_arr = np.asarray(owner)
-    return [emb[owner_arr == g] for g in range(len(groups))], time.perf_counter() - start
+    wanted = ~np.asarray(keep)[owner_arr]  # rows the driver gathers (not kept in the store)
+    offsets = np.concatenate([[0], np.cumsum([len(g[0]) for g in groups])])
+    out: dict[int, np.ndarray] = {}
+    refs, seen = [], 0
+    for bundle in ds.iter_internal_ref_bundles():  # block refs; the driver fetches no
+        for ref, meta in bundle.blocks:  # kept rows (only the wanted ones, block by block)
+            refs.append(ref)
+            n = meta.num_rows
+            if wanted.any():
+                rows, emb = block_rows(ray.get(ref), wanted)
+                for g in np.unique(owner_arr[rows]).tolist():
+                    if g not in out:
+                        out[g] = np.zeros((len(groups[g][0]), emb.shape[1]), np.float32)
+                    mine = owner_arr[rows] == g
+                    out[g][rows[mine] - offsets[g]] = emb[mine]
+            if n is None:
+                from ray.data.block import BlockAccessor
+
+                n = BlockAccessor.for_block(ray.get(ref)).num_rows()
+            seen += int(n)
+    if seen != len(texts):
+        raise EvaluationError(f"encode: expected {len(texts)} embeddings, got {seen}")
+    result: list[np.ndarray | StoredEmbeddings] = []
+    for g in range(len(groups)):
+        if keep[g]:
+            result.append(StoredEmbeddings(refs, int(offsets[g]), len(groups[g][0])))
+        elif g in out:
+            result.append(out[g])
+        else:
+            raise EvaluationError(f"encode: no embeddings came back for group {g}")
+    return result, time.perf_counter() - start

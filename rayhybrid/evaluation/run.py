@@ -38,11 +38,12 @@ import numpy as np
 from rayhybrid.datamodel import EvalTask
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.metrics import BEIR_METRICS, LAREQA_METRICS, summarize
-from rayhybrid.evaluation.retrieval import CandidateIndex, Retrieval, check_settings, run_settings
+from rayhybrid.evaluation.retrieval import Retrieval, check_settings, run_settings
 from rayhybrid.evaluation.uncertainty import interval_metrics, per_query_tables, write_per_query
 
 if TYPE_CHECKING:
     from rayhybrid.config import Config, TaskConfig
+    from rayhybrid.evaluation.shards import ActorShards
 
 __all__ = [
     "candidate_texts",
@@ -221,14 +222,33 @@ class _Tracker:
             self.client.set_terminated(self.run_id, "FAILED")
 
 
+def _start_shards(cfg: Config, tasks: Sequence[EvalTask]) -> ActorShards:
+    """Empty shard actors for every candidate language of ``tasks``, started now so that
+    their start-up overlaps with encoding; the job's tasks and settings all use them."""
+    from rayhybrid.evaluation.shards import ActorShards
+
+    langs = sorted({c.lang for task in tasks for c in task.candidates})
+    return ActorShards.start(
+        langs, index=cfg.eval.index, openblas_coretype=cfg.eval.openblas_coretype
+    )
+
+
 def _task_format(cfg: Config, name: str) -> str:
     return next((t.format for t in cfg.eval.tasks if t.name == name), "lareqa")
 
 
 def evaluate_task(
-    cfg: Config, task: EvalTask, model_path: str | None = None, fmt: str = "lareqa"
+    cfg: Config,
+    task: EvalTask,
+    model_path: str | None = None,
+    fmt: str = "lareqa",
+    pool: ActorShards | None = None,
 ) -> tuple[dict[str, float], dict[str, Any], Path]:
     """Evaluate one task on Ray (encode, shard actors, metrics, files).
+
+    Args:
+        pool: the job's shard actors (:meth:`ActorShards.start`); None: start them here
+            (still overlapped with encoding) and stop them at the end.
 
     Returns:
         ``(metrics without task prefix, summary dict, output folder)``.
@@ -237,8 +257,7 @@ def evaluate_task(
         EvaluationError: bad settings, top-k larger than a shard, a shard failure.
         ModelError: the model cannot be loaded.
     """
-    from rayhybrid.evaluation.cache import encode_cached
-    from rayhybrid.evaluation.shards import ActorShards
+    from rayhybrid.evaluation.loading import encode_into_shards, save_embeddings
 
     settings = check_settings(cfg.eval.settings)
     if not task.queries or not task.candidates:
@@ -250,51 +269,28 @@ def evaluate_task(
             f"eval.top_k={cfg.eval.top_k} is larger than shard {smallest[1]!r} of task {task.name} "
             f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}"
         )
+    if pool is None:
+        with _start_shards(cfg, [task]) as own:
+            return evaluate_task(cfg, task, model_path, fmt, own)
     start = time.perf_counter()
-    (q_emb, c_emb), encode_s, cached = encode_cached(
-        [
-            ([q.text for q in task.queries], cfg.model.query_prefix, cfg.data.max_query_length),
-            (
-                candidate_texts(task, cfg.data.with_context, cfg.data.with_title),
-                cfg.model.passage_prefix,
-                cfg.data.max_passage_length,
-            ),
-        ],
-        cfg.model,
-        model_path,
-        cfg.eval.cache_dir,
-        batch_size=cfg.eval.batch_size,
-        workers=cfg.eval.encode_workers,
-    )
+    texts = candidate_texts(task, cfg.data.with_context, cfg.data.with_title)
+    q_emb, encode_s, cached = encode_into_shards(cfg, task, texts, model_path, pool)
     folder = Path(cfg.eval.output_dir).expanduser() / task.name
     if cfg.eval.save_embeddings:
-        folder.mkdir(parents=True, exist_ok=True)
-        # Plain arrays (unicode ids, float32), so np.load needs no pickle to read them back.
-        np.savez(
-            folder / "embeddings.npz",
-            queries=q_emb,
-            candidates=c_emb,
-            query_ids=np.array([q.id for q in task.queries], dtype=str),
-            candidate_ids=np.array([c.id for c in task.candidates], dtype=str),
-        )
-    cands = CandidateIndex.from_task(task)
-    row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
-    shards = {lang: (c_emb[row_of_key[keys]], keys) for lang, keys in cands.shard_keys().items()}
+        save_embeddings(folder / "embeddings.npz", task, q_emb, pool)
     search_start = time.perf_counter()
-    with ActorShards(
-        shards, index=cfg.eval.index, use_gpu=None, openblas_coretype=cfg.eval.openblas_coretype
-    ) as pool:
-        retrieval = run_settings(
-            pool,
-            task,
-            q_emb,
-            settings,
-            cfg.eval.top_k,
-            full_depth=cfg.eval.full_depth_runs,
-            progress=True,
-        )
+    retrieval = run_settings(
+        pool,
+        task,
+        q_emb,
+        settings,
+        cfg.eval.top_k,
+        full_depth=cfg.eval.full_depth_runs,
+        progress=True,
+    )
     search_s = time.perf_counter() - search_start
     names = BEIR_METRICS if fmt == "beir" else LAREQA_METRICS
+    cands = retrieval.candidates
     metrics, counts = summarize(retrieval.blocks, cands.langs, names, cfg.eval.top_k)
     tables = per_query_tables(retrieval.blocks, retrieval.query_ids, cands.langs, names)
     intervals = interval_metrics(
@@ -322,7 +318,7 @@ def evaluate_task(
             "samples": cfg.eval.bootstrap_samples,
             "values": intervals,
         },
-        embedding_cache={"queries": cached[0], "candidates": cached[1]},
+        embedding_cache=cached,
     )
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     return metrics, summary, folder
@@ -435,17 +431,20 @@ def evaluate(
             if tasks is not None
             else [load_eval_task(t, cfg.data) for t in cfg.eval.tasks]
         )
-        for task in pending:
-            log.info(
-                f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
-                f"{len(task.candidates)} candidates, languages {task.languages}"
-            )
-            metrics, _, folder = evaluate_task(cfg, task, model_path, _task_format(cfg, task.name))
-            flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
-            tracker.log(flat, folder, f"eval/{task.name}")
-            out.update(flat)
-            folders[task.name] = folder
-            log.info(_headline(task.name, metrics, folder))
+        with _start_shards(cfg, pending) as pool:  # once per job, before the first encoding
+            for task in pending:
+                log.info(
+                    f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
+                    f"{len(task.candidates)} candidates, languages {task.languages}"
+                )
+                metrics, _, folder = evaluate_task(
+                    cfg, task, model_path, _task_format(cfg, task.name), pool
+                )
+                flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
+                tracker.log(flat, folder, f"eval/{task.name}")
+                out.update(flat)
+                folders[task.name] = folder
+                log.info(_headline(task.name, metrics, folder))
         if cfg.eval.resource_groups:  # every metric per language group, over all tasks
             from rayhybrid.evaluation.groups import write_groups
 
