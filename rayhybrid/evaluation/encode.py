@@ -185,7 +185,9 @@ def encode_with_ray(
     out: dict[int, np.ndarray] = {}
     refs, seen = [], 0
     for bundle in ds.iter_internal_ref_bundles():  # block refs; the driver fetches no
-        for ref, meta in bundle.blocks:  # kept rows (only the wanted ones, block by block)
+        for entry in bundle.blocks:  # kept rows (only the wanted ones, block by block)
+            # Ray 2.60: a BlockEntry (ref, metadata); older Ray: a (ref, metadata) tuple
+            ref, meta = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
             refs.append(ref)
             n = meta.num_rows
             if wanted.any():
