@@ -109,6 +109,7 @@ def encode_with_ray(
     workers: int = 1,
     use_gpu: bool | None = None,
     keep: Sequence[bool] | None = None,
+    encoder: type = _Encoder,
 ) -> tuple[list[np.ndarray | StoredEmbeddings], float]:
     """Encode several groups of texts in one Ray Data pass.
 
@@ -121,6 +122,8 @@ def encode_with_ray(
         use_gpu: one GPU per actor; None = when the cluster has GPUs.
         keep: per group, True to leave its embeddings in the object store (a
             :class:`StoredEmbeddings` instead of an array); default: every group an array.
+        encoder: the ``map_batches`` callable class (``_Encoder``; the memory benchmark
+            passes one that makes vectors without a model, to reach a million rows).
 
     Returns:
         ``([embeddings per group], seconds)``; an array is ``[len(texts), dim]`` float32.
@@ -166,7 +169,7 @@ def encode_with_ray(
         for part in np.array_split(order, n_blocks)
     ]
     ds = ray.data.from_arrow(tables).map_batches(
-        _Encoder,
+        encoder,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
