@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "IndexParams",
     "ModelConfig",
     "ResourceGroup",
     "Strategy",
@@ -415,6 +416,68 @@ class ResourceGroup:
 
 
 @dataclass(frozen=True)
+class IndexParams:
+    """Parameters of the approximate index ``eval.index`` (0: chosen from each shard)."""
+
+    nlist: int = _f(
+        0,
+        "IVF lists per shard (0: ~4 sqrt(n), at most n/39); FAISS needs >= 39 training "
+        "points per list, checked before encoding.",
+    )
+    nprobe: int = _f(0, "IVF lists searched per query (0: a quarter of nlist).")
+    pq_m: int = _f(
+        0, "ivf_pq: sub-quantizers (bytes per code at 8 bits); must divide the dimension (0: d/8)."
+    )
+    pq_nbits: int = _f(8, "ivf_pq: bits per sub-quantizer code (2**bits centroids each), 1-16.")
+    hnsw_m: int = _f(32, "hnsw: neighbours per node (M).")
+    ef_construction: int = _f(40, "hnsw: candidate list size while building (efConstruction).")
+    ef_search: int = _f(128, "hnsw: candidate list size while searching (efSearch).")
+    train_sample: int = _f(
+        0,
+        "Vectors of a shard the IVF / PQ quantizers are trained on, drawn with `seed` "
+        "(0: 40 per list or per PQ centroid, at most the shard).",
+    )
+    seed: int = _f(0, "Seed of the training sample and of the recall query sample.")
+    factory: str = _f(
+        "",
+        "eval.index=factory: a faiss.index_factory string (inner product), e.g. 'IVF64,SQ8'; "
+        "checked against FAISS before encoding.",
+    )
+    recall_queries: int = _f(
+        1000,
+        "Queries (seeded sample over all languages) on which the recall@top_k of the "
+        "approximate top-k against exact search is measured and reported (summary.json "
+        "'index'); 0: not measured.",
+    )
+
+    def __post_init__(self) -> None:
+        counts = {
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "pq_m": self.pq_m,
+            "train_sample": self.train_sample,
+            "recall_queries": self.recall_queries,
+        }
+        for key, value in counts.items():
+            if value < 0:
+                raise ConfigError(f"eval.index_params.{key}: expected an integer >= 0, got {value}")
+        for key in ("hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"eval.index_params.{key}: expected an integer >= 1, got {getattr(self, key)}"
+                )
+        if not 1 <= self.pq_nbits <= 16:
+            raise ConfigError(
+                f"eval.index_params.pq_nbits: expected 1 to 16 bits, got {self.pq_nbits}"
+            )
+        if self.nlist and self.nprobe > self.nlist:
+            raise ConfigError(
+                f"eval.index_params.nprobe={self.nprobe} is more than nlist={self.nlist}; "
+                f"expected 1 to {self.nlist}"
+            )
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation."""
 
@@ -422,7 +485,13 @@ class EvalConfig:
     settings: tuple[Setting, ...] = _f(
         ("mono", "cross", "multi"), "Settings to run: a subset of mono, cross, multi."
     )
-    index: Literal["flat", "ivf", "hnsw"] = _f("flat", "FAISS index per language shard.")
+    index: Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "factory", "ivf"] = _f(
+        "flat",
+        "Index per language shard: flat (exact), or an approximate FAISS index for the top-k "
+        "(ivf_flat, ivf_pq, hnsw, factory; ivf = ivf_flat) whose recall against exact search "
+        "is measured; full-depth ranks and metrics stay exact.",
+    )
+    index_params: IndexParams = _f(IndexParams(), "Approximate index parameters.")
     top_k: int = _f(100, "Depth of TREC runs and merged multilingual top-k.")
     batch_size: int = _f(128, "Encoding batch size.")
     encode_workers: int = _f(1, "Encoder actors (map_batches actor pool size).")
@@ -487,6 +556,14 @@ class EvalConfig:
             )
         if not self.settings:
             raise ConfigError("eval.settings is empty; expected a subset of mono, cross, multi")
+        if self.index == "ivf":  # the old name of IVF-Flat
+            object.__setattr__(self, "index", "ivf_flat")
+        if (self.index == "factory") != bool(self.index_params.factory.strip()):
+            raise ConfigError(
+                "eval.index=factory and eval.index_params.factory go together: expected a "
+                f"faiss.index_factory string such as 'IVF64,SQ8' with index=factory, got "
+                f"index={self.index!r}, factory={self.index_params.factory!r}"
+            )
         names = [g.name for g in self.resource_groups]
         if len(set(names)) != len(names):
             raise ConfigError(f"eval.resource_groups: names must be unique, got {names}")

@@ -75,6 +75,23 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def embedding_dim(cfg: ModelConfig, path: str | None = None) -> int | None:
+    """The embedding dimension a model gives, from its ``config.json`` without loading it
+    (the encoder's hidden size: :class:`BiEncoder` pools without a projection); None where
+    no local config says (a hub name, a model not built yet, an unreadable file)."""
+    import json
+
+    if path is None and cfg.name == TINY:
+        return None
+    try:
+        folder = Path(resolve_model_path(path or cfg.name))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ModelError, OSError, ValueError):
+        return None
+    dim = next((config[k] for k in ("hidden_size", "d_model", "dim") if k in config), None)
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
 class BiEncoder(torch.nn.Module):
     """Shared-weight dual encoder.
 

@@ -1,19 +1,39 @@
 """FAISS indexes for a shard, and the OpenBLAS kernels their processes should use.
 
-FAISS serves the approximate ``ivf`` / ``hnsw`` options (and the ``faiss flat`` baseline of
-benchmarks/bench_search.py); the exact default search is in :mod:`search`. Importing this
-module does not import faiss.
+FAISS serves the approximate indexes of ``eval.index`` (``ivf_flat``, ``ivf_pq``, ``hnsw``, or
+any ``faiss.index_factory`` string) and the ``faiss flat`` baselines of the benchmarks; the
+exact default search is in :mod:`search`. Every index is built by ``faiss.index_factory`` from
+an :class:`IndexSpec`; IVF and PQ are trained on a seeded sample of the shard.
+:func:`check_index` runs before anything is encoded (sizes; the dimension where the model's
+config gives it) so that a bad combination fails in one line, not after an hour of encoding.
+Importing this module does not import faiss.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
 
-__all__ = ["best_openblas_coretype", "build_faiss_index", "openblas_env"]
+__all__ = [
+    "INDEX_KINDS",
+    "IndexSpec",
+    "best_openblas_coretype",
+    "build_faiss_index",
+    "check_index",
+    "openblas_env",
+]
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "factory")
 
 
 def best_openblas_coretype() -> str | None:
@@ -51,47 +71,239 @@ def openblas_env(setting: str) -> dict[str, str]:
     return {"OPENBLAS_CORETYPE": core} if core else {}
 
 
-def build_faiss_index(
-    emb: np.ndarray,
-    kind: str,
-    *,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    use_gpu: bool = False,
-):
-    """A FAISS inner-product index over ``emb`` (``flat``, ``ivf`` or ``hnsw``).
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS index a shard builds, and its parameters (``eval.index`` + ``eval.index_params``).
 
-    IVF: ``nlist`` defaults to ~4 sqrt(n) lists (at most n / 39), ``nprobe`` to a quarter of them (favouring
-    recall; the top-k is re-scored exactly anyway). HNSW: ``M = hnsw_m``, ``efSearch``.
+    Zero means "choose from the shard": see :meth:`resolve`. ``kind`` ``ivf`` is the old
+    spelling of ``ivf_flat``.
+    """
+
+    kind: str = "flat"
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 128
+    train_sample: int = 0
+    seed: int = 0
+    factory: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "ivf":  # old configs: IVF meant IVF-Flat
+            object.__setattr__(self, "kind", "ivf_flat")
+        if self.kind not in INDEX_KINDS:
+            raise EvaluationError(
+                f"eval.index: unknown index {self.kind!r}; expected one of {', '.join(INDEX_KINDS)}"
+            )
+
+    @classmethod
+    def from_config(cls, eval_cfg: Any) -> IndexSpec:
+        """The spec of an :class:`~rayhybrid.config.EvalConfig` (``index`` and ``index_params``)."""
+        p = eval_cfg.index_params
+        return cls(
+            eval_cfg.index,
+            **{f.name: getattr(p, f.name) for f in dataclasses.fields(cls) if f.name != "kind"},
+        )
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind != "flat"
+
+    @property
+    def ivf(self) -> bool:
+        return self.kind in ("ivf_flat", "ivf_pq") or (
+            self.kind == "factory" and re.match(r"\s*IVF\d", self.factory) is not None
+        )
+
+    def resolve(self, n: int, d: int) -> dict[str, Any]:
+        """The parameters a shard of ``n`` vectors of dimension ``d`` gets.
+
+        ``nlist`` 0: ~4 sqrt(n) lists, at most n / 39 (FAISS wants >= 39 training points per
+        list); ``nprobe`` 0: a quarter of the lists (favouring recall); ``pq_m`` 0: the largest
+        divisor of d not above d / 8 (8 dimensions per byte-sized code); ``train_sample`` 0:
+        every vector up to 40 per list (IVF) or 40 per PQ centroid, whichever is more.
+        """
+        out: dict[str, Any] = {"index": self.kind}
+        if self.kind in ("ivf_flat", "ivf_pq"):
+            nlist = self.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
+            out.update(nlist=nlist, nprobe=min(nlist, self.nprobe or max(1, nlist // 4)))
+        if self.kind == "ivf_pq":
+            out.update(
+                pq_m=self.pq_m or _divisor_at_most(d, max(1, d // 8)), pq_nbits=self.pq_nbits
+            )
+        if self.kind == "hnsw":
+            out.update(
+                hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search
+            )
+        if self.kind == "factory":
+            lists = re.match(r"\s*IVF(\d+)", self.factory)
+            if lists:
+                out["nlist"] = int(lists.group(1))
+            if self.nprobe:
+                out["nprobe"] = self.nprobe
+            # Whatever the string trains (lists, PQ / SQ codebooks): enough for 256 centroids.
+            out["train_sample"] = min(n, self.train_sample or max(40 * out.get("nlist", 1), 10_240))
+        elif self.ivf:
+            need = max(40 * out["nlist"], 40 * 2 ** out.get("pq_nbits", 0))
+            out["train_sample"] = min(n, self.train_sample or need)
+        out["factory"] = self.factory_string(out)
+        return out
+
+    def factory_string(self, resolved: dict[str, Any]) -> str:
+        """The ``faiss.index_factory`` string of resolved parameters."""
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "ivf_flat":
+            return f"IVF{resolved['nlist']},Flat"
+        if self.kind == "ivf_pq":
+            return f"IVF{resolved['nlist']},PQ{resolved['pq_m']}x{resolved['pq_nbits']}"
+        if self.kind == "hnsw":
+            return f"HNSW{resolved['hnsw_m']},Flat"
+        return self.factory
+
+
+def _divisor_at_most(n: int, m: int) -> int:
+    return max(k for k in range(1, min(n, m) + 1) if n % k == 0)
+
+
+def check_index(spec: IndexSpec, sizes: dict[str, int], dim: int | None) -> dict[str, dict]:
+    """Check that every shard can build ``spec``, before anything is encoded.
+
+    Args:
+        spec: the index.
+        sizes: candidates per shard (language).
+        dim: embedding dimension, None where not known yet (then only size checks run).
+
+    Returns:
+        Per shard, the resolved parameters (:meth:`IndexSpec.resolve`); ``{}`` for ``flat``.
 
     Raises:
-        EvaluationError: unknown kind.
+        EvaluationError: one line naming the knob and shard: more IVF lists than the shard
+            has vectors, fewer than 39 training points per list, fewer training points than
+            PQ centroids, ``pq_m`` not dividing the dimension, a factory string FAISS cannot
+            build.
+    """
+    if not spec.approximate:
+        return {}
+    out = {}
+    for lang, n in sorted(sizes.items(), key=lambda kv: kv[1]):  # the smallest shard first
+        if n == 0:  # an empty shard has its own error (search.check_shard)
+            continue
+        r = spec.resolve(n, dim or 8)
+        where = f"shard {lang!r} ({n} candidates)"
+        if spec.ivf and "nlist" in r:
+            if r["nlist"] > n:
+                raise EvaluationError(
+                    f"eval.index_params.nlist={r['nlist']} is more IVF lists than {where} has "
+                    f"vectors; lower nlist to at most {max(1, n // 39)} (FAISS needs >= 39 "
+                    "training points per list), or 0 to choose it from the shard"
+                )
+            if r["train_sample"] < 39 * r["nlist"] and n >= 39:
+                raise EvaluationError(
+                    f"eval.index_params: {r['train_sample']} training points for "
+                    f"nlist={r['nlist']} lists in {where} is {r['train_sample'] / r['nlist']:.1f} "
+                    f"per list; FAISS needs >= 39 training points per list: lower nlist to at most "
+                    f"{max(1, r['train_sample'] // 39)} or raise eval.index_params.train_sample"
+                )
+        if "pq_nbits" in r and r["train_sample"] < 2 ** r["pq_nbits"]:
+            raise EvaluationError(
+                f"eval.index_params.pq_nbits={r['pq_nbits']} needs >= {2 ** r['pq_nbits']} "
+                f"training points for its PQ centroids but {where} gives {r['train_sample']}; "
+                "lower pq_nbits or raise train_sample"
+            )
+        if dim is not None:
+            if "pq_m" in r and dim % r["pq_m"]:
+                raise EvaluationError(
+                    f"eval.index_params.pq_m={r['pq_m']} does not divide the embedding dimension "
+                    f"{dim}; expected a divisor of {dim} such as {_divisor_at_most(dim, r['pq_m'])}"
+                )
+            _faiss_index(r["factory"], dim)
+        out[lang] = r
+    return out
+
+
+def _faiss_index(factory: str, dim: int) -> Any:
+    """``faiss.index_factory`` for inner product; FAISS's refusal as one line."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()
+        reason = next(
+            (t for t in text if "failed" in t or "could not" in t), text[0] if text else ""
+        )
+        raise EvaluationError(
+            f"eval.index: FAISS cannot build index {factory!r} for dimension {dim}: "
+            f"{reason.split(': ', 1)[-1] if ': ' in reason else reason}"
+        ) from None
+
+
+def build_faiss_index(
+    emb: np.ndarray,
+    spec: IndexSpec | str = "flat",
+    *,
+    use_gpu: bool = False,
+    name: str = "shard",
+    **options: Any,
+) -> Any:
+    """A FAISS inner-product index over ``emb``.
+
+    Args:
+        emb: ``[n, d]`` float32 vectors.
+        spec: an :class:`IndexSpec`, or its ``kind`` with ``options`` as its fields
+            (``build_faiss_index(x, "ivf_flat", nlist=16)``).
+        use_gpu: move the index to GPU 0 where faiss-gpu is installed and sees a GPU (FAISS
+            has no GPU HNSW: that stays on the CPU, as does an index the GPU cannot hold).
+        name: the shard, for error messages.
+
+    Raises:
+        EvaluationError: unknown kind, or parameters the shard cannot satisfy
+            (:func:`check_index`).
     """
     import faiss
 
+    spec = spec if isinstance(spec, IndexSpec) else IndexSpec(spec, **options)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape
-    if kind == "flat":
+    if not spec.approximate:
         index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        # FAISS wants >= 39 training points per list; 4 sqrt(n) lists otherwise.
-        nlist = max(1, min(n // 39, nlist or int(4 * math.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(emb)
-        index.nprobe = max(1, min(nlist, nprobe or nlist // 4))
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-    else:
-        raise EvaluationError(f"eval.index: unknown index {kind!r}; expected flat, ivf or hnsw")
+        index.add(emb)
+        return _to_gpu(index) if use_gpu else index
+    r = check_index(spec, {name: n}, d)[name]
+    index = _faiss_index(r["factory"], d)
+    ivf = faiss.try_extract_index_ivf(index)
+    base = faiss.downcast_index(index)
+    if ivf is not None:
+        ivf.cp.seed = spec.seed  # k-means initialisation (its sample is ours, below)
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            pq.cp.seed = spec.seed
+    if hasattr(base, "hnsw"):
+        base.hnsw.efConstruction = spec.ef_construction
+    if not index.is_trained:
+        rows = np.random.default_rng(spec.seed).choice(n, r["train_sample"], replace=False)
+        index.train(emb[np.sort(rows)])  # sorted: the sample, not its order, is random
     index.add(emb)
-    # HNSW has no GPU implementation in FAISS; flat / IVF move over when faiss-gpu is there.
-    if (
-        use_gpu
-        and kind != "hnsw"
-        and hasattr(faiss, "StandardGpuResources")
-        and faiss.get_num_gpus() > 0
-    ):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, r.get("nprobe") or max(1, ivf.nlist // 4))
+    if hasattr(base, "hnsw"):
+        base.hnsw.efSearch = spec.ef_search
+    return _to_gpu(index) if use_gpu and not hasattr(base, "hnsw") else index
+
+
+def _to_gpu(index: Any) -> Any:
+    """The index on GPU 0 where faiss-gpu and a GPU are there; else (with a warning on a
+    refusal, e.g. a PQ code size the GPU kernels lack) the CPU index itself."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except RuntimeError as exc:
+        log.warning(f"[rayhybrid eval] FAISS index stays on the CPU: {str(exc).splitlines()[0]}")
+        return index

@@ -37,6 +37,7 @@ import numpy as np
 
 from rayhybrid.datamodel import EvalTask
 from rayhybrid.evaluation import EvaluationError
+from rayhybrid.evaluation.faiss_index import IndexSpec, check_index
 from rayhybrid.evaluation.metrics import BEIR_METRICS, LAREQA_METRICS, summarize
 from rayhybrid.evaluation.retrieval import Retrieval, check_settings, run_settings
 from rayhybrid.evaluation.uncertainty import interval_metrics, per_query_tables, write_per_query
@@ -229,7 +230,7 @@ def _start_shards(cfg: Config, tasks: Sequence[EvalTask]) -> ActorShards:
 
     langs = sorted({c.lang for task in tasks for c in task.candidates})
     return ActorShards.start(
-        langs, index=cfg.eval.index, openblas_coretype=cfg.eval.openblas_coretype
+        langs, index=IndexSpec.from_config(cfg.eval), openblas_coretype=cfg.eval.openblas_coretype
     )
 
 
@@ -258,6 +259,7 @@ def evaluate_task(
         ModelError: the model cannot be loaded.
     """
     from rayhybrid.evaluation.loading import encode_into_shards, save_embeddings
+    from rayhybrid.model import embedding_dim
 
     settings = check_settings(cfg.eval.settings)
     if not task.queries or not task.candidates:
@@ -269,6 +271,8 @@ def evaluate_task(
             f"eval.top_k={cfg.eval.top_k} is larger than shard {smallest[1]!r} of task {task.name} "
             f"({smallest[0]} candidates); lower eval.top_k to at most {smallest[0]}"
         )
+    spec = IndexSpec.from_config(cfg.eval)  # its parameters against the shards, before encoding
+    check_index(spec, sizes, embedding_dim(cfg.model, model_path))
     if pool is None:
         with _start_shards(cfg, [task]) as own:
             return evaluate_task(cfg, task, model_path, fmt, own)
@@ -278,6 +282,7 @@ def evaluate_task(
     folder = Path(cfg.eval.output_dir).expanduser() / task.name
     if cfg.eval.save_embeddings:
         save_embeddings(folder / "embeddings.npz", task, q_emb, pool)
+    index = {"type": spec.kind, "params": check_index(spec, sizes, q_emb.shape[1])}
     search_start = time.perf_counter()
     retrieval = run_settings(
         pool,
@@ -288,6 +293,8 @@ def evaluate_task(
         full_depth=cfg.eval.full_depth_runs,
         progress=True,
     )
+    if spec.approximate and cfg.eval.index_params.recall_queries:
+        index["recall"] = _index_recall(pool, task, q_emb, cfg, settings)
     search_s = time.perf_counter() - search_start
     names = BEIR_METRICS if fmt == "beir" else LAREQA_METRICS
     cands = retrieval.candidates
@@ -319,6 +326,7 @@ def evaluate_task(
             "values": intervals,
         },
         embedding_cache=cached,
+        index=index,
     )
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     return metrics, summary, folder
@@ -335,6 +343,7 @@ def _write_outputs(
     files: dict[str, str],
     intervals: dict[str, Any],
     embedding_cache: dict[str, str] | None = None,
+    index: dict[str, Any] | None = None,
 ) -> dict:
     from rayhybrid.evaluation.outputs import cross_matrix, write_summary, write_trec
     from rayhybrid.experiments.plots import plot_language_matrices, plot_per_language
@@ -371,6 +380,7 @@ def _write_outputs(
         "cells": counts,
         "timing_s": timing,
         "embedding_cache": embedding_cache or {},
+        "index": index or {"type": "flat"},
         "files": files,
         "load_report": task.report.summary(),
     }
@@ -437,14 +447,14 @@ def evaluate(
                     f"[rayhybrid eval] task {task.name}: {len(task.queries)} queries, "
                     f"{len(task.candidates)} candidates, languages {task.languages}"
                 )
-                metrics, _, folder = evaluate_task(
+                metrics, summary, folder = evaluate_task(
                     cfg, task, model_path, _task_format(cfg, task.name), pool
                 )
                 flat = {f"{task.name}/{k}": v for k, v in metrics.items()}
                 tracker.log(flat, folder, f"eval/{task.name}")
                 out.update(flat)
                 folders[task.name] = folder
-                log.info(_headline(task.name, metrics, folder))
+                log.info(_headline(task.name, metrics, folder, summary.get("index")))
         if cfg.eval.resource_groups:  # every metric per language group, over all tasks
             from rayhybrid.evaluation.groups import write_groups
 
@@ -466,8 +476,37 @@ def evaluate(
     return out
 
 
-def _headline(name: str, metrics: dict[str, float], folder: Path) -> str:
+def _index_recall(
+    pool: Any, task: EvalTask, q_emb: np.ndarray, cfg: Config, settings: Sequence[str]
+) -> dict[str, Any]:
+    """recall@top_k of the approximate index against exact search (:mod:`recall`)."""
+    from rayhybrid.evaluation.recall import measure_recall
+
+    p = cfg.eval.index_params
+    report = measure_recall(
+        pool,
+        q_emb,
+        [q.lang for q in task.queries],
+        cfg.eval.top_k,
+        p.recall_queries,
+        p.seed,
+        settings,
+    )
+    report["query_ids"] = [task.queries[i].id for i in report.pop("rows")]
+    return report
+
+
+def _headline(
+    name: str, metrics: dict[str, float], folder: Path, index: dict[str, Any] | None = None
+) -> str:
     lines = [f"[rayhybrid eval] {name}: outputs in {folder}"]
+    if index and "recall" in index:  # what the approximate top-k cost
+        r = index["recall"]
+        lines.append(
+            f"  index {index['type']}: recall@{r['k']} against exact search "
+            + " ".join(f"{s} {v:.4f}" for s, v in r["recall_at_k"].items())
+            + f" ({r['queries']} sampled queries; metrics use exact ranks)"
+        )
     for setting in ("mono", "cross", "multi"):
         if f"{setting}/map" in metrics:
             lines.append(

@@ -35,10 +35,12 @@ sentences do occur in XQuAD-R).
 given (score, key) thresholds, how many of the shard's candidates rank before them. Summed
 over shards it gives the exact rank of a relevant candidate in the whole multilingual pool.
 
-**Indexes.** ``flat`` (default) is the exact search above. ``ivf`` / ``hnsw`` use a FAISS
+**Indexes.** ``flat`` (default) is the exact search above. ``ivf_flat`` / ``ivf_pq`` /
+``hnsw`` / ``factory`` (:class:`~rayhybrid.evaluation.faiss_index.IndexSpec`) use a FAISS
 index for the top-k only (approximate; the returned candidates are re-scored exactly);
 ranks of relevant candidates stay exact (they scan the shard), so full-depth metrics do not
-depend on the index. On a GPU (``device="cuda"``) the exact search runs in torch on the
+depend on the index. ``search(..., exact=True)`` runs the exact path on a shard that has an
+approximate index: the reference its recall is measured against (:mod:`recall`). On a GPU (``device="cuda"``) the exact search runs in torch on the
 GPU, and an IVF index moves to the GPU when faiss-gpu is installed.
 """
 
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from rayhybrid.evaluation import EvaluationError
-from rayhybrid.evaluation.faiss_index import build_faiss_index
+from rayhybrid.evaluation.faiss_index import IndexSpec, build_faiss_index
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +339,9 @@ class ShardSearcher:
         embeddings: ``[n, d]`` candidate embeddings (n >= 1, finite).
         keys: ``[n]`` distinct int tie-break keys (default ``0..n-1``); results name
             candidates by key. Stored sorted by key so column order is tie order.
-        index: ``flat`` (exact), ``ivf`` or ``hnsw`` (FAISS, approximate top-k).
+        index: ``flat`` (exact), or an approximate FAISS index for the top-k: an
+            :class:`~rayhybrid.evaluation.faiss_index.IndexSpec`, or its kind (``ivf_flat``,
+            ``ivf_pq``, ``hnsw``; ``ivf`` = ``ivf_flat``) with ``index_options`` as its fields.
         device: ``cpu`` or ``cuda``.
         tile: candidates scored at once (larger shards go tile by tile; same results).
         scores: ``float32`` (CPU default: ``sgemm``, where :func:`blas_f32_consistent`) or
@@ -345,7 +349,7 @@ class ShardSearcher:
 
     Raises:
         EvaluationError: empty shard, not a 2-D finite array, keys of the wrong length or
-            not distinct.
+            not distinct; index parameters the shard cannot satisfy.
     """
 
     def __init__(
@@ -354,7 +358,7 @@ class ShardSearcher:
         embeddings: np.ndarray,
         keys: np.ndarray | None = None,
         *,
-        index: str = "flat",
+        index: str | IndexSpec = "flat",
         device: str = "cpu",
         tile: int = _TILE,
         scores: str = "float32",
@@ -365,8 +369,9 @@ class ShardSearcher:
             raise EvaluationError(
                 f"shard {name!r}: scores must be float32 or float64, got {scores!r}"
             )
+        spec = index if isinstance(index, IndexSpec) else IndexSpec(index, **index_options)
         order = np.argsort(keys, kind="stable")
-        self.name, self.keys, self.kind, self.device = name, keys[order], index, device
+        self.name, self.keys, self.kind, self.device = name, keys[order], spec.kind, device
         self.tile = max(1, int(tile))
         emb = emb[order]
         if device != "cpu":
@@ -380,8 +385,8 @@ class ShardSearcher:
             # float32: the candidates as they are (half the memory of the float64 copy).
             self._cand = emb if f32 else emb.astype(np.float64)
         self._faiss = None
-        if index != "flat":
-            self._faiss = build_faiss_index(emb, index, use_gpu=device != "cpu", **index_options)
+        if spec.approximate:
+            self._faiss = build_faiss_index(emb, spec, use_gpu=device != "cpu", name=name)
 
     @property
     def size(self) -> int:
@@ -437,7 +442,11 @@ class ShardSearcher:
         return np.where(keys >= 0, pos, -1)
 
     def search(
-        self, queries: np.ndarray, k: int, rel_keys: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        rel_keys: np.ndarray | None = None,
+        exact: bool = False,
     ) -> SearchResult:
         """Top-k of every query in this shard, and the exact score / in-shard rank of given keys.
 
@@ -445,6 +454,7 @@ class ShardSearcher:
             queries: ``[n, d]`` query embeddings.
             k: depth, 1 <= k <= shard size (use ``k = size`` for the full ranking).
             rel_keys: ``[n, m]`` keys (in this shard; -1 pads) whose score and rank to report.
+            exact: the exact top-k even where the shard has an approximate index.
 
         Raises:
             EvaluationError: wrong query dimension, k out of range, unknown key.
@@ -469,18 +479,21 @@ class ShardSearcher:
         )
         for sl in self._blocks(len(q)):
             out.scores[sl], cols, out.rel_scores[sl], out.rel_ranks[sl] = self._search_block(
-                q[sl], k, rel_pos[sl]
+                q[sl], k, rel_pos[sl], exact
             )
             out.keys[sl] = np.where(cols >= 0, self.keys[cols.clip(0)], -1)
         return out
 
-    def _search_block(self, q: np.ndarray, k: int, pos: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _search_block(
+        self, q: np.ndarray, k: int, pos: np.ndarray, exact: bool = False
+    ) -> tuple[np.ndarray, ...]:
         """One row block, tile by tile: top-k, and scores / in-shard ranks at columns ``pos``."""
         tiles = self._tiles()
-        heap = self._heap(len(q), k) if self._faiss is None else None
+        index = None if exact else self._faiss
+        heap = self._heap(len(q), k) if index is None else None
         approx = None
-        if self._faiss is not None and k < self.size:
-            approx = self._faiss.search(q, k)[1].astype(np.int64)
+        if index is not None and k < self.size:
+            approx = index.search(q, k)[1].astype(np.int64)
             approx_scores = np.full(approx.shape, -np.inf, np.float32)
         parts = []
         thr = np.full(pos.shape, np.inf, np.float32)
