@@ -45,7 +45,9 @@ def clustered(n: int, dim: int, centres: np.ndarray, seed: int, chunk: int = 100
     return out
 
 
-def measure(name: str, index, queries: np.ndarray, k: int, exact: np.ndarray | None, build_s: float):
+def measure(
+    name: str, index, queries: np.ndarray, k: int, exact: np.ndarray | None, build_s: float
+):
     import faiss
 
     from rayhybrid.evaluation.recall import overlap

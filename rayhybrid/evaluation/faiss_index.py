@@ -233,12 +233,11 @@ def _faiss_index(factory: str, dim: int) -> Any:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         text = str(exc).strip().splitlines()
-        reason = next(
-            (t for t in text if "failed" in t or "could not" in t), text[0] if text else ""
-        )
+        line = next((t for t in text if "failed" in t or "could not" in t), text[0] if text else "")
+        # FAISS's "Error in <function> at <file>:<line>: Error: '<check>' failed: <reason>"
+        reason = line.split("failed: ", 1)[1] if "failed: " in line else line.rsplit(": ", 1)[-1]
         raise EvaluationError(
-            f"eval.index: FAISS cannot build index {factory!r} for dimension {dim}: "
-            f"{reason.split(': ', 1)[-1] if ': ' in reason else reason}"
+            f"eval.index: FAISS cannot build index {factory!r} for dimension {dim}: {reason}"
         ) from None
 
 
