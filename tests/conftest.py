@@ -75,3 +75,19 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: GPU-only check not run")
     return torch.device("cuda")
+
+
+@pytest.fixture()
+def encoder_calls(monkeypatch) -> list[int]:
+    """The real Ray Data encoder, counted: each call appends its number of text groups."""
+    from rayhybrid.evaluation import encode
+
+    calls: list[int] = []
+    real = encode.encode_with_ray
+
+    def counting(groups, *args, **kwargs):
+        calls.append(len(groups))
+        return real(groups, *args, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_with_ray", counting)
+    return calls

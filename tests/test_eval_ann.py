@@ -201,26 +201,17 @@ def one_article_task(xquad_dir, articles: int = 1):
     ],
 )
 def test_bad_index_fails_before_encoding(
-    xquad_dir, tiny_model_dir, tmp_path, monkeypatch, overrides, message
+    xquad_dir, tiny_model_dir, tmp_path, encoder_calls, overrides, message
 ):
-    from rayhybrid.evaluation import encode
     from rayhybrid.evaluation.run import evaluate_task
 
-    calls: list[int] = []
-    real = encode.encode_with_ray
-
-    def counting(groups, *args, **kwargs):  # the real encoder, counted
-        calls.append(len(groups))
-        return real(groups, *args, **kwargs)
-
-    monkeypatch.setattr(encode, "encode_with_ray", counting)
     cfg = load_config(
         None,
         ["tracking.enabled=false", f"eval.output_dir={tmp_path}", "eval.top_k=5", *overrides],
     )
     with pytest.raises(EvaluationError, match=message) as err:
         evaluate_task(cfg, one_article_task(xquad_dir), str(tiny_model_dir))
-    assert "\n" not in str(err.value) and calls == []  # one line, nothing encoded
+    assert "\n" not in str(err.value) and encoder_calls == []  # one line, nothing encoded
 
 
 def test_evaluation_reports_recall_that_its_files_reproduce(

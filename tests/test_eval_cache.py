@@ -90,25 +90,17 @@ def test_unusable_cache_folder_fails_clearly(tmp_path):
 
 
 def test_second_evaluation_skips_encoding_and_gives_identical_metrics(
-    ray_local, xquad_dir, minilm_dir, tmp_path, monkeypatch
+    ray_local, xquad_dir, minilm_dir, tmp_path, encoder_calls
 ):
     from rayhybrid.config import load_config
     from rayhybrid.corpus import load_lareqa_task, read_lareqa_folder
-    from rayhybrid.evaluation import encode
     from rayhybrid.evaluation.run import evaluate
 
     parsed = read_lareqa_folder(xquad_dir)
     task = load_lareqa_task(
         xquad_dir, ["de", "en"], "xq", articles=parsed.key_order[:1], parsed=parsed
     )
-    calls: list[int] = []
-    real = encode.encode_with_ray
-
-    def counting(groups, *args, **kwargs):  # the real encoder, counted
-        calls.append(len(groups))
-        return real(groups, *args, **kwargs)
-
-    monkeypatch.setattr(encode, "encode_with_ray", counting)
+    calls = encoder_calls
 
     def run(*extra: str) -> tuple[dict, dict]:
         cfg = load_config(
