@@ -1,7 +1,7 @@
 """Approximate indexes (eval.index): recall on a real XQuAD-R pool, bad input before encoding.
 
-The recall the code reports is recomputed here by brute force (float64 numpy scores, ties by
-key), from the approximate top-k the searchers return and, end to end, from the TREC run the
+The recall the code reports is recomputed here by brute force (numpy scores as the searcher
+defines them, ties by key), from the approximate top-k the searchers return and, end to end, from the TREC run the
 evaluation writes and its embeddings.npz.
 """
 
@@ -39,9 +39,23 @@ def xquad_pool(xquad_dir, tiny_model_dir, tiny_model_cfg):
     return task, q, shards
 
 
+def ref_scores(q: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """The exact scores as the searcher defines them (rayhybrid.evaluation.search): float32
+    products where this process's BLAS gives a pair the same bits in any shape (one large
+    padded sgemm here), else float64-accumulated and rounded to float32."""
+    from rayhybrid.evaluation.search import blas_f32_consistent
+
+    if not blas_f32_consistent():
+        return (q.astype(np.float64) @ emb.astype(np.float64).T).astype(np.float32)
+    pad = max(512, len(q), len(emb))
+    qp, cp = np.zeros((pad, q.shape[1]), np.float32), np.zeros((pad, emb.shape[1]), np.float32)
+    qp[: len(q)], cp[: len(emb)] = q, emb
+    return (qp @ cp.T)[: len(q), : len(emb)]
+
+
 def brute_topk(q: np.ndarray, emb: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Keys of the top-k by float64 score descending, key ascending (the definition)."""
-    s = q.astype(np.float64) @ emb.astype(np.float64).T
+    """Keys of the top-k by exact score descending, key ascending (the definition)."""
+    s = ref_scores(q, emb)
     order = np.lexsort((np.broadcast_to(keys, s.shape), -s), axis=1)[:, :k]
     return keys[order]
 
@@ -75,7 +89,7 @@ def test_ivf_flat_recall_on_real_pool_is_high_and_reported_exactly(xquad_pool):
     for lang, (emb, keys) in shards.items():
         approx = pool.searchers[lang].search(q[rows], K)
         exact_lists[lang] = brute_topk(q[rows], emb, keys, K)
-        approx_lists[lang] = (approx.keys, q[rows].astype(np.float64) @ emb.astype(np.float64).T)
+        approx_lists[lang] = (approx.keys, ref_scores(q[rows], emb))
         hits[lang] = share(approx.keys, exact_lists[lang]) / K
         assert report["per_shard"][lang] == pytest.approx(hits[lang].mean(), abs=1e-12)
         assert hits[lang].mean() >= 0.99, (lang, hits[lang].mean())
@@ -88,7 +102,7 @@ def test_ivf_flat_recall_on_real_pool_is_high_and_reported_exactly(xquad_pool):
     all_keys = np.concatenate([k for _, k in shards.values()])
     exact_multi = brute_topk(q[rows], all_emb, all_keys, K)
     key_row = {int(k): i for i, k in enumerate(all_keys)}
-    scores = q[rows].astype(np.float64) @ all_emb.astype(np.float64).T
+    scores = ref_scores(q[rows], all_emb)
     multi = []
     for i in range(len(rows)):
         found = {int(k) for lang in shards for k in approx_lists[lang][0][i] if k >= 0}
