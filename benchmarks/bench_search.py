@@ -16,7 +16,7 @@ Compared, each timed ``--reps`` times interleaved (best of them reported):
 - ``sharded actors``: one Ray actor per language (``ActorShards``, the evaluation's own
   search), every shard searched in parallel, per-shard top-k merged on the driver;
 - ``single exact``: one in-process ``ShardSearcher`` over the whole pool (the same exact
-  search: float32 ``sgemm`` scores, faiss heap top-k, ties by key);
+  search: float32 ``sgemm`` scores of ``search.f32_backend``, faiss heap top-k, ties by key);
 - ``faiss flat``: ``faiss.IndexFlatIP`` over the whole pool (float32, its bundled OpenBLAS);
 - ``torch f32``: float32 ``torch.matmul`` + ``torch.topk`` in blocks (MKL).
 

@@ -16,6 +16,7 @@ from rayhybrid.config import ConfigError, load_config
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.faiss_index import IndexSpec, build_faiss_index, check_index
 from rayhybrid.evaluation.recall import measure_recall, recall_sample
+from tests.reference import reference_scores
 
 LANGS = ["de", "el", "en"]
 K = 100
@@ -39,23 +40,9 @@ def xquad_pool(xquad_dir, tiny_model_dir, tiny_model_cfg):
     return task, q, shards
 
 
-def ref_scores(q: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    """The exact scores as the searcher defines them (rayhybrid.evaluation.search): float32
-    products where this process's BLAS gives a pair the same bits in any shape (one large
-    padded sgemm here), else float64-accumulated and rounded to float32."""
-    from rayhybrid.evaluation.search import blas_f32_consistent
-
-    if not blas_f32_consistent():
-        return (q.astype(np.float64) @ emb.astype(np.float64).T).astype(np.float32)
-    pad = max(512, len(q), len(emb))
-    qp, cp = np.zeros((pad, q.shape[1]), np.float32), np.zeros((pad, emb.shape[1]), np.float32)
-    qp[: len(q)], cp[: len(emb)] = q, emb
-    return (qp @ cp.T)[: len(q), : len(emb)]
-
-
 def brute_topk(q: np.ndarray, emb: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
     """Keys of the top-k by exact score descending, key ascending (the definition)."""
-    s = ref_scores(q, emb)
+    s = reference_scores(q, emb)
     order = np.lexsort((np.broadcast_to(keys, s.shape), -s), axis=1)[:, :k]
     return keys[order]
 
@@ -89,7 +76,7 @@ def test_ivf_flat_recall_on_real_pool_is_high_and_reported_exactly(xquad_pool):
     for lang, (emb, keys) in shards.items():
         approx = pool.searchers[lang].search(q[rows], K)
         exact_lists[lang] = brute_topk(q[rows], emb, keys, K)
-        approx_lists[lang] = (approx.keys, ref_scores(q[rows], emb))
+        approx_lists[lang] = (approx.keys, reference_scores(q[rows], emb))
         hits[lang] = share(approx.keys, exact_lists[lang]) / K
         assert report["per_shard"][lang] == pytest.approx(hits[lang].mean(), abs=1e-12)
         assert hits[lang].mean() >= 0.99, (lang, hits[lang].mean())
@@ -102,7 +89,7 @@ def test_ivf_flat_recall_on_real_pool_is_high_and_reported_exactly(xquad_pool):
     all_keys = np.concatenate([k for _, k in shards.values()])
     exact_multi = brute_topk(q[rows], all_emb, all_keys, K)
     key_row = {int(k): i for i, k in enumerate(all_keys)}
-    scores = ref_scores(q[rows], all_emb)
+    scores = reference_scores(q[rows], all_emb)
     multi = []
     for i in range(len(rows)):
         found = {int(k) for lang in shards for k in approx_lists[lang][0][i] if k >= 0}

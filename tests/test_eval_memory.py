@@ -102,7 +102,7 @@ def test_driver_peak_does_not_grow_with_the_candidate_pool(ray_local, wide_model
             assert pool.sizes() == {lang: base * scale for lang in LANGS}
             mem = pool.memory()
             # each actor holds its own shard: float32, or float64 where this BLAS's float32
-            # products are shape-dependent (search.blas_f32_consistent)
+            # products are shape-dependent (search.f32_backend)
             held = {m["shard_bytes"] for m in mem.values()}
             assert held in ({base * scale * DIM * 4}, {base * scale * DIM * 8}), held
     added = 3 * base * len(LANGS)

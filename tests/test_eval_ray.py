@@ -11,8 +11,8 @@ from rayhybrid.datamodel import Candidate, DataError, EvalTask, Query
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.metrics import LAREQA_METRICS, summarize
 from rayhybrid.evaluation.retrieval import CandidateIndex, run_settings
-from rayhybrid.evaluation.search import blas_f32_consistent
 from rayhybrid.evaluation.shards import ActorShards
+from tests.reference import reference_scores
 
 LANGS = ("ar", "de", "en")
 
@@ -46,15 +46,7 @@ def brute(task: EvalTask, q_emb: np.ndarray, c_emb: np.ndarray, pool_langs) -> t
     """Independent reference: whole ranking per query over the candidates of ``pool_langs``."""
     ids = np.array([c.id for c in task.candidates if c.lang in pool_langs])
     emb = c_emb[[i for i, c in enumerate(task.candidates) if c.lang in pool_langs]]
-    if blas_f32_consistent():
-        # float32 scores of one large sgemm (zero rows keep OpenBLAS off its small kernels)
-        pad = max(512, len(q_emb), len(emb))
-        qp = np.zeros((pad, q_emb.shape[1]), np.float32)
-        cp = np.zeros((pad, emb.shape[1]), np.float32)
-        qp[: len(q_emb)], cp[: len(emb)] = q_emb, emb
-        s = (qp @ cp.T)[: len(q_emb), : len(emb)]
-    else:  # the shards' float64 fallback on a BLAS whose float32 bits depend on the shape
-        s = (q_emb.astype(np.float64) @ emb.astype(np.float64).T).astype(np.float32)
+    s = reference_scores(q_emb, emb)
     # trec_eval order: score descending, then candidate id descending
     order = [
         sorted(range(len(ids)), key=lambda j, r=r: (-r[j], tuple(-ord(ch) for ch in ids[j])))

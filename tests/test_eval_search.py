@@ -11,15 +11,16 @@ from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.retrieval import CandidateIndex, LocalShards, run_settings
 from rayhybrid.evaluation.search import (
     ShardSearcher,
-    blas_f32_consistent,
+    f32_backend,
     merge_topk,
     topk_with_ties,
 )
+from tests.reference import reference_scores
 
-# Whether this process's BLAS gives a pair the same float32 bits in any product shape
-# (OpenBLAS's AVX-512 kernels do; its Haswell / Zen kernels on AVX2-only CPUs do not). Where
-# not, the searcher scores in float64 (its documented fallback) and so do the references.
-F32 = blas_f32_consistent()
+# The BLAS whose float32 products give a pair the same bits in any product shape (numpy's
+# OpenBLAS with AVX-512 kernels; torch's MKL on AVX2-only CPUs). Where none, the searcher
+# scores in float64 (its documented fallback) and so do the references.
+F32 = f32_backend() is not None
 
 
 def brute_order(
@@ -30,11 +31,8 @@ def brute_order(
     tiles, heaps or partial sorts (independent code)."""
     if f64:
         s = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
-    else:  # zero rows make it one large sgemm (no small-matrix or gemv kernels)
-        pad = max(512, len(q), len(c))
-        qp, cp = np.zeros((pad, q.shape[1]), np.float32), np.zeros((pad, c.shape[1]), np.float32)
-        qp[: len(q)], cp[: len(c)] = q, c
-        s = (qp @ cp.T)[: len(q), : len(c)]
+    else:
+        s = reference_scores(q, c)
     order = np.stack([np.lexsort((keys, -row)) for row in s])
     return np.take_along_axis(s, order, 1), keys[order]
 
@@ -78,23 +76,35 @@ def test_search_equals_brute_force_with_ties(k, scores):
 
 
 def test_blas_float32_products_do_not_depend_on_shape():
-    """Where the per-process check says float32 products are shape-independent, other shapes
-    (d = 384) agree bit for bit; where it says not, the searcher scores in float64."""
-    from rayhybrid.evaluation.search import exact_scores
+    """Where the per-process check found a float32 BLAS whose products are shape-independent,
+    other shapes (d = 384), single rows and columns, odd offsets and other thread counts agree
+    bit for bit; where it found none, the searcher scores in float64."""
+    from rayhybrid.evaluation.search import _one_thread, exact_scores
 
     rng = np.random.default_rng(7)
     c = rng.standard_normal((300, 384)).astype(np.float32)
     q = rng.standard_normal((40, 384)).astype(np.float32)
-    if not F32:
-        print("this BLAS's float32 products depend on the shape: checking the float64 fallback")
+    backend = f32_backend()
+    print(f"float32 score backend of this process: {backend}")
+    if backend is None:
+        print(
+            "no BLAS here gives shape-independent float32 products: checking the float64 fallback"
+        )
         assert ShardSearcher("x", c, np.arange(300)).scores == "float64"
         assert ShardSearcher("x", c, np.arange(300), scores="float64").scores == "float64"
         return
-    full = q @ c.T  # 40 x 300 x 384: OpenBLAS's blocked kernels
-    # single rows / columns (gemv), small blocks (OpenBLAS small-matrix kernels), odd offsets
+    full = reference_scores(q, c)  # one padded product of the picked BLAS
+    # single rows / columns (gemv), small blocks (small-matrix kernels), odd offsets
     blocks = [(0, 1, 0, 300), (9, 10, 5, 6), (0, 40, 299, 300), (3, 37, 11, 290), (0, 4, 0, 8)]
     for a, b, x, y in blocks:
         assert np.array_equal(exact_scores(q[a:b], c[x:y]), full[a:b, x:y]), (a, b, x, y)
+    with _one_thread(backend):  # shard actors often run one BLAS thread
+        assert np.array_equal(exact_scores(q, c[17:290]), full[:, 17:290])
+    # the scores are float32 products, not float64 ones rounded (those differ in some bits)
+    f64 = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
+    assert not np.array_equal(full, f64)
+    norms = np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(c, axis=1))
+    assert (np.abs(full - f64) <= (384 + 2) * 2.0**-24 * norms).all()  # float32 rounding bound
 
 
 def test_float32_and_float64_orders_differ_only_among_near_ties():

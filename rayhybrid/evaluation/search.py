@@ -2,22 +2,24 @@
 
 Scores are inner products of the embeddings (cosine similarity for L2-normalised ones).
 
-**Scores.** On the CPU a score is the float32 inner product computed by the BLAS
-``sgemm`` (numpy's OpenBLAS), the same kernel faiss ``IndexFlatIP`` uses: about 3x
-faster than the float64 accumulation this replaced. A float32 product is only worth
-ranking by if a pair scores the same in every shard, batch and tile it is computed in;
-OpenBLAS ``sgemm`` gives that (each output element accumulates along the dimension in the
-same order whatever the matrix shape or its position in it), its ``gemv`` (a product with
-one row or one column) does not, so :func:`exact_scores` pads a lone row or column to two.
-:func:`blas_f32_consistent` checks the property on the running BLAS once per process
-(several shapes and offsets of one product must agree bit for bit); where it fails, the
-searcher falls back to float64-accumulated scores rounded to float32 (the previous
-behaviour, ``scores="float64"``). Two processes must run the same BLAS kernels to agree
-(the shard actors get ``eval.openblas_coretype``; numpy picks the same on this class of
-CPU by itself). Against float64 accumulation, a float32 score differs by at most
-~``d * 2**-24 * |q| |c|``, so the two orders differ only among candidates whose scores lie
-that close (near-ties; tests/test_eval_search.py checks it). On a GPU (``device="cuda"``)
-scores stay float64-accumulated in torch.
+**Scores.** On the CPU a score is the float32 inner product computed by a BLAS ``sgemm``,
+the kind of kernel faiss ``IndexFlatIP`` uses: about 2x faster than the float64
+accumulation this replaced, half the memory. A float32 product is only worth ranking by if
+a pair scores the same in every shard, batch and tile it is computed in. Whether a BLAS
+gives that (each output element summed in the same order whatever the matrix shape or the
+element's place in it) depends on its kernels: :func:`f32_backend` checks it once per
+process (several shapes and offsets of one product, and one thread against several, must
+agree bit for bit) and picks the first that passes: numpy's OpenBLAS (its AVX-512 kernels
+pass; its Haswell / Zen kernels, on AVX2-only CPUs, do not), then torch's BLAS (MKL in the
+x86 wheels, which passes on AVX2-only CPUs). Their ``gemv`` (a product with one row or
+column) and small-matrix kernels sum in other orders, so :func:`exact_scores` pads small
+products with zero rows. Where neither passes, the searcher falls back to float64-
+accumulated scores rounded to float32 (``scores="float64"``). Two processes must run the
+same kernels to agree (the shard actors get ``eval.openblas_coretype``; numpy picks the same
+on this class of CPU by itself; MKL dispatches by CPU). Against float64 accumulation, a
+float32 score differs by at most ~``d * 2**-24 * |q| |c|``, so the two orders differ only
+among candidates whose scores lie that close (near-ties; tests/test_eval_search.py checks
+it). On a GPU (``device="cuda"``) scores stay float64-accumulated in torch.
 
 **Top-k.** A faiss heap (``float_minheap_array_t.addn``, the one ``IndexFlatIP`` runs on
 its score tiles) keeps the k+1 best scores of every query over the tiles; the k+1-th shows
@@ -64,6 +66,7 @@ __all__ = [
     "blas_f32_consistent",
     "check_shard",
     "exact_scores",
+    "f32_backend",
     "merge_topk",
     "topk_with_ties",
 ]
@@ -72,6 +75,8 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 24
 # Multiply-adds below which a product is padded (above OpenBLAS's small-matrix kernels).
 _MIN_MNK = 1 << 21
+# Rows or columns below which a product is padded (gemv, MKL's small-size kernels).
+_MIN_SIDE = 16
 # Columns per tile: larger shards are scored tile by tile (ShardSearcher._tiles).
 _TILE = 1 << 15
 
@@ -100,75 +105,125 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
     return x if len(x) >= n else np.concatenate([x, np.zeros((n - len(x), x.shape[1]), x.dtype)])
 
 
-def _f32_scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """``queries @ candidates.T`` by the blocked ``sgemm`` kernels only.
+def _f32_scores(queries: np.ndarray, candidates: np.ndarray, backend: str) -> np.ndarray:
+    """``queries @ candidates.T`` in float32 by the blocked ``sgemm`` kernels only.
 
-    A product with one row or column goes to ``gemv``, and OpenBLAS sends products of
-    rows x columns x dim <= 10**6 to its "small matrix" kernels; both sum in other orders
-    (module docstring). Small products are therefore padded with zero rows to at least
-    ``_MIN_MNK`` multiply-adds and the result cut back.
+    ``backend``: ``numpy`` (numpy's OpenBLAS) or ``torch`` (torch's BLAS: MKL in the x86
+    wheels). A product with one row or column goes to ``gemv``, and small products go to
+    "small matrix" kernels (OpenBLAS: rows x columns x dim <= 10**6; MKL: fewer than about 16
+    rows or columns); both sum in other orders (module docstring). Small products are
+    therefore padded with zero rows to at least ``_MIN_SIDE`` rows and columns and
+    ``_MIN_MNK`` multiply-adds, and the result cut back.
     """
     nq, nc = len(queries), len(candidates)
     if nq == 0 or nc == 0:
         return np.zeros((nq, nc), np.float32)
     d = max(1, queries.shape[1])
-    if nq > 1 and nc > 1 and nq * nc * d > _MIN_MNK:
-        return queries @ candidates.T
-    m = max(2, math.isqrt(_MIN_MNK // d) + 1)
-    s = _pad_rows(queries, m) @ _pad_rows(candidates, m).T
-    return np.ascontiguousarray(s[:nq, :nc])
+    q, c = queries, candidates
+    if min(nq, nc) < _MIN_SIDE or nq * nc * d <= _MIN_MNK:
+        m = max(_MIN_SIDE, math.isqrt(_MIN_MNK // d) + 1)
+        q, c = _pad_rows(q, m), _pad_rows(c, m)
+    if backend == "torch":
+        import torch
+
+        # torch.from_numpy shares memory; a read-only array (object store) is copied first.
+        tq, tc = (torch.from_numpy(x if x.flags.writeable else x.copy()) for x in (q, c))
+        s = torch.mm(tq, tc.T).numpy()
+    else:
+        s = q @ c.T
+    return s if (len(q), len(c)) == (nq, nc) else np.ascontiguousarray(s[:nq, :nc])
 
 
 def exact_scores(queries: np.ndarray, candidates: Any) -> Any:
     """Scores of every query against every candidate, the same bits in any shard or batch.
 
-    ``candidates``: a float32 numpy array (CPU, ``sgemm``), a float64 numpy array (the
-    float64 fallback: accumulated in float64, rounded once to float32), or a float64 CUDA
-    tensor (GPU: a torch tensor on that device). See the module docstring.
+    ``candidates``: a float32 numpy array (CPU: the float32 product of :func:`f32_backend`,
+    or float64 accumulation rounded to float32 where no backend passes), a float64 numpy
+    array (the float64 fallback: accumulated in float64, rounded once to float32), or a
+    float64 CUDA tensor (GPU: a torch tensor on that device). See the module docstring.
     """
     if isinstance(candidates, np.ndarray):
-        if candidates.dtype == np.float32:
-            return _f32_scores(np.asarray(queries, np.float32), candidates)
-        return (queries.astype(np.float64) @ candidates.T).astype(np.float32)
+        backend = f32_backend() if candidates.dtype == np.float32 else None
+        if backend is not None:
+            return _f32_scores(np.asarray(queries, np.float32), candidates, backend)
+        return (queries.astype(np.float64) @ candidates.astype(np.float64).T).astype(np.float32)
     import torch
 
     q = torch.from_numpy(queries).to(candidates.device, torch.float64)
     return (q @ candidates.T).float()
 
 
-_CONSISTENT: bool | None = None
+_UNSET = "unset"
+_BACKEND: str | None = _UNSET
+
+
+def _one_thread(backend: str) -> Any:
+    """A context in which ``backend``'s BLAS runs on one thread (shard actors often do)."""
+    if backend == "torch":
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def limit():
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(n)
+
+        return limit()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
+def _shape_independent(backend: str) -> bool:
+    """One product of 300 queries x 700 candidates (d = 96) against the same pairs computed
+    in sub-blocks of other shapes and offsets (single rows and columns, small blocks that
+    :func:`_f32_scores` pads, large ones it does not) and on one thread."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((300, 96)).astype(np.float32)
+    c = rng.standard_normal((700, 96)).astype(np.float32)
+    full = _f32_scores(q, c, backend)
+    blocks = [(0, 1, 0, 700), (5, 6, 3, 4), (0, 300, 7, 8), (3, 41, 17, 150), (1, 3, 0, 2)]
+    blocks += [(17, 290, 33, 680), (100, 164, 0, 700), (0, 300, 350, 700)]
+    if not all(
+        np.array_equal(_f32_scores(q[a:b], c[x:y], backend), full[a:b, x:y])
+        for a, b, x, y in blocks
+    ):
+        return False
+    with _one_thread(backend):
+        return np.array_equal(_f32_scores(q, c, backend), full)
+
+
+def f32_backend() -> str | None:
+    """The BLAS whose float32 products give a pair the same bits in any shape, or None.
+
+    ``numpy`` (numpy's OpenBLAS; its AVX-512 kernels pass, its Haswell / Zen kernels on
+    AVX2-only CPUs do not) is tried first, then ``torch`` (MKL in torch's x86 wheels, which
+    passed on an AVX2-only AMD EPYC); None: neither, the searcher scores in float64. Checked
+    once per process (:func:`_shape_independent`).
+    """
+    global _BACKEND
+    if _BACKEND == _UNSET:
+        _BACKEND = next((b for b in ("numpy", "torch") if _shape_independent(b)), None)
+        log.debug(f"[rayhybrid eval] float32 score backend of this process: {_BACKEND}")
+    return _BACKEND
 
 
 def blas_f32_consistent() -> bool:
-    """Whether this process's float32 products give a pair the same bits in any shape.
+    """Whether this process has a float32 backend that passes :func:`f32_backend`'s check."""
+    return f32_backend() is not None
 
-    One product of 300 queries x 700 candidates (d = 96) against the same pairs computed in
-    sub-blocks of other shapes and offsets (single rows and columns, small blocks that
-    :func:`exact_scores` pads, large ones it does not). Cached per process.
-    """
-    global _CONSISTENT
-    if _CONSISTENT is None:
-        rng = np.random.default_rng(0)
-        q = rng.standard_normal((300, 96)).astype(np.float32)
-        c = rng.standard_normal((700, 96)).astype(np.float32)
-        full = _f32_scores(q, c)
-        blocks = [
-            (0, 1, 0, 700),
-            (5, 6, 3, 4),
-            (0, 300, 7, 8),
-            (3, 41, 17, 150),
-            (1, 3, 0, 2),
-            (17, 290, 33, 680),
-        ]
-        _CONSISTENT = all(
-            np.array_equal(_f32_scores(q[a:b], c[x:y]), full[a:b, x:y]) for a, b, x, y in blocks
-        )
-        if not _CONSISTENT:
-            log.warning(
-                "[rayhybrid eval] float32 products of this BLAS depend on the matrix shape: "
-                "shards score in float64 (slower, same ranks)"
-            )
-    return _CONSISTENT
+
+def score_backend() -> str:
+    """How this process scores on the CPU, in words (for the evaluation's log line)."""
+    return {
+        "numpy": "float32 (numpy's OpenBLAS sgemm)",
+        "torch": "float32 (torch's BLAS sgemm; numpy's OpenBLAS fails the shape check)",
+    }.get(f32_backend() or "", "float64 (no float32 BLAS here passes the shape check)")
 
 
 def _ptr(a: np.ndarray) -> Any:
@@ -344,7 +399,7 @@ class ShardSearcher:
             ``ivf_pq``, ``hnsw``; ``ivf`` = ``ivf_flat``) with ``index_options`` as its fields.
         device: ``cpu`` or ``cuda``.
         tile: candidates scored at once (larger shards go tile by tile; same results).
-        scores: ``float32`` (CPU default: ``sgemm``, where :func:`blas_f32_consistent`) or
+        scores: ``float32`` (CPU default: ``sgemm``, where :func:`f32_backend` finds one) or
             ``float64`` (accumulated in float64, rounded to float32; always on a GPU).
 
     Raises:
@@ -380,7 +435,7 @@ class ShardSearcher:
             self.scores = "float64"
             self._cand: Any = torch.from_numpy(emb).to(device=device, dtype=torch.float64)
         else:
-            f32 = scores == "float32" and blas_f32_consistent()
+            f32 = scores == "float32" and f32_backend() is not None
             self.scores = "float32" if f32 else "float64"
             # float32: the candidates as they are (half the memory of the float64 copy).
             self._cand = emb if f32 else emb.astype(np.float64)

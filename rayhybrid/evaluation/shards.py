@@ -55,7 +55,7 @@ class _ShardActor:
         """The BLAS thread limit again, in the thread that runs this call: an OpenMP BLAS
         keeps its thread count per calling thread, and Ray may run a method in another
         thread than ``__init__`` (a multi-threaded sgemm would make float32 scores depend
-        on the matrix shape, see :func:`~rayhybrid.evaluation.search.blas_f32_consistent`)."""
+        on the matrix shape, see :func:`~rayhybrid.evaluation.search.f32_backend`)."""
         from threadpoolctl import threadpool_limits
 
         return threadpool_limits(self.threads, user_api="blas")
