@@ -15,11 +15,11 @@ import dataclasses
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from rayhybrid.config import IndexParams
 from rayhybrid.evaluation import EvaluationError
 
 __all__ = [
@@ -71,42 +71,44 @@ def openblas_env(setting: str) -> dict[str, str]:
     return {"OPENBLAS_CORETYPE": core} if core else {}
 
 
-@dataclass(frozen=True)
 class IndexSpec:
-    """Which FAISS index a shard builds, and its parameters (``eval.index`` + ``eval.index_params``).
+    """Which FAISS index a shard builds (``eval.index``) and its parameters
+    (``eval.index_params``, a :class:`~rayhybrid.config.IndexParams`).
 
-    Zero means "choose from the shard": see :meth:`resolve`. ``kind`` ``ivf`` is the old
-    spelling of ``ivf_flat``.
+    ``IndexSpec(kind, params)``, or ``IndexSpec(kind, nlist=16, ...)`` with the fields of
+    :class:`~rayhybrid.config.IndexParams` as keywords. Zero means "choose from the shard":
+    see :meth:`resolve`. ``kind`` ``ivf`` is the old spelling of ``ivf_flat``.
+
+    Raises:
+        EvaluationError: unknown kind.
+        ConfigError: a parameter out of range (checked by IndexParams).
     """
 
-    kind: str = "flat"
-    nlist: int = 0
-    nprobe: int = 0
-    pq_m: int = 0
-    pq_nbits: int = 8
-    hnsw_m: int = 32
-    ef_construction: int = 40
-    ef_search: int = 128
-    train_sample: int = 0
-    seed: int = 0
-    factory: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind == "ivf":  # old configs: IVF meant IVF-Flat
-            object.__setattr__(self, "kind", "ivf_flat")
-        if self.kind not in INDEX_KINDS:
+    def __init__(self, kind: str = "flat", params: IndexParams | None = None, **options: Any):
+        kind = "ivf_flat" if kind == "ivf" else kind  # old configs: IVF meant IVF-Flat
+        if kind not in INDEX_KINDS:
             raise EvaluationError(
-                f"eval.index: unknown index {self.kind!r}; expected one of {', '.join(INDEX_KINDS)}"
+                f"eval.index: unknown index {kind!r}; expected one of {', '.join(INDEX_KINDS)}"
             )
+        self.kind = kind
+        self.params = dataclasses.replace(params or IndexParams(), **options)
+
+    def __repr__(self) -> str:
+        return f"IndexSpec({self.kind!r}, {self.params!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IndexSpec) and (self.kind, self.params) == (
+            other.kind,
+            other.params,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.params))
 
     @classmethod
     def from_config(cls, eval_cfg: Any) -> IndexSpec:
         """The spec of an :class:`~rayhybrid.config.EvalConfig` (``index`` and ``index_params``)."""
-        p = eval_cfg.index_params
-        return cls(
-            eval_cfg.index,
-            **{f.name: getattr(p, f.name) for f in dataclasses.fields(cls) if f.name != "kind"},
-        )
+        return cls(eval_cfg.index, eval_cfg.index_params)
 
     @property
     def approximate(self) -> bool:
@@ -115,7 +117,7 @@ class IndexSpec:
     @property
     def ivf(self) -> bool:
         return self.kind in ("ivf_flat", "ivf_pq") or (
-            self.kind == "factory" and re.match(r"\s*IVF\d", self.factory) is not None
+            self.kind == "factory" and re.match(r"\s*IVF\d", self.params.factory) is not None
         )
 
     def resolve(self, n: int, d: int) -> dict[str, Any]:
@@ -126,29 +128,30 @@ class IndexSpec:
         divisor of d not above d / 8 (8 dimensions per byte-sized code); ``train_sample`` 0:
         every vector up to 40 per list (IVF) or 40 per PQ centroid, whichever is more.
         """
+        p = self.params
         out: dict[str, Any] = {"index": self.kind}
         if self.kind in ("ivf_flat", "ivf_pq"):
-            nlist = self.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
-            out.update(nlist=nlist, nprobe=min(nlist, self.nprobe or max(1, nlist // 4)))
+            nlist = p.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
+            out.update(nlist=nlist, nprobe=min(nlist, p.nprobe or max(1, nlist // 4)))
         if self.kind == "ivf_pq":
             out.update(
-                pq_m=self.pq_m or _divisor_at_most(d, max(1, d // 8)), pq_nbits=self.pq_nbits
+                pq_m=p.pq_m or _divisor_at_most(d, max(1, d // 8)), pq_nbits=p.pq_nbits
             )
         if self.kind == "hnsw":
             out.update(
-                hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search
+                hnsw_m=p.hnsw_m, ef_construction=p.ef_construction, ef_search=p.ef_search
             )
         if self.kind == "factory":
-            lists = re.match(r"\s*IVF(\d+)", self.factory)
+            lists = re.match(r"\s*IVF(\d+)", p.factory)
             if lists:
                 out["nlist"] = int(lists.group(1))
-            if self.nprobe:
-                out["nprobe"] = self.nprobe
+            if p.nprobe:
+                out["nprobe"] = p.nprobe
             # Whatever the string trains (lists, PQ / SQ codebooks): enough for 256 centroids.
-            out["train_sample"] = min(n, self.train_sample or max(40 * out.get("nlist", 1), 10_240))
+            out["train_sample"] = min(n, p.train_sample or max(40 * out.get("nlist", 1), 10_240))
         elif self.ivf:
             need = max(40 * out["nlist"], 40 * 2 ** out.get("pq_nbits", 0))
-            out["train_sample"] = min(n, self.train_sample or need)
+            out["train_sample"] = min(n, p.train_sample or need)
         out["factory"] = self.factory_string(out)
         return out
 
@@ -162,7 +165,7 @@ class IndexSpec:
             return f"IVF{resolved['nlist']},PQ{resolved['pq_m']}x{resolved['pq_nbits']}"
         if self.kind == "hnsw":
             return f"HNSW{resolved['hnsw_m']},Flat"
-        return self.factory
+        return self.params.factory
 
 
 def _divisor_at_most(n: int, m: int) -> int:
@@ -277,20 +280,20 @@ def build_faiss_index(
     ivf = faiss.try_extract_index_ivf(index)
     base = faiss.downcast_index(index)
     if ivf is not None:
-        ivf.cp.seed = spec.seed  # k-means initialisation (its sample is ours, below)
+        ivf.cp.seed = spec.params.seed  # k-means initialisation (its sample is ours, below)
         pq = getattr(faiss.downcast_index(ivf), "pq", None)
         if pq is not None:
-            pq.cp.seed = spec.seed
+            pq.cp.seed = spec.params.seed
     if hasattr(base, "hnsw"):
-        base.hnsw.efConstruction = spec.ef_construction
+        base.hnsw.efConstruction = spec.params.ef_construction
     if not index.is_trained:
-        rows = np.random.default_rng(spec.seed).choice(n, r["train_sample"], replace=False)
+        rows = np.random.default_rng(spec.params.seed).choice(n, r["train_sample"], replace=False)
         index.train(emb[np.sort(rows)])  # sorted: the sample, not its order, is random
     index.add(emb)
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, r.get("nprobe") or max(1, ivf.nlist // 4))
     if hasattr(base, "hnsw"):
-        base.hnsw.efSearch = spec.ef_search
+        base.hnsw.efSearch = spec.params.ef_search
     return _to_gpu(index) if use_gpu and not hasattr(base, "hnsw") else index
 
 
