@@ -134,13 +134,9 @@ class IndexSpec:
             nlist = p.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
             out.update(nlist=nlist, nprobe=min(nlist, p.nprobe or max(1, nlist // 4)))
         if self.kind == "ivf_pq":
-            out.update(
-                pq_m=p.pq_m or _divisor_at_most(d, max(1, d // 8)), pq_nbits=p.pq_nbits
-            )
+            out.update(pq_m=p.pq_m or _divisor_at_most(d, max(1, d // 8)), pq_nbits=p.pq_nbits)
         if self.kind == "hnsw":
-            out.update(
-                hnsw_m=p.hnsw_m, ef_construction=p.ef_construction, ef_search=p.ef_search
-            )
+            out.update(hnsw_m=p.hnsw_m, ef_construction=p.ef_construction, ef_search=p.ef_search)
         if self.kind == "factory":
             lists = re.match(r"\s*IVF(\d+)", p.factory)
             if lists:
