@@ -140,12 +140,11 @@ def forward_backward(
         last = c == chunks - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             states[c].restore()
-            surrogate = sum(
-                (
-                    _encode(model, batch, s, rows(s, c), device, precision) * grads[s][rows(s, c)]
-                ).sum()
-                for s in sides
+            # One backward from the mini-batch's embeddings with their cached gradients (no
+            # surrogate product-and-sum graph).
+            torch.autograd.backward(
+                [_encode(model, batch, s, rows(s, c), device, precision) for s in sides],
+                [grads[s][rows(s, c)] for s in sides],
             )
-            surrogate.backward()
     after.restore()
     return StepOutput(loss.item(), fn)
