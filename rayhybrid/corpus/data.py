@@ -38,14 +38,19 @@ log = logging.getLogger(__name__)
 
 
 def _show_report(what: str, report: LoadReport) -> None:
-    """Print what a load found odd (a warning when anything was dropped or odd)."""
+    """Print what a load found odd (a warning when anything was dropped or odd): the counts
+    and one example on the console, every example at DEBUG level (one line each)."""
     level = logging.WARNING if report.counts else logging.INFO
-    examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(report.examples.items()))
-    log.log(
-        level,
-        f"[rayhybrid data] {what}: {report.summary()}"
-        + (f" (e.g. {examples})" if examples else ""),
-    )
+    first = next(((k, v[0]) for k, v in sorted(report.examples.items()) if v), None)
+    example = ""
+    if first is not None:
+        text = f"{first[0]}: {first[1]}"
+        text = text if len(text) <= 200 else text[:197] + "..."
+        example = f" (e.g. {text}; every example at log level DEBUG)"
+    log.log(level, f"[rayhybrid data] {what}: {report.summary()}{example}")
+    for kind, examples in sorted(report.examples.items()):
+        for ex in examples:
+            log.debug(f"[rayhybrid data] {what}: {kind}: {ex}")
 
 
 @dataclass
