@@ -164,7 +164,7 @@ def test_one_dead_actor_stops_all_the_others(ray_local):
         deadline, died = time.monotonic() + 60, False
         while not died and time.monotonic() < deadline:
             try:
-                ray_local.get(actor.info.remote(), timeout=30)
+                ray_local.get(actor.pid.remote(), timeout=30)
                 time.sleep(0.5)
             except ray_local.exceptions.RayActorError:
                 died = True
