@@ -38,6 +38,14 @@ class ShardActor:
         self._limits = threadpool_limits(threads, user_api="blas")
         self.device, self.threads = device, threads
         self.searchers: dict[str, Any] = {}  # language -> ShardSearcher
+        # What the first load would otherwise pay after encoding (ray.data's block reader
+        # alone imports in ~1.2 s on two cores), done now while the encoders run.
+        import ray.data.block  # noqa: F401
+
+        from rayhybrid.evaluation import cache, encode, retrieval  # noqa: F401
+        from rayhybrid.evaluation.search import blas_f32_consistent
+
+        blas_f32_consistent()  # once per process, under this actor's BLAS thread limit
 
     def _blas_limit(self) -> Any:
         """The BLAS thread limit again, in the thread that runs this call: an OpenMP BLAS
