@@ -20,9 +20,16 @@ Per pool, two paths on the same Ray:
 Reported: the driver's RSS before the step and its peak RSS during the step (VmHWM, reset
 through ``/proc/self/clear_refs`` before each step; ``tracemalloc`` crashed the driver in
 ``traceback_new`` while Ray's threads ran), the largest shard actor's peak RSS (each pool
-gets fresh actors) and the bytes one shard holds. ``--startup N``: N interleaved
-repetitions of a small evaluation step (XQuAD-R 1x), timing what comes after encoding
-until the shards answer, with actors started after encoding (before) or before it (now).
+gets fresh actors), the bytes one shard holds and the bytes the largest actor holds (its
+languages together). ``--startup N``: N interleaved repetitions of a small evaluation step
+(XQuAD-R 1x) per ``--actors`` setting (``eval.shard_actors``: 11 is one actor per language,
+as before, 0 the default), timing (1) ``cold``: from ``ActorShards.start`` until every shard
+is loaded from already-encoded blocks (the whole start-up, nothing overlapped); (2) ``reload``:
+the same load again into the now-running actors (what reading the blocks costs); (3)
+``after encoding``: actors started before a fresh encoding, from its end until every shard
+is loaded (what an evaluation waits for beyond encoding).
+
+    python benchmarks/bench_eval_memory.py --scales --no-million --startup 3 --actors 11 0
 """
 
 from __future__ import annotations
@@ -152,12 +159,14 @@ def _measure(fn, pool, holder=None):
         "driver_rss_peak": _hwm() if reset else None,
         "shard_rss_peak_max": max(m["peak_rss"] for m in mem.values()),
         "shard_bytes_max": max(m["shard_bytes"] for m in mem.values()),
+        "actor_bytes_max": max(m["actor_bytes"] for m in mem.values()),
+        "shard_actors": len({m["actor"] for m in mem.values()}),
         "seconds": seconds,
     }
 
 
-def startup(cfg, sizes, n_queries, reps: int) -> dict[str, list[float]]:
-    """Seconds from the end of encoding until every shard is loaded, interleaved."""
+def startup(cfg, sizes, n_queries, reps: int, actors: list[int]) -> dict[str, list[float]]:
+    """Start-up seconds per ``eval.shard_actors`` setting, interleaved (see the module doc)."""
     from rayhybrid.evaluation import encode
     from rayhybrid.evaluation.retrieval import CandidateIndex
     from rayhybrid.evaluation.run import candidate_texts
@@ -169,32 +178,53 @@ def startup(cfg, sizes, n_queries, reps: int) -> dict[str, list[float]]:
     cands = CandidateIndex.from_task(task)
     row_of_key = np.argsort([cands.key_of[c.id] for c in task.candidates])
     keys = cands.shard_keys()
-    out: dict[str, list[float]] = {"after encoding (before)": [], "overlapped (now)": []}
-    for _ in range(reps):
-        (_, c_emb), _ = encode.encode_with_ray(groups, cfg.model, encoder=SyntheticEncoder)
-        t = time.perf_counter()
-        with ActorShards({lang: (c_emb[row_of_key[k]], k) for lang, k in keys.items()}):
-            out["after encoding (before)"].append(time.perf_counter() - t)
-        pool = ActorShards.start(sorted(sizes))
-        _, stored = encode.encode_with_ray(
+    langs = sorted(sizes)
+
+    def encoded():
+        return encode.encode_with_ray(
             groups, cfg.model, encoder=SyntheticEncoder, keep=[False, True]
-        )[0]
+        )[0][1]
+
+    def load(pool, stored) -> float:
         t = time.perf_counter()
-        with pool:
-            pool.load_blocks(
-                stored.blocks,
-                {lang: stored.offset + row_of_key[k] for lang, k in keys.items()},
-                keys,
-            )
-            out["overlapped (now)"].append(time.perf_counter() - t)
+        pool.load_blocks(
+            stored.blocks, {lang: stored.offset + row_of_key[k] for lang, k in keys.items()}, keys
+        )
+        return time.perf_counter() - t
+
+    out: dict[str, list[float]] = {}
+    for _ in range(reps):
+        for n in actors:
+            name = f"shard_actors={n}"
+            stored = encoded()
+            t = time.perf_counter()
+            with ActorShards.start(langs, n_actors=n, sizes=sizes) as pool:
+                load(pool, stored)
+                out.setdefault(f"{name}: cold", []).append(time.perf_counter() - t)
+                out.setdefault(f"{name}: reload", []).append(load(pool, stored))
+                out[f"{name}: actors"] = [len(pool.groups())]
+            del stored
+            with ActorShards.start(langs, n_actors=n, sizes=sizes) as pool:
+                t = time.perf_counter()
+                stored = encoded()
+                out.setdefault(f"{name}: encoding", []).append(time.perf_counter() - t)
+                out.setdefault(f"{name}: after encoding", []).append(load(pool, stored))
+            del stored
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--scales", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--no-million", action="store_true")
     ap.add_argument("--startup", type=int, default=3, help="interleaved start-up repetitions")
+    ap.add_argument(
+        "--actors",
+        type=int,
+        nargs="+",
+        default=[11, 0],
+        help="eval.shard_actors settings the start-up compares (0: auto)",
+    )
     ap.add_argument("--json", default="")
     ap.add_argument(
         "--data", default=os.environ.get("RAYHYBRID_DATA", "../shared/data") + "/xquad-r"
@@ -218,9 +248,15 @@ def main() -> None:
     rows = result["rows"]
     step_store(cfg, make_task({lang: 20 for lang in langs}, 1, 50), langs)  # imports, caches
     if args.startup:  # first, so that a run cut short still has it
-        result["startup"] = startup(cfg, sizes, n_queries, args.startup)
+        result["startup"] = startup(cfg, sizes, n_queries, args.startup, args.actors)
         for k, v in result["startup"].items():
-            print(f"start-up {k}: " + ", ".join(f"{x:.2f}" for x in v) + f" s (min {min(v):.2f})")
+            print(
+                f"start-up {k}: "
+                + ", ".join(f"{x:.2f}" for x in v)
+                + f" (min {min(v):.2f}, median {float(np.median(v)):.2f})"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
     pools = [(f"{s}x XQuAD-R", sizes, s) for s in args.scales]
     if not args.no_million:
         per = {lang: -(-1_000_000 // len(langs)) for lang in langs}
@@ -241,9 +277,10 @@ def main() -> None:
         gc.collect()
     mib = 2**20
     print(
-        "\n| pool | candidates | path | driver traced peak | driver RSS peak | largest shard actor RSS peak | one shard holds | s |"
+        "\n| pool | candidates | path | driver RSS before | driver RSS peak | shard actors "
+        "| largest shard actor RSS peak | one shard holds | largest actor holds | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = r["driver_rss_peak"]
         rss = (
@@ -252,8 +289,10 @@ def main() -> None:
             else "n/a"
         )
         print(
-            f"| {r['pool']} | {r['candidates']:,} | {r['path']} | {r['driver_rss_before'] / mib:.0f} MiB | "
-            f"{rss} | {r['shard_rss_peak_max'] / mib:.0f} MiB | {r['shard_bytes_max'] / mib:.1f} MiB | {r['seconds']:.1f} |"
+            f"| {r['pool']} | {r['candidates']:,} | {r['path']} | "
+            f"{r['driver_rss_before'] / mib:.0f} MiB | {rss} | {r['shard_actors']} | "
+            f"{r['shard_rss_peak_max'] / mib:.0f} MiB | {r['shard_bytes_max'] / mib:.1f} MiB | "
+            f"{r['actor_bytes_max'] / mib:.1f} MiB | {r['seconds']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

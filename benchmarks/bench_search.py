@@ -13,8 +13,9 @@ whole pool (the multilingual setting), top-100.
 
 Compared, each timed ``--reps`` times interleaved (best of them reported):
 
-- ``sharded actors``: one Ray actor per language (``ActorShards``, the evaluation's own
-  search), every shard searched in parallel, per-shard top-k merged on the driver;
+- ``sharded actors``: the language shards on Ray actors (``ActorShards``, the evaluation's
+  own search; one actor per CPU, several languages each), the actors searched in parallel,
+  per-shard top-k merged on the driver;
 - ``single exact``: one in-process ``ShardSearcher`` over the whole pool (the same exact
   search: float32 ``sgemm`` scores of ``search.f32_backend``, faiss heap top-k, ties by key);
 - ``faiss flat``: ``faiss.IndexFlatIP`` over the whole pool (float32, its bundled OpenBLAS);

@@ -508,6 +508,12 @@ class EvalConfig:
         "SkylakeX on CPUs with AVX-512, Haswell with AVX2 (the faiss-cpu wheel's OpenBLAS "
         "misdetects AMD Zen 4/5); empty: inherit the environment; or a core type name.",
     )
+    shard_actors: int = _f(
+        0,
+        "Ray actor processes holding the language shards, each hosting several languages "
+        "(a process starts torch and faiss: seconds). 0: one per whole CPU of the cluster "
+        "(per GPU when the shards go on GPUs), at most one per language; N > 0: at most N.",
+    )
     cache_dir: str = _f(
         "",
         "Embedding cache folder (empty: off). A second evaluation of one local model folder "
@@ -567,6 +573,10 @@ class EvalConfig:
         names = [g.name for g in self.resource_groups]
         if len(set(names)) != len(names):
             raise ConfigError(f"eval.resource_groups: names must be unique, got {names}")
+        if self.shard_actors < 0:
+            raise ConfigError(
+                f"eval.shard_actors: expected an integer >= 0 (0: auto), got {self.shard_actors}"
+            )
         if min(self.top_k, self.batch_size, self.encode_workers) < 1:
             raise ConfigError(
                 f"eval.top_k, eval.batch_size and eval.encode_workers must be >= 1, "

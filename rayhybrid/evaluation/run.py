@@ -226,11 +226,19 @@ class _Tracker:
 def _start_shards(cfg: Config, tasks: Sequence[EvalTask]) -> ActorShards:
     """Empty shard actors for every candidate language of ``tasks``, started now so that
     their start-up overlaps with encoding; the job's tasks and settings all use them."""
+    from collections import Counter
+
     from rayhybrid.evaluation.shards import ActorShards
 
-    langs = sorted({c.lang for task in tasks for c in task.candidates})
+    # Candidates per language over the job's tasks (they run one after another), so that the
+    # languages are spread over the actors by the search work they bring.
+    sizes = Counter(c.lang for task in tasks for c in task.candidates)
     return ActorShards.start(
-        langs, index=IndexSpec.from_config(cfg.eval), openblas_coretype=cfg.eval.openblas_coretype
+        sorted(sizes),
+        index=IndexSpec.from_config(cfg.eval),
+        openblas_coretype=cfg.eval.openblas_coretype,
+        n_actors=cfg.eval.shard_actors,
+        sizes=sizes,
     )
 
 

@@ -1,0 +1,163 @@
+"""Several language shards per Ray actor: how many actors, which languages where, exactness.
+
+The routing (each language answered by its own searcher inside a shared actor process) is
+checked against in-process searchers built from the same arrays; the placement against a
+brute-force search over every split of the languages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from rayhybrid.config import ConfigError, load_config
+from rayhybrid.evaluation import EvaluationError
+from rayhybrid.evaluation.search import ShardSearcher
+from rayhybrid.evaluation.shards import ActorShards, actor_count, assign_languages
+
+# XQuAD-R's eleven languages; sizes differ so that misrouting a language shows in its results
+LANGS = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
+DIM = 8
+
+
+def toy_shards(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shards, start = {}, 0
+    for i, lang in enumerate(LANGS):
+        n = 20 + 3 * i
+        emb = rng.standard_normal((n, DIM)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # a copy of a row is its top hit
+        shards[lang] = (emb, np.arange(start, start + n, dtype=np.int64))
+        start += n
+    return shards
+
+
+def pids(ray, pool: ActorShards) -> dict[str, int]:
+    return {lang: ray.get(actor.pid.remote()) for lang, actor in pool.actors.items()}
+
+
+def dies(ray, actor, seconds: float = 60) -> bool:
+    """Whether ``actor`` stops answering within ``seconds`` (ray.kill is asynchronous)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=30)
+            time.sleep(0.5)
+        except ray.exceptions.RayActorError:
+            return True
+    return False
+
+
+def test_actor_count_resolves_the_knob():
+    assert actor_count(11, 0, cpus=2.0, gpus=0.0) == 2  # one per whole CPU
+    assert actor_count(11, 0, cpus=2.9, gpus=0.0) == 2
+    assert actor_count(3, 0, cpus=16.0, gpus=0.0) == 3  # at most one per language
+    assert actor_count(11, 0, cpus=0.5, gpus=0.0) == 1
+    assert actor_count(11, 0, cpus=16.0, gpus=1.0) == 1  # GPU shards: one per whole GPU
+    assert actor_count(11, 0, cpus=16.0, gpus=0.5) == 1
+    assert actor_count(11, 1, cpus=2.0, gpus=0.0) == 1  # a positive value caps
+    assert actor_count(11, 20, cpus=2.0, gpus=0.0) == 11
+    assert actor_count(0, 0, cpus=4.0, gpus=0.0) == 4  # languages still to come
+
+
+def test_negative_shard_actors_is_refused():
+    with pytest.raises(ConfigError, match=r"eval.shard_actors: expected an integer >= 0.*-1"):
+        load_config(None, ["eval.shard_actors=-1"])
+    assert load_config(None, ["eval.shard_actors=3"]).eval.shard_actors == 3
+
+
+def test_languages_are_spread_largest_first_and_round_robin_without_sizes():
+    sizes = {"a": 10, "b": 9, "c": 8, "d": 3, "e": 2, "f": 1}
+    groups = assign_languages(sizes, 2, sizes)
+    assert groups == [["a", "d", "e", "f"], ["b", "c"]]  # loads 16 and 17
+    # Independent check: no split of these languages onto two actors has a smaller maximum.
+    best = min(
+        max(sum(sizes[x] for x in side), sum(sizes.values()) - sum(sizes[x] for x in side))
+        for r in range(len(sizes) + 1)
+        for side in itertools.combinations(sizes, r)
+    )
+    assert max(sum(sizes[x] for x in g) for g in groups) == best == 17
+    assert assign_languages(["en", "de", "ar", "es"], 3) == [["ar", "es"], ["de"], ["en"]]
+    assert assign_languages(["en", "de"], 2, {"en": 5}) == [["de"], ["en"]]  # a size missing
+
+
+def test_eleven_languages_share_the_cpus_actors_with_exact_results(ray_local):
+    shards = toy_shards()
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((7, DIM)).astype(np.float32)
+    queries[3] = shards["en"][0][4]  # an exact hit in en
+    local = {lang: ShardSearcher(lang, emb, keys) for lang, (emb, keys) in shards.items()}
+    rows = np.arange(len(queries))
+    for n_actors, expected in ((0, 2), (1, 1)):  # auto: one per CPU of the 2-CPU test cluster
+        with ActorShards(shards, n_actors=n_actors) as pool:
+            by_lang = pids(ray_local, pool)
+            assert len(set(by_lang.values())) == expected == len(pool.groups())
+            assert sorted(itertools.chain(*pool.groups())) == sorted(LANGS)
+            for group in pool.groups():  # the languages of one actor share its process
+                assert len({by_lang[lang] for lang in group}) == 1
+            ref = pool.put(queries)
+            found = pool.map(
+                "search", {lang: {"queries": ref, "rows": rows, "k": 5} for lang in LANGS}
+            )
+            thr = np.stack([np.full(len(queries), 0.5, np.float32)], axis=1)
+            tkeys = np.zeros((len(queries), 1), np.int64)
+            counts = pool.map(
+                "count_before",
+                {
+                    lang: {"queries": ref, "rows": rows, "thresholds": thr, "threshold_keys": tkeys}
+                    for lang in LANGS
+                },
+            )
+            assert pool.sizes() == {lang: len(keys) for lang, (_, keys) in shards.items()}
+        for lang in LANGS:
+            want = local[lang].search(queries, k=5)
+            assert np.array_equal(found[lang].scores, want.scores), lang
+            assert np.array_equal(found[lang].keys, want.keys), lang
+            assert np.isin(found[lang].keys, shards[lang][1]).all(), lang  # its own shard
+            assert np.array_equal(counts[lang], local[lang].count_before(queries, thr, tkeys))
+        assert found["en"].keys[3][0] == shards["en"][1][4]
+
+
+def test_a_later_language_joins_the_least_loaded_actor(ray_local):
+    shards = toy_shards(seed=2)
+    first = LANGS[:-1]
+    with ActorShards.start(first) as pool:  # names only: round-robin in sorted order
+        assert pool.groups() == [list(first[0::2]), list(first[1::2])]
+        pool.load_arrays(shards)  # zh is new: it goes where the fewest candidates are
+        loads = [sum(len(shards[x][1]) for x in g if x != "zh") for g in pool.groups()]
+        assert "zh" in pool.groups()[int(np.argmin(loads))]
+        by_lang = pids(ray_local, pool)
+        assert len(set(by_lang.values())) == 2
+        mem = pool.memory()
+        assert set(mem) == set(LANGS)
+        for lang, m in mem.items():
+            n = len(shards[lang][1])  # float32, or float64 where the BLAS fails the check
+            assert m["shard_bytes"] in (n * DIM * 4, n * DIM * 8), lang
+            same = [x for x in LANGS if by_lang[x] == by_lang[lang]]
+            assert m["actor_bytes"] == sum(mem[x]["shard_bytes"] for x in same)
+            assert m["peak_rss"] == mem[same[0]]["peak_rss"] > 0
+
+
+def test_a_failing_language_in_a_shared_actor_stops_every_actor(ray_local):
+    shards = toy_shards(seed=3)
+    pool = ActorShards(shards)
+    victim = next(g for g in pool.groups() if len(g) > 1)[-1]  # shares its actor
+    actors = {ray_local.get(a.pid.remote()): a for a in pool.actors.values()}
+    assert len(actors) == 2  # one process per CPU of the test cluster
+    ref = pool.put(np.ones((2, DIM), np.float32))
+    too_deep = len(shards[victim][1]) + 1
+    calls = {lang: {"queries": ref, "rows": np.arange(2), "k": 3} for lang in LANGS}
+    calls[victim]["k"] = too_deep
+    with pytest.raises(
+        EvaluationError,
+        match=rf"shard '{victim}' failed during search: EvaluationError: .*top-k {too_deep}.*"
+        "all 2 shard actors were stopped",
+    ):
+        pool.map("search", calls)
+    assert pool.actors == {}
+    assert all(dies(ray_local, a) for a in actors.values()), "an actor outlived the failure"
+    with pytest.raises(EvaluationError, match="already stopped"):
+        pool.map("search", calls)
