@@ -48,6 +48,7 @@ GPU, and an IVF index moves to the GPU when faiss-gpu is installed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SearchResult",
     "ShardSearcher",
-    "blas_f32_consistent",
     "check_shard",
     "exact_scores",
     "f32_backend",
@@ -146,15 +146,12 @@ def exact_scores(queries: np.ndarray, candidates: Any) -> Any:
         backend = f32_backend() if candidates.dtype == np.float32 else None
         if backend is not None:
             return _f32_scores(np.asarray(queries, np.float32), candidates, backend)
-        return (queries.astype(np.float64) @ candidates.astype(np.float64).T).astype(np.float32)
+        c64 = np.asarray(candidates, np.float64)  # float64 shards: no copy per tile
+        return (queries.astype(np.float64) @ c64.T).astype(np.float32)
     import torch
 
     q = torch.from_numpy(queries).to(candidates.device, torch.float64)
     return (q @ candidates.T).float()
-
-
-_UNSET = "unset"
-_BACKEND: str | None = _UNSET
 
 
 def _one_thread(backend: str) -> Any:
@@ -198,6 +195,7 @@ def _shape_independent(backend: str) -> bool:
         return np.array_equal(_f32_scores(q, c, backend), full)
 
 
+@functools.cache
 def f32_backend() -> str | None:
     """The BLAS whose float32 products give a pair the same bits in any shape, or None.
 
@@ -206,24 +204,9 @@ def f32_backend() -> str | None:
     passed on an AVX2-only AMD EPYC); None: neither, the searcher scores in float64. Checked
     once per process (:func:`_shape_independent`).
     """
-    global _BACKEND
-    if _BACKEND == _UNSET:
-        _BACKEND = next((b for b in ("numpy", "torch") if _shape_independent(b)), None)
-        log.debug(f"[rayhybrid eval] float32 score backend of this process: {_BACKEND}")
-    return _BACKEND
-
-
-def blas_f32_consistent() -> bool:
-    """Whether this process has a float32 backend that passes :func:`f32_backend`'s check."""
-    return f32_backend() is not None
-
-
-def score_backend() -> str:
-    """How this process scores on the CPU, in words (for the evaluation's log line)."""
-    return {
-        "numpy": "float32 (numpy's OpenBLAS sgemm)",
-        "torch": "float32 (torch's BLAS sgemm; numpy's OpenBLAS fails the shape check)",
-    }.get(f32_backend() or "", "float64 (no float32 BLAS here passes the shape check)")
+    backend = next((b for b in ("numpy", "torch") if _shape_independent(b)), None)
+    log.debug(f"[rayhybrid eval] float32 score backend of this process: {backend}")
+    return backend
 
 
 def _ptr(a: np.ndarray) -> Any:

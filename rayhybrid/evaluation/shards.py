@@ -67,6 +67,14 @@ def actor_count(n_langs: int, requested: int, cpus: float, gpus: float) -> int:
     return max(1, min(n, n_langs) if n_langs else n)
 
 
+def _least_loaded(groups: list[list[str]], sizes: Mapping[str, int]) -> int:
+    """The group with the fewest candidates (then the fewest languages, then the lowest)."""
+    return min(
+        range(len(groups)),
+        key=lambda i: (sum(sizes.get(x, 0) for x in groups[i]), len(groups[i]), i),
+    )
+
+
 def assign_languages(
     langs: Sequence[str], n_actors: int, sizes: Mapping[str, int] | None = None
 ) -> list[list[str]]:
@@ -82,11 +90,8 @@ def assign_languages(
         for i, lang in enumerate(ordered):
             groups[i % len(groups)].append(lang)
         return groups
-    load = [0] * len(groups)
     for lang in sorted(ordered, key=lambda x: (-sizes[x], x)):
-        i = min(range(len(groups)), key=lambda j: (load[j], len(groups[j]), j))
-        groups[i].append(lang)
-        load[i] += sizes[lang]
+        groups[_least_loaded(groups, sizes)].append(lang)
     return groups
 
 
@@ -202,15 +207,7 @@ class ActorShards:
         self._sizes.update(sizes or {})
         for lang in langs:
             if not any(lang in g for g in self._groups):
-                slot = min(
-                    range(len(self._groups)),
-                    key=lambda i: (
-                        sum(self._sizes.get(x, 0) for x in self._groups[i]),
-                        len(self._groups[i]),
-                        i,
-                    ),
-                )
-                self._groups[slot].append(lang)
+                self._groups[_least_loaded(self._groups, self._sizes)].append(lang)
         for slot, group in enumerate(self._groups):
             if self._handles[slot] is None and any(lang in group for lang in langs):
                 self._handles[slot] = self._remote.options(**self._options).remote(
