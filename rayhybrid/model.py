@@ -250,9 +250,8 @@ def build_tiny_model(
     A WordPiece tokenizer (lower-cased, accents kept so that Hindi / Arabic marks survive,
     CJK characters split) is trained on ``texts`` with ``cfg.tiny_vocab_size`` entries; the
     encoder is a randomly initialised ``BertModel`` with ``cfg.tiny_layers`` layers of width
-    ``cfg.tiny_hidden_size``, initialised from ``seed``. The tokenizer trainer breaks ties
-    between equally frequent pieces arbitrarily, so two builds can differ in a few rare
-    pieces: keep the built folder (training does, under the run folder) to reproduce a run.
+    ``cfg.tiny_hidden_size``, initialised from ``seed``. The same texts, config and seed build
+    the same files, byte for byte.
     ``load_biencoder(cfg, path=out_dir)`` loads the result.
 
     Raises:
@@ -280,16 +279,35 @@ def build_tiny_model(
             f"model.tiny_layers >= 1 (got {cfg.tiny_layers}) and "
             f"model.tiny_vocab_size >= 100 (got {cfg.tiny_vocab_size})"
         )
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         lowercase=True, strip_accents=False, clean_text=True, handle_chinese_chars=True
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.tiny_vocab_size, show_progress=False, special_tokens=list(SPECIAL_TOKENS)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer gives "##c" pieces ids in hash-map order and breaks ties between equally
+    # frequent merges by id, so two builds differed in ~10 pieces and in most ids
+    # (huggingface/tokenizers#1794). Declaring every "##c" up front, sorted, fixes their ids
+    # and with them every merge: the same texts now build the same vocabulary.
+    continuing = sorted(
+        {
+            c
+            for t in texts
+            for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
+            for c in w[1:]
+        }
     )
-    tok.train_from_iterator(texts, trainer)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.tiny_vocab_size,
+        show_progress=False,
+        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in continuing)],
+    )
+    scratch = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    scratch.normalizer, scratch.pre_tokenizer = normalizer, pre_tokenizer
+    scratch.train_from_iterator(texts, trainer)
+    # A fresh tokenizer over the trained vocabulary: only the real special tokens are special.
+    tok = Tokenizer(models.WordPiece(scratch.get_vocab(), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
