@@ -45,7 +45,7 @@ def tied_data(seed: int = 0, n: int = 60, d: int = 8, nq: int = 12):
     c[25] = c[7]
     q = rng.standard_normal((nq, d)).astype(np.float32)
     q[0] = c[3]  # this query's best candidates are the three tied copies
-    keys = rng.permutation(1000)[:n].astype(np.int64)
+    keys = rng.permutation(max(1000, 2 * n))[:n].astype(np.int64)
     return q, c, keys
 
 
@@ -63,13 +63,29 @@ def test_topk_with_ties_takes_lowest_columns_among_equal_scores(kind):
 @pytest.mark.parametrize("scores", ["float32", "float64"])
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 58, 59, 60])
 def test_search_equals_brute_force_with_ties(k, scores):
-    # k = 1, 2: the three tied copies of query 0's best candidate cross the cut (the heap's
-    # k+1-th equals its k-th, the query is redone in full); 58: heap; 59, 60: full ordering.
+    # k = 1, 2: the three tied copies of query 0's best candidate cross the cut; 60: the full
+    # ordering. 60 candidates: argpartition (see the next test for the heap).
     q, c, keys = tied_data()
     used = scores if F32 else "float64"
     ref_s, ref_k = brute_order(q, c, keys, f64=used == "float64")
     shard = ShardSearcher("x", c, keys, scores=scores)
     assert shard.scores == used
+    res = shard.search(q, k)
+    assert np.array_equal(res.keys, ref_k[:, :k])
+    assert np.array_equal(res.scores, ref_s[:, :k])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 100])
+def test_heap_search_of_a_larger_shard_equals_brute_force_with_ties(k):
+    # 2,000 candidates > 16 (k+1): faiss's heap. k = 1, 2: a tie crosses the cut (the heap's
+    # k+1-th equals its k-th; that query is redone in full).
+    from rayhybrid.evaluation import search
+
+    q, c, keys = tied_data(n=2000)
+    assert len(c) > search._PARTITION_RATIO * (k + 1)
+    shard = ShardSearcher("x", c, keys)
+    assert shard._heap(len(q), k) is not None
+    ref_s, ref_k = brute_order(q, c, keys, f64=shard.scores == "float64")
     res = shard.search(q, k)
     assert np.array_equal(res.keys, ref_k[:, :k])
     assert np.array_equal(res.scores, ref_s[:, :k])
