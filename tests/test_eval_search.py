@@ -184,6 +184,28 @@ def test_merged_shards_equal_one_global_search():
         assert np.array_equal(merged[0], glob.scores)
 
 
+def test_merge_topk_orders_heavy_ties_by_key():
+    """Sorted per-shard lists with many equal scores (within a list, across lists, across the
+    cut) merge into the first k of one full lexsort by (score descending, key ascending):
+    faiss's merge breaks ties by shard, so those queries must be redone."""
+    rng = np.random.default_rng(11)
+    for n_shards, width in ((2, 1), (3, 4), (5, 7)):
+        keys = rng.permutation(10_000)[: n_shards * width].reshape(n_shards, width)
+        parts = []
+        for shard_keys in keys:
+            s = rng.integers(0, 4, (40, width)).astype(np.float32)  # four values: ties
+            kk = np.broadcast_to(shard_keys, s.shape)
+            order = np.stack([np.lexsort((kr, -sr)) for sr, kr in zip(s, kk)])
+            parts.append((np.take_along_axis(s, order, 1), np.take_along_axis(kk, order, 1)))
+        all_s = np.concatenate([p[0] for p in parts], 1)
+        all_k = np.concatenate([p[1] for p in parts], 1)
+        ref = np.stack([np.lexsort((kr, -sr)) for sr, kr in zip(all_s, all_k)])
+        for k in range(1, n_shards * width + 1):
+            got_s, got_k = merge_topk(parts, k)
+            assert np.array_equal(got_k, np.take_along_axis(all_k, ref[:, :k], 1)), (width, k)
+            assert np.array_equal(got_s, np.take_along_axis(all_s, ref[:, :k], 1))
+
+
 @pytest.mark.parametrize("scores", ["float32", "float64"])
 def test_scores_do_not_depend_on_shard_or_batch_shape(scores):
     rng = np.random.default_rng(3)
