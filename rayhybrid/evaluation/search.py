@@ -346,7 +346,7 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     scores = np.concatenate([p[0] for p in parts], axis=1)
     k = min(k, scores.shape[1])
     width = {p[0].shape[1] for p in parts}
-    padded = any((p[1] < 0).any() for p in parts)  # approximate lists: -1 pads (faiss skips)
+    padded = any((p[1] < 0).any() for p in parts)  # approximate lists pad with -1 keys
     if len(parts) == 1 or len(width) > 1 or k > min(width) or k == 0 or padded:
         keys = np.concatenate([p[1] for p in parts], axis=1)
         order = _select(scores, keys, k)
@@ -598,7 +598,7 @@ class ShardSearcher:
         return vals, cols, np.where(valid, thr, np.nan), np.where(valid, ranks + 1, 0)
 
     def _heap(self, n: int, k: int) -> tuple[Any, np.ndarray, np.ndarray] | None:
-        """A faiss heap of the k+1 best per query (CPU, shard > _PARTITION_RATIO (k+1)); else None."""
+        """A faiss heap of the k+1 best per query (CPU, large shards); else None."""
         if self.device != "cpu" or self.size <= _PARTITION_RATIO * (k + 1):
             return None
         import faiss
