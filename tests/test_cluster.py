@@ -188,16 +188,26 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
     finally:
         head.stop()
         # Ray's worker processes run in process groups of their own and exit when their raylet
-        # is gone; give them a moment, then end any that carry this cluster's temp dir.
-        deadline = time.monotonic() + 20
+        # is gone; give them time (on two busy cores five of them once took over 20 s), then
+        # end any that carry this cluster's temp dir.
+        deadline = time.monotonic() + 90
         while pids_with(str(temp_dir)) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = pids_with(str(temp_dir)) + head.alive_in_group()
+        what = {pid: _cmdline(pid) for pid in left}
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"processes of the test cluster still alive 20 s after stop: {left}"
+        assert not left, f"processes of the test cluster still alive 90 s after stop: {what}"
+
+
+def _cmdline(pid: int) -> str:
+    """The start of a process's command line (for a failure message)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+    except OSError:
+        return "(gone)"
 
 
 def _http(url: str, headers: dict | None = None, body: dict | None = None) -> tuple[int, str]:
