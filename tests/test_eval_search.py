@@ -60,6 +60,37 @@ def test_topk_with_ties_takes_lowest_columns_among_equal_scores(kind):
     assert cols.tolist() == [[1, 2, 4, 0, 3], [4, 0, 1, 2, 3]]
 
 
+@pytest.mark.parametrize("key_base", [0, 2**40])
+def test_top_k_order_of_signed_zero_negative_and_infinite_scores(key_base):
+    """The top-k order is (score descending, tie ascending) for every float32 value a score
+    can take: negative, -0.0 against +0.0 (equal: the tie decides), -inf (approximate
+    padding), heavy ties. Reference: Python's sort of (-score, tie) per row. ``key_base``
+    2**40: keys beyond 32 bits (the merge's other ordering path)."""
+    rng = np.random.default_rng(5)
+    values = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.25, 7.0], np.float32)
+    s = rng.choice(values, size=(30, 40)).astype(np.float32)
+    tie = np.stack([rng.permutation(40) for _ in range(30)]).astype(np.int64) + key_base
+
+    def ref(row_s, row_t, k):
+        return sorted(range(len(row_s)), key=lambda j: (-float(row_s[j]), int(row_t[j])))[:k]
+
+    for k in (1, 2, 5, 39, 40):
+        vals, cols = topk_with_ties(s, k)  # ties by column
+        for r in range(len(s)):
+            assert cols[r].tolist() == ref(s[r], np.arange(40), k), (k, r)
+        assert np.array_equal(vals, np.take_along_axis(s, cols, 1))
+        # merge of two sorted halves: ties by key
+        halves = []
+        for a, b in ((0, 20), (20, 40)):
+            o = np.stack([ref(s[r, a:b], tie[r, a:b], b - a) for r in range(len(s))])
+            halves.append((np.take_along_axis(s[:, a:b], o, 1), np.take_along_axis(tie[:, a:b], o, 1)))
+        got_s, got_k = merge_topk(halves, k)
+        for r in range(len(s)):
+            want = ref(s[r], tie[r], k)
+            assert got_k[r].tolist() == tie[r, want].tolist(), (k, r)
+            assert np.array_equal(got_s[r], s[r, want])
+
+
 @pytest.mark.parametrize("scores", ["float32", "float64"])
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 58, 59, 60])
 def test_search_equals_brute_force_with_ties(k, scores):
@@ -77,11 +108,11 @@ def test_search_equals_brute_force_with_ties(k, scores):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 100])
 def test_heap_search_of_a_larger_shard_equals_brute_force_with_ties(k):
-    # 2,000 candidates > 16 (k+1): faiss's heap. k = 1, 2: a tie crosses the cut (the heap's
+    # 7,000 candidates > 64 (k+1): faiss's heap. k = 1, 2: a tie crosses the cut (the heap's
     # k+1-th equals its k-th; that query is redone in full).
     from rayhybrid.evaluation import search
 
-    q, c, keys = tied_data(n=2000)
+    q, c, keys = tied_data(n=7000)
     assert len(c) > search._PARTITION_RATIO * (k + 1)
     shard = ShardSearcher("x", c, keys)
     assert shard._heap(len(q), k) is not None
@@ -116,6 +147,16 @@ def test_blas_float32_products_do_not_depend_on_shape():
         assert np.array_equal(exact_scores(q[a:b], c[x:y]), full[a:b, x:y]), (a, b, x, y)
     with _one_thread(backend):  # shard actors often run one BLAS thread
         assert np.array_equal(exact_scores(q, c[17:290]), full[:, 17:290])
+    # a product above search._TRANSPOSED_MAX (torch: queries x candidates) against a block of
+    # it below (candidates x queries, transposed) and the reference's padded product
+    from rayhybrid.evaluation import search
+
+    big_q = rng.standard_normal((2100, 384)).astype(np.float32)
+    big_c = rng.standard_normal((2048, 384)).astype(np.float32)
+    assert len(big_q) * len(big_c) > search._TRANSPOSED_MAX >= 128 * len(big_c)
+    big = exact_scores(big_q, big_c)
+    assert np.array_equal(exact_scores(big_q[500:628], big_c), big[500:628])
+    assert np.array_equal(reference_scores(big_q[:40], big_c[:300]), big[:40, :300])
     # the scores are float32 products, not float64 ones rounded (those differ in some bits)
     f64 = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
     assert not np.array_equal(full, f64)

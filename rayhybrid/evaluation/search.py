@@ -77,14 +77,17 @@ _BLOCK_ELEMENTS = 1 << 24
 _MIN_MNK = 1 << 21
 # Rows or columns below which a product is padded (gemv, MKL's small-size kernels).
 _MIN_SIDE = 16
+# Score elements up to which torch computes candidates x queries and transposes (_f32_scores).
+_TRANSPOSED_MAX = 1 << 22
 # Columns per tile: larger shards are scored tile by tile (ShardSearcher._tiles).
 _TILE = 1 << 15
 # Shards of at most this many times k+1 candidates take their top-k by argpartition, larger
 # ones by faiss's heap. A heap over n scores inserts ~k(1 + ln(n/k)) times per query, and an
 # insertion costs what scanning dozens of scores does; argpartition is linear in n with a
-# larger constant. Measured on 2048 x n scores, k = 100, one thread (AVX2 EPYC): n = 1,183:
-# heap 50 ms, argpartition 39 ms; n = 2,366: 57 / 58 ms; n = 4,733: 69 / 88 ms.
-_PARTITION_RATIO = 16
+# larger constant. Whole shard search of 2048 queries, k = 100, one thread (AVX2 EPYC,
+# scores included), argpartition / heap: n = 1,183: 46 / 72 ms; 2,366: 83 / 107 ms;
+# 4,732: 192 / 208 ms; 9,464: 450 / 412 ms.
+_PARTITION_RATIO = 64
 
 
 @dataclass
@@ -111,7 +114,9 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
     return x if len(x) >= n else np.concatenate([x, np.zeros((n - len(x), x.shape[1]), x.dtype)])
 
 
-def _f32_scores(queries: np.ndarray, candidates: np.ndarray, backend: str) -> np.ndarray:
+def _f32_scores(
+    queries: np.ndarray, candidates: np.ndarray, backend: str, transposed: bool | None = None
+) -> np.ndarray:
     """``queries @ candidates.T`` in float32 by the blocked ``sgemm`` kernels only.
 
     ``backend``: ``numpy`` (numpy's OpenBLAS) or ``torch`` (torch's BLAS: MKL in the x86
@@ -119,7 +124,8 @@ def _f32_scores(queries: np.ndarray, candidates: np.ndarray, backend: str) -> np
     "small matrix" kernels (OpenBLAS: rows x columns x dim <= 10**6; MKL: fewer than about 16
     rows or columns); both sum in other orders (module docstring). Small products are
     therefore padded with zero rows to at least ``_MIN_SIDE`` rows and columns and
-    ``_MIN_MNK`` multiply-adds, and the result cut back.
+    ``_MIN_MNK`` multiply-adds, and the result cut back. ``transposed`` (torch): compute
+    candidates x queries and transpose; None: for products of at most ``_TRANSPOSED_MAX``.
     """
     nq, nc = len(queries), len(candidates)
     if nq == 0 or nc == 0:
@@ -134,7 +140,14 @@ def _f32_scores(queries: np.ndarray, candidates: np.ndarray, backend: str) -> np
 
         # torch.from_numpy shares memory; a read-only array (object store) is copied first.
         tq, tc = (torch.from_numpy(x if x.flags.writeable else x.copy()) for x in (q, c))
-        s = torch.mm(tq, tc.T).numpy()
+        if transposed is None:
+            transposed = len(q) * len(c) <= _TRANSPOSED_MAX
+        # Candidates x queries, transposed by torch, is ~15-25 % faster with MKL on AVX2 for
+        # blocks that stay in cache (2048 x 1183, one thread: ~26 vs ~32 ms; the transpose
+        # ~3 ms); above _TRANSPOSED_MAX the transpose costs more than it saves. Both give
+        # every pair the same bits (_shape_independent checks it).
+        s = torch.mm(tc, tq.T).T.contiguous() if transposed else torch.mm(tq, tc.T)
+        s = s.numpy()
     else:
         s = q @ c.T
     return s if (len(q), len(c)) == (nq, nc) else np.ascontiguousarray(s[:nq, :nc])
@@ -185,7 +198,8 @@ def _one_thread(backend: str) -> Any:
 def _shape_independent(backend: str) -> bool:
     """One product of 300 queries x 700 candidates (d = 96) against the same pairs computed
     in sub-blocks of other shapes and offsets (single rows and columns, small blocks that
-    :func:`_f32_scores` pads, large ones it does not) and on one thread."""
+    :func:`_f32_scores` pads, large ones it does not), in both orientations and on one
+    thread."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((300, 96)).astype(np.float32)
     c = rng.standard_normal((700, 96)).astype(np.float32)
@@ -197,6 +211,9 @@ def _shape_independent(backend: str) -> bool:
         for a, b, x, y in blocks
     ):
         return False
+    for transposed in (False, True):  # both orientations of the torch product
+        if not np.array_equal(_f32_scores(q, c, backend, transposed), full):
+            return False
     with _one_thread(backend):
         return np.array_equal(_f32_scores(q, c, backend), full)
 
@@ -249,9 +266,34 @@ def _stable_desc(row: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _host(v[:k]), _host(c[:k])
 
 
+def _sort_keys(vals: np.ndarray, tie: np.ndarray) -> np.ndarray | None:
+    """uint64 keys whose ascending order is (value descending, tie ascending), or None.
+
+    The float32 bits are mapped to an int32 of the same order (negative floats: every bit
+    but the sign flipped), and that int sits above the tie value in one integer: one sort
+    of integers replaces the two stable argsorts of a (value, tie) ordering. None where the
+    values are not float32, hold a NaN, or a tie value is outside [0, 2**32).
+    """
+    tie = np.asarray(tie)
+    if vals.dtype != np.float32 or tie.size == 0 or np.isnan(vals).any():
+        return None
+    if tie.min() < 0 or tie.max() > 0xFFFFFFFF:
+        return None
+    bits = (vals + np.float32(0)).view(np.int32)  # + 0: -0.0 becomes +0.0 (equal scores)
+    mono = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)  # int order = float order
+    high = (0x7FFFFFFF - mono).astype(np.uint64) << np.uint64(32)  # larger score: smaller key
+    return high | tie.astype(np.uint64)
+
+
 def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
-    """Per row, the order by (value descending, tie ascending): two stable argsorts, several
-    times faster than ``np.lexsort`` along rows."""
+    """Per row, the order by (value descending, tie ascending); equal pairs keep their order.
+
+    One stable argsort of :func:`_sort_keys`; two stable argsorts (by tie, then by value)
+    where those keys cannot be built.
+    """
+    keys = _sort_keys(vals, tie)
+    if keys is not None:
+        return np.argsort(keys, axis=1, kind="stable")
     by_tie = np.argsort(tie, axis=1, kind="stable")
     by_val = np.argsort(-np.take_along_axis(vals, by_tie, 1), axis=1, kind="stable")
     return np.take_along_axis(by_tie, by_val, 1)
@@ -260,20 +302,30 @@ def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
 def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
     """Per row, the indices of the k best entries by (value descending, tie ascending).
 
-    ``tie`` None means the column index. ``argpartition`` picks an arbitrary subset of the
-    entries that tie with the k-th value; rows where such a tie crosses the cut are redone
-    with a full ordering (rare: exact duplicates).
+    ``tie`` None means the column index. ``argpartition`` around the k+1-th largest value
+    puts the k best (as values) after it, but picks an arbitrary subset of entries that tie
+    with the k-th; a tie crosses the cut exactly where the k-th and k+1-th values are equal,
+    and those rows are redone with a full ordering (rare: exact duplicates).
     """
     n = vals.shape[1]
-    if tie is None:
+    columns = tie is None
+    if columns:
         tie = np.broadcast_to(np.arange(n), vals.shape)
     if k >= n:
         return _order_rows(vals, tie)
-    idx = np.argpartition(vals, n - k, axis=1)[:, n - k :]
-    kth = np.take_along_axis(vals, idx, 1).min(axis=1, keepdims=True)
-    for row in np.flatnonzero((vals >= kth).sum(1) > k).tolist():
+    part = np.argpartition(vals, n - k - 1, axis=1)
+    idx = part[:, n - k :]
+    top = np.take_along_axis(vals, idx, 1)
+    nxt = np.take_along_axis(vals, part[:, n - k - 1 : n - k], 1)[:, 0]
+    for row in np.flatnonzero(top.min(axis=1) == nxt).tolist():
         idx[row] = _order_rows(vals[row : row + 1], tie[row : row + 1])[0, :k]
-    sub = _order_rows(np.take_along_axis(vals, idx, 1), np.take_along_axis(tie, idx, 1))
+        top[row] = vals[row, idx[row]]
+    if columns:  # the tie value is the column: sorted keys carry the answer in their low bits
+        keys = _sort_keys(top, idx)
+        if keys is not None:
+            keys.sort(axis=1)
+            return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    sub = _order_rows(top, np.take_along_axis(tie, idx, 1))
     return np.take_along_axis(idx, sub, 1)
 
 
