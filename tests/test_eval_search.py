@@ -83,7 +83,9 @@ def test_top_k_order_of_signed_zero_negative_and_infinite_scores(key_base):
         halves = []
         for a, b in ((0, 20), (20, 40)):
             o = np.stack([ref(s[r, a:b], tie[r, a:b], b - a) for r in range(len(s))])
-            halves.append((np.take_along_axis(s[:, a:b], o, 1), np.take_along_axis(tie[:, a:b], o, 1)))
+            halves.append(
+                (np.take_along_axis(s[:, a:b], o, 1), np.take_along_axis(tie[:, a:b], o, 1))
+            )
         got_s, got_k = merge_topk(halves, k)
         for r in range(len(s)):
             want = ref(s[r], tie[r], k)
