@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
         # Ray's worker processes run in process groups of their own and exit when their raylet
         # is gone; give them time, then end any that carry this cluster's temp dir. In two CI
         # runs five were still there 20 and 90 s after the head stopped (which ones is not
-        # known: the old message gave pids only; it now prints their command lines). They are
+        # known: the old message gave pids only; it now warns with their command lines). They are
         # killed, and the check is that nothing survives that.
         deadline = time.monotonic() + 30
         while pids_with(str(temp_dir)) and time.monotonic() < deadline:
@@ -198,8 +199,11 @@ def ray_head(tmp_path_factory, xquad_dir) -> Head:
         left = pids_with(str(temp_dir)) + head.alive_in_group()
         if left:
             what = {pid: _cmdline(pid) for pid in left}
-            print(
-                f"\n[test cluster] Ray processes left 30 s after the head stopped, killed: {what}"
+            # A warning, not a print: pytest shows it in the run's summary even when the
+            # test passed (a print is captured and dropped).
+            warnings.warn(
+                f"[test cluster] Ray processes left 30 s after the head stopped, killed: {what}",
+                stacklevel=1,
             )
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):

@@ -110,11 +110,11 @@ def test_search_equals_brute_force_with_ties(k, scores):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 100])
 def test_heap_search_of_a_larger_shard_equals_brute_force_with_ties(k):
-    # 7,000 candidates > 64 (k+1): faiss's heap. k = 1, 2: a tie crosses the cut (the heap's
+    # 14,000 candidates > 128 (k+1): faiss's heap. k = 1, 2: a tie crosses the cut (the heap's
     # k+1-th equals its k-th; that query is redone in full).
     from rayhybrid.evaluation import search
 
-    q, c, keys = tied_data(n=7000)
+    q, c, keys = tied_data(n=14000)
     assert len(c) > search._PARTITION_RATIO * (k + 1)
     shard = ShardSearcher("x", c, keys)
     assert shard._heap(len(q), k) is not None

@@ -81,13 +81,13 @@ _MIN_SIDE = 16
 _TRANSPOSED_MAX = 1 << 22
 # Columns per tile: larger shards are scored tile by tile (ShardSearcher._tiles).
 _TILE = 1 << 15
-# Shards of at most this many times k+1 candidates take their top-k by argpartition, larger
-# ones by faiss's heap. A heap over n scores inserts ~k(1 + ln(n/k)) times per query, and an
-# insertion costs what scanning dozens of scores does; argpartition is linear in n with a
-# larger constant. Whole shard search of 2048 queries, k = 100, one thread (AVX2 EPYC,
-# scores included), argpartition / heap: n = 1,183: 46 / 72 ms; 2,366: 83 / 107 ms;
-# 4,732: 192 / 208 ms; 9,464: 450 / 412 ms.
-_PARTITION_RATIO = 64
+# Shards of at most this many times k+1 candidates take their top-k from the whole score
+# block (_select), larger ones by faiss's heap. A heap over n scores inserts ~k(1 + ln(n/k))
+# times per query, and an insertion costs what scanning dozens of scores does; a partition
+# is linear in n with a larger constant. Whole shard search of 2048 queries, k = 100, one
+# thread (AVX2 EPYC, scores included, best of 7), partition / heap: n = 1,183: 44 / 72 ms;
+# 2,366: 107 / 118; 4,732: 180 / 205; 9,464: 284 / 310; 18,928: 556 / 548.
+_PARTITION_RATIO = 128
 
 
 @dataclass
@@ -299,13 +299,32 @@ def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
     return np.take_along_axis(by_tie, by_val, 1)
 
 
+def _above_cut(vals: np.ndarray, k: int) -> np.ndarray | None:
+    """Per row, the columns of the k values above the row's k+1-th largest, in column order;
+    None where a tie crosses the cut in some row (then fewer than k are above it).
+
+    A partition of the values finds the k+1-th largest (about half the time of an
+    argpartition, which moves the indices too), and one pass over the rows picks the
+    columns above it. No row has more than k above its k+1-th largest, so all rows have
+    exactly k when the whole matrix has rows x k.
+    """
+    rows, n = vals.shape
+    cut = np.partition(vals, n - k - 1, axis=1)[:, n - k - 1 : n - k]
+    flat = np.flatnonzero(vals > cut)
+    if len(flat) != rows * k:
+        return None
+    return flat.reshape(rows, k) - (np.arange(rows, dtype=np.int64) * n)[:, None]
+
+
 def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
     """Per row, the indices of the k best entries by (value descending, tie ascending).
 
-    ``tie`` None means the column index. ``argpartition`` around the k+1-th largest value
-    puts the k best (as values) after it, but picks an arbitrary subset of entries that tie
-    with the k-th; a tie crosses the cut exactly where the k-th and k+1-th values are equal,
-    and those rows are redone with a full ordering (rare: exact duplicates).
+    ``tie`` None means the column index: float32 rows take their k columns from
+    :func:`_above_cut` unless a tie crosses the cut in one of them. Otherwise
+    ``argpartition`` around the k+1-th largest value puts the k best (as values) after it,
+    but picks an arbitrary subset of entries that tie with the k-th; a tie crosses the cut
+    exactly where the k-th and k+1-th values are equal, and those rows are redone with a
+    full ordering (rare: exact duplicates).
     """
     n = vals.shape[1]
     columns = tie is None
@@ -313,6 +332,13 @@ def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
         tie = np.broadcast_to(np.arange(n), vals.shape)
     if k >= n:
         return _order_rows(vals, tie)
+    if columns and vals.dtype == np.float32:
+        cols = _above_cut(vals, k)
+        if cols is not None:
+            keys = _sort_keys(np.take_along_axis(vals, cols, 1), cols)
+            if keys is not None:
+                keys.sort(axis=1)
+                return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
     part = np.argpartition(vals, n - k - 1, axis=1)
     idx = part[:, n - k :]
     top = np.take_along_axis(vals, idx, 1)
