@@ -21,10 +21,13 @@ float32 score differs by at most ~``d * 2**-24 * |q| |c|``, so the two orders di
 among candidates whose scores lie that close (near-ties; tests/test_eval_search.py checks
 it). On a GPU (``device="cuda"``) scores stay float64-accumulated in torch.
 
-**Top-k.** A faiss heap (``float_minheap_array_t.addn``, the one ``IndexFlatIP`` runs on
-its score tiles) keeps the k+1 best scores of every query over the tiles; the k+1-th shows
-whether equal scores cross the cut (then that query is redone with a full ordering), and the
-k kept are put in (score descending, key ascending) order.
+**Top-k.** A shard of at most ``_PARTITION_RATIO * (k + 1)`` candidates takes its top-k from
+the whole score block (:func:`_select`: a partition of the values finds each row's k+1-th
+largest, the columns above it are the k best, and one integer sort puts them in order);
+larger shards keep the k+1 best scores of every query over the tiles in a faiss heap
+(``float_minheap_array_t.addn``, the one ``IndexFlatIP`` runs on its score tiles). Either
+way the k+1-th shows whether equal scores cross the cut (then that query is redone with a
+full ordering), and the k kept are put in (score descending, key ascending) order.
 
 **Order and ties.** Candidates are ranked by score, descending; equal scores are broken by
 the candidate's *key* (ascending). The caller chooses the keys; :mod:`retrieval` uses each
