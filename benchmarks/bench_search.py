@@ -3,6 +3,7 @@
     python benchmarks/bench_search.py                      # 1x, 4x, 16x the XQuAD-R pool
     python benchmarks/bench_search.py --scales 1 --queries 13090 --reps 5
     python benchmarks/bench_search.py --blas-only          # the OpenBLAS check alone
+    python benchmarks/bench_search.py --profile --scales 1 4   # where one shard's time goes
 
 Pool: the XQuAD-R shapes (11 language shards with the real sentence counts, 384-dim
 embeddings as the MiniLM gives), filled with unit vectors drawn around per-item centres so
@@ -25,6 +26,11 @@ Compared, each timed ``--reps`` times interleaved (best of them reported):
   search round produces (the per-language lists are what the mono and cross-lingual settings
   read), the way a user would get it from faiss;
 - ``torch f32``: float32 ``torch.matmul`` + ``torch.topk`` in blocks (MKL).
+
+``--profile`` instead times, in this process on one thread, ``ShardSearcher.search`` of the
+queries on each language shard in turn (best of ``--reps``), the shard's scores alone, and
+the merge of the per-shard lists: the floor of the sharded search (two actors on two cores
+cannot beat half the shards' sum), with no Ray in the way.
 
 The OpenBLAS section runs FAISS's flat search and numpy matmuls in fresh processes under
 each ``OPENBLAS_CORETYPE`` (the core type must be set before the library loads), to see
@@ -166,6 +172,46 @@ def run_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int, core
     }
 
 
+def best_of(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def profile_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int) -> dict:
+    """Per shard, in process, one thread: the search, the scores alone; then the merge."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from rayhybrid.evaluation.search import ShardSearcher, exact_scores, merge_topk
+
+    shards, centres = make_pool(sizes, scale)
+    q = make_queries(centres, n_queries)
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    searches, scores, parts = {}, {}, []
+    with threadpool_limits(1):
+        for lang, (emb, keys) in shards.items():
+            shard = ShardSearcher(lang, emb, keys)
+            searches[lang] = best_of(lambda shard=shard: shard.search(q, TOP_K), reps)
+            scores[lang] = best_of(lambda shard=shard: exact_scores(q, shard._cand), reps)
+            found = shard.search(q, TOP_K)
+            parts.append((found.scores, found.keys))
+        merge = best_of(lambda: merge_topk(parts, TOP_K), reps)
+    return {
+        "scale": scale,
+        "pool": sum(len(k) for _, k in shards.values()),
+        "queries": len(q),
+        "search_s": searches,
+        "scores_s": scores,
+        "merge_s": merge,
+    }
+
+
 BLAS_SNIPPET = r"""
 import json, os, time, numpy as np, faiss
 from threadpoolctl import threadpool_info
@@ -221,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-blas", action="store_true")
     parser.add_argument("--json", default="", help="Also write the timings to this file.")
     parser.add_argument(
+        "--profile", action="store_true", help="Per-shard times in this process, one thread."
+    )
+    parser.add_argument(
         "--actor-coretype",
         default="auto",
         help="eval.openblas_coretype of the shard actors (default auto; '' inherits).",
@@ -233,6 +282,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    if args.profile:
+        print(f"\nIn process, one thread: {args.queries} queries, top-{TOP_K}, best of {args.reps}")
+        print("| pool | shards' search, sum | per shard | scores alone, sum | merge |")
+        print("|---|---|---|---|---|")
+        rows = []
+        for scale in args.scales:
+            r = profile_scale(scale, sizes, args.queries, args.reps)
+            rows.append(r)
+            each = sorted(r["search_s"].values())
+            print(
+                f"| {r['pool']} ({scale}x) | {sum(each) * 1e3:.0f} ms | "
+                f"{each[0] * 1e3:.0f}-{each[-1] * 1e3:.0f} ms | "
+                f"{sum(r['scores_s'].values()) * 1e3:.0f} ms | {r['merge_s'] * 1e3:.1f} ms |",
+                flush=True,
+            )
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"load_end": os.getloadavg(), "profile": rows}, f, indent=1)
+        return 0
     if not args.no_blas:
         print(f"\nBLAS check: {args.queries} x {pool1x} x {DIM} products (best of {args.reps})")
         print(
