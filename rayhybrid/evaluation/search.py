@@ -302,6 +302,17 @@ def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
     return np.take_along_axis(by_tie, by_val, 1)
 
 
+def _columns_in_order(vals: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+    """``cols`` (the columns of each row's k best) by (score descending, column ascending):
+    the tie value is the column, so the sorted keys carry the answer in their low bits.
+    None where :func:`_sort_keys` cannot build the keys."""
+    keys = _sort_keys(np.take_along_axis(vals, cols, 1), cols)
+    if keys is None:
+        return None
+    keys.sort(axis=1)
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
 def _above_cut(vals: np.ndarray, k: int) -> np.ndarray | None:
     """Per row, the columns of the k values above the row's k+1-th largest, in column order;
     None where a tie crosses the cut in some row (then fewer than k are above it).
@@ -337,11 +348,9 @@ def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
         return _order_rows(vals, tie)
     if columns and vals.dtype == np.float32:
         cols = _above_cut(vals, k)
-        if cols is not None:
-            keys = _sort_keys(np.take_along_axis(vals, cols, 1), cols)
-            if keys is not None:
-                keys.sort(axis=1)
-                return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ordered = None if cols is None else _columns_in_order(vals, cols)
+        if ordered is not None:
+            return ordered
     part = np.argpartition(vals, n - k - 1, axis=1)
     idx = part[:, n - k :]
     top = np.take_along_axis(vals, idx, 1)
@@ -349,11 +358,9 @@ def _select(vals: np.ndarray, tie: np.ndarray | None, k: int) -> np.ndarray:
     for row in np.flatnonzero(top.min(axis=1) == nxt).tolist():
         idx[row] = _order_rows(vals[row : row + 1], tie[row : row + 1])[0, :k]
         top[row] = vals[row, idx[row]]
-    if columns:  # the tie value is the column: sorted keys carry the answer in their low bits
-        keys = _sort_keys(top, idx)
-        if keys is not None:
-            keys.sort(axis=1)
-            return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    ordered = _columns_in_order(vals, idx) if columns else None
+    if ordered is not None:
+        return ordered
     sub = _order_rows(top, np.take_along_axis(tie, idx, 1))
     return np.take_along_axis(idx, sub, 1)
 
