@@ -99,19 +99,32 @@ def torch_topk(q: np.ndarray, c: np.ndarray, k: int, block: int = 2048):
     return out
 
 
-def time_methods(methods: dict, reps: int) -> dict[str, float]:
+def time_methods(methods: dict, reps: int) -> dict[str, list[float]]:
+    """Every repetition's time of every method, the methods interleaved within a
+    repetition (load changes hit every method alike, and repetition i of two methods forms
+    a pair)."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(reps):
-        for name, fn in methods.items():  # interleaved: load changes hit every method alike
+        for name, fn in methods.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    # Best of the repetitions: other processes only ever add time, so the minimum is the
-    # closest to what the method itself costs.
-    return {name: min(t) for name, t in times.items()}
+    return times
 
 
-def run_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int, coretype: str) -> dict:
+def paired_ratio(a: list[float], b: list[float], seed: int = 0) -> dict[str, float]:
+    """Median over repetitions of a[i] / b[i] with a 95 % percentile-bootstrap interval
+    (2,000 resamples of the repetitions): the spread the machine's load gives a ratio."""
+    r = np.asarray(a) / np.asarray(b)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(r)), "lo": float(lo), "hi": float(hi), "reps": len(r)}
+
+
+def run_scale(
+    scale: int, sizes: dict[str, int], n_queries: int, reps: int, coretype: str, one_actor: bool
+) -> dict:
     import faiss
     import ray
 
@@ -138,36 +151,53 @@ def run_scale(scale: int, sizes: dict[str, int], n_queries: int, reps: int, core
         return merge_topk(parts, TOP_K)
 
     start = time.perf_counter()
-    pool = ActorShards(shards, openblas_coretype=coretype)
+
+    def start_pool(n_actors: int) -> ActorShards:
+        # Started as the evaluation starts them (beside its encoders: no CPU reserved), so
+        # that two pools can live side by side and be timed interleaved.
+        started = ActorShards.start(list(shards), openblas_coretype=coretype, n_actors=n_actors)
+        started.load_arrays(shards)
+        return started
+
+    pool = start_pool(0)
     startup = time.perf_counter() - start
     actor_blas = ray.get(next(iter(pool.actors.values())).blas.remote())
     ref = pool.put(q)
     rows = np.arange(len(q))
 
-    def sharded():
+    def sharded(pool=pool, ref=ref):
         found = pool.map(
             "search", {lang: {"queries": ref, "rows": rows, "k": TOP_K} for lang in shards}
         )
         return merge_topk([(r.scores, r.keys) for r in found.values()], TOP_K)
 
-    methods = {
-        "sharded actors": sharded,
+    methods = {"sharded actors": sharded}
+    if one_actor:  # every language on one actor, its threads sharing out the row chunks
+        solo = start_pool(1)
+        methods["sharded, 1 actor"] = lambda: sharded(solo, solo.put(q))
+    methods |= {
         "single exact": lambda: single.search(q, TOP_K),
         "faiss flat": lambda: index.search(q, TOP_K),
         "faiss per language": faiss_per_language,
         "torch f32": lambda: torch_topk(q, all_emb, TOP_K),
     }
-    merged = sharded()
     exact = single.search(q, TOP_K)
-    assert np.array_equal(merged[1], exact.keys), "sharded top-k differs from the single index"
-    times = time_methods(methods, reps)
+    for name in [m for m in methods if m.startswith("sharded")]:
+        merged = methods[name]()
+        assert np.array_equal(merged[1], exact.keys), f"{name}: top-k differs from one index"
+    every = time_methods(methods, reps)
     pool.close()
+    if one_actor:
+        solo.close()
     return {
         "scale": scale,
         "pool": len(all_emb),
         "queries": len(q),
         "startup_s": startup,
-        "times": times,
+        # Best of the repetitions: other processes only ever add time, so the minimum is
+        # the closest to what a method itself costs.
+        "times": {name: min(t) for name, t in every.items()},
+        "all_times": every,
         "actor_blas": actor_blas or "(unset)",
     }
 
@@ -270,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="Per-shard times in this process, one thread."
     )
     parser.add_argument(
+        "--one-actor",
+        action="store_true",
+        help="Also time the shards on one actor with a thread per CPU (eval.shard_actors=1).",
+    )
+    parser.add_argument(
         "--actor-coretype",
         default="auto",
         help="eval.openblas_coretype of the shard actors (default auto; '' inherits).",
@@ -321,7 +356,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     results = [
-        run_scale(s, sizes, min(args.queries, total_queries), args.reps, args.actor_coretype)
+        run_scale(
+            s,
+            sizes,
+            min(args.queries, total_queries),
+            args.reps,
+            args.actor_coretype,
+            args.one_actor,
+        )
         for s in args.scales
     ]
     ray.shutdown()
@@ -347,13 +389,25 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {r['pool']} ({r['scale']}x) | (actor start-up, once) | {r['startup_s']:.2f} | | | | |"
         )
-    print("\n| pool | sharded / faiss flat | sharded / faiss per language |\n|---|---|---|")
+    print(
+        "\nRatios: of the best times, and the median of the repetitions' paired ratios "
+        "[95 % bootstrap interval]"
+    )
+    print("| pool | method | / faiss flat, best | paired | / faiss per language, best | paired |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        t = r["times"]
-        print(
-            f"| {r['pool']} ({r['scale']}x) | {t['sharded actors'] / t['faiss flat']:.2f}x | "
-            f"{t['sharded actors'] / t['faiss per language']:.2f}x |"
-        )
+        t, every = r["times"], r["all_times"]
+        r["ratios"] = {}
+        for name in [m for m in t if m.startswith("sharded")]:
+            cells = []
+            for base_name in ("faiss flat", "faiss per language"):
+                p = paired_ratio(every[name], every[base_name])
+                r["ratios"][f"{name} / {base_name}"] = {"best": t[name] / t[base_name], **p}
+                cells.append(
+                    f"{t[name] / t[base_name]:.2f}x | {p['median']:.2f}x "
+                    f"[{p['lo']:.2f}, {p['hi']:.2f}]"
+                )
+            print(f"| {r['pool']} ({r['scale']}x) | {name} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"load_end": os.getloadavg(), "results": results}, f, indent=1)

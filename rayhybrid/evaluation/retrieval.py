@@ -30,6 +30,7 @@ from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.search import SearchResult, ShardSearcher, merge_topk
 
 __all__ = [
+    "ROW_ARGS",
     "SETTINGS",
     "Block",
     "CandidateIndex",
@@ -38,6 +39,8 @@ __all__ = [
     "ShardPool",
     "call_shard",
     "check_settings",
+    "join_rows",
+    "row_chunk",
     "run_settings",
 ]
 
@@ -56,13 +59,43 @@ class ShardPool(Protocol):
     def close(self) -> None: ...
 
 
+# Keyword arguments of each shard method that hold one row per query row: a call cut into
+# row chunks (ShardActor.call_many) cuts them with the rows.
+ROW_ARGS = {"search": ("rel_keys",), "count_before": ("thresholds", "threshold_keys")}
+
+
 def call_shard(
     searcher: ShardSearcher, method: str, queries: np.ndarray, rows: np.ndarray, **kwargs: Any
 ) -> Any:
     """Run ``searcher.<method>`` on ``queries[rows]`` (shared by local pools and actors)."""
-    if method not in ("search", "count_before"):
+    if method not in ROW_ARGS:
         raise EvaluationError(f"unknown shard method {method!r}")
     return getattr(searcher, method)(queries[rows], **kwargs)
+
+
+def row_chunk(method: str, rows: np.ndarray, kwargs: dict[str, Any], sl: slice) -> tuple:
+    """``(rows[sl], kwargs)`` of one row chunk of a shard call, its row-aligned arguments cut
+    alike (:data:`ROW_ARGS`)."""
+    cut = {
+        name: (value[sl] if name in ROW_ARGS.get(method, ()) and value is not None else value)
+        for name, value in kwargs.items()
+    }
+    return rows[sl], cut
+
+
+def join_rows(parts: list[Any]) -> Any:
+    """The results of consecutive row chunks of one shard call, as one call returns them:
+    every field of a :class:`SearchResult`, or the array of ``count_before``, is per row."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], SearchResult):
+        return SearchResult(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("scores", "keys", "rel_scores", "rel_ranks")
+            )
+        )
+    return np.concatenate(parts)
 
 
 class LocalShards:

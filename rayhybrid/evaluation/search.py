@@ -302,11 +302,21 @@ def _order_rows(vals: np.ndarray, tie: np.ndarray) -> np.ndarray:
     return np.take_along_axis(by_tie, by_val, 1)
 
 
+def _row_take(vals: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``vals[r, cols[r, j]]``: ``np.take_along_axis`` as one flat ``np.take`` where ``vals``
+    is C-contiguous (2048 x 100 of 2048 x 1,183: ~0.6 vs ~1.5 ms here; take_along_axis
+    builds a broadcast index per axis)."""
+    if not vals.flags.c_contiguous or vals.ndim != 2:
+        return np.take_along_axis(vals, cols, 1)
+    offsets = np.arange(len(vals), dtype=np.int64)[:, None] * vals.shape[1]
+    return np.take(vals.reshape(-1), cols + offsets)
+
+
 def _columns_in_order(vals: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
     """``cols`` (the columns of each row's k best) by (score descending, column ascending):
     the tie value is the column, so the sorted keys carry the answer in their low bits.
     None where :func:`_sort_keys` cannot build the keys."""
-    keys = _sort_keys(np.take_along_axis(vals, cols, 1), cols)
+    keys = _sort_keys(_row_take(vals, cols), cols)
     if keys is None:
         return None
     keys.sort(axis=1)
@@ -377,7 +387,7 @@ def topk_with_ties(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, scores.shape[1])
     if isinstance(scores, np.ndarray):
         cols = _select(scores, None, k).astype(np.int64)
-        return np.take_along_axis(scores, cols, 1), cols
+        return _row_take(scores, cols), cols
     import torch
 
     if k == scores.shape[1]:  # the whole ranking: one stable sort

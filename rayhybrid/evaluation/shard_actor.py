@@ -8,6 +8,7 @@ takes its language.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,19 @@ import numpy as np
 from rayhybrid.evaluation import EvaluationError
 
 __all__ = ["ShardActor"]
+
+# Rows below which a shard call is not cut further for the worker threads (call_many).
+_MIN_CHUNK = 256
+
+
+def _tagged(exc: BaseException, lang: str) -> BaseException:
+    """``exc`` with the language of the shard that raised it (``.shard``: pickled with the
+    exception, so the driver can name the shard when the actor served several)."""
+    try:
+        exc.shard = lang  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type without a __dict__
+        pass
+    return exc
 
 
 class ShardActor:
@@ -29,15 +43,25 @@ class ShardActor:
         import faiss
         import torch
 
-        # An actor gets a fraction of the node; more BLAS threads than CPUs only thrash.
-        # numpy's OpenBLAS scores, faiss's OpenMP runs the top-k heaps (and IVF / HNSW).
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
+        # A CPU actor with several threads runs that many shard calls at once (call_many),
+        # each on one BLAS thread; otherwise one call at a time on all of them. An actor gets
+        # a fraction of the node; more BLAS threads than CPUs only thrash.
+        self.workers = threads if device == "cpu" and threads > 1 else 1
+        blas = 1 if self.workers > 1 else threads
+        torch.set_num_threads(blas)
+        faiss.omp_set_num_threads(blas)  # faiss's OpenMP: the top-k heaps (and IVF / HNSW)
         from threadpoolctl import ThreadpoolController
 
         self._pools = ThreadpoolController()  # after torch and faiss: it sees their BLAS too
-        self._limits = self._pools.limit(limits=threads, user_api="blas")
-        self.device, self.threads = device, threads
+        self._limits = self._pools.limit(limits=blas, user_api="blas")
+        self.device, self.threads = device, blas
+        self._executor = None
+        if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(
+                self.workers, thread_name_prefix="shard", initializer=self._one_thread
+            )
         self.searchers: dict[str, Any] = {}  # language -> ShardSearcher
         # What the first load would otherwise pay after encoding (ray.data's block reader
         # alone imports in ~1.2 s on two cores), done now while the encoders run.
@@ -47,6 +71,17 @@ class ShardActor:
         from rayhybrid.evaluation.search import f32_backend
 
         f32_backend()  # once per process, under this actor's BLAS thread limit
+
+    def _one_thread(self) -> None:
+        """A worker thread's own BLAS and OpenMP settings: one thread (an OpenMP library
+        keeps its thread count per calling thread, so the actor's settings do not reach it;
+        the limit is set once and never restored, so that workers cannot undo each other's)."""
+        import faiss
+        import torch
+
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        self._pools.limit(limits=1, user_api="blas")
 
     def _blas_limit(self) -> Any:
         """The BLAS thread limit again, in the thread that runs this call: an OpenMP BLAS
@@ -162,9 +197,49 @@ class ShardActor:
     def call(
         self, lang: str, method: str, queries: np.ndarray, rows: np.ndarray, **kwargs: Any
     ) -> Any:
-        from rayhybrid.evaluation.retrieval import call_shard
+        return self.call_many(method, queries, [(lang, rows, kwargs)])[0]
 
-        if lang not in self.searchers:
-            raise EvaluationError(f"shard {lang!r} holds no candidates (nothing loaded)")
-        with self._blas_limit():
-            return call_shard(self.searchers[lang], method, queries, rows, **kwargs)
+    def call_many(
+        self, method: str, queries: np.ndarray, calls: list[tuple[str, np.ndarray, dict]]
+    ) -> list[Any]:
+        """``method`` on several of this actor's shards in one Ray call: one result per
+        ``(lang, rows, kwargs)`` of ``calls``, in order.
+
+        With several worker threads, each call's rows are cut into chunks that the threads
+        take in turn, so that the shards' work spreads evenly over them (11 shards on 2
+        threads would otherwise run 6 + 5); the chunks' results are joined back in row order,
+        the same as one call: every result is per query row, and the scores do not depend on
+        the block's shape (:func:`~rayhybrid.evaluation.search.f32_backend`).
+
+        Raises:
+            EvaluationError: a shard holds nothing. Any exception of a shard carries that
+            shard's language in ``.shard``, for the driver's message.
+        """
+        from rayhybrid.evaluation.retrieval import call_shard, join_rows, row_chunk
+
+        for lang, _, _ in calls:
+            if lang not in self.searchers:
+                raise _tagged(EvaluationError(f"shard {lang!r} holds no candidates"), lang)
+
+        def run(lang: str, rows: np.ndarray, kwargs: dict) -> Any:
+            try:
+                return call_shard(self.searchers[lang], method, queries, rows, **kwargs)
+            except Exception as exc:
+                _tagged(exc, lang)
+                raise
+
+        if self._executor is None:
+            with self._blas_limit():
+                return [run(lang, rows, kwargs) for lang, rows, kwargs in calls]
+        total = sum(len(rows) for _, rows, _ in calls)
+        # About 8 chunks per thread over all calls (so the last ones to finish are short),
+        # none below 256 rows (a smaller sgemm runs slower).
+        size = max(_MIN_CHUNK, -(-total // (8 * self.workers)))
+        jobs = []
+        for lang, rows, kwargs in calls:
+            bounds = np.linspace(0, len(rows), max(1, -(-len(rows) // size)) + 1).astype(int)
+            parts = [
+                row_chunk(method, rows, kwargs, slice(a, b)) for a, b in itertools.pairwise(bounds)
+            ]
+            jobs.append([self._executor.submit(run, lang, r, kw) for r, kw in parts])
+        return [join_rows([f.result() for f in futures]) for futures in jobs]

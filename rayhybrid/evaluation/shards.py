@@ -332,22 +332,48 @@ class ActorShards:
         """
         if not self.actors:
             raise EvaluationError("the shard actors were already stopped")
-        refs = {
-            lang: self.actors[lang].call.remote(lang, method, **kw) for lang, kw in calls.items()
-        }
-        return self._gather(refs, method)
+        # One Ray call per actor (and query matrix) for all its languages: a call costs
+        # several ms of scheduling and result transfer, and the actor spreads the languages'
+        # rows over its threads (ShardActor.call_many).
+        slot_of = {lang: i for i, group in enumerate(self._groups) for lang in group}
+        batches: dict[tuple[int, int], list[str]] = {}
+        for lang, kw in calls.items():
+            if lang not in self.actors:
+                raise EvaluationError(f"shard {lang!r} holds no candidates (nothing loaded)")
+            batches.setdefault((slot_of[lang], id(kw["queries"])), []).append(lang)
+        refs = {}
+        for (slot, _), langs in batches.items():
+            queries = calls[langs[0]]["queries"]
+            items = [
+                (
+                    lang,
+                    calls[lang]["rows"],
+                    {k: v for k, v in calls[lang].items() if k not in ("queries", "rows")},
+                )
+                for lang in langs
+            ]
+            refs[langs[0]] = self._handles[slot].call_many.remote(method, queries, items)
+        got = self._gather(refs, method, {langs[0]: langs for langs in batches.values()})
+        by_lang = {lang: r for langs in batches.values() for lang, r in zip(langs, got[langs[0]])}
+        return {lang: by_lang[lang] for lang in calls}
 
-    def _gather(self, refs: dict[str, Any], what: str) -> dict[str, Any]:
+    def _gather(
+        self, refs: dict[str, Any], what: str, served: dict[str, list[str]] | None = None
+    ) -> dict[str, Any]:
+        """``ray.get`` of each ref (labelled by a language); on a failure every actor is
+        stopped and the failing shard named: the one the exception names (``.shard``, see
+        :meth:`ShardActor.call_many`), else the first of the languages the ref served."""
         ray = self._ray
         out = {}
         try:
             for lang, ref in refs.items():
                 out[lang] = ray.get(ref)
         except Exception as exc:
-            failed = next(lang for lang in refs if lang not in out)
+            label = next(lang for lang in refs if lang not in out)
             started = sum(h is not None for h in self._handles)
             self.close()
             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+            failed = getattr(cause, "shard", None) or (served or {}).get(label, [label])[0]
             if isinstance(cause, ray.exceptions.RayActorError):
                 msg = f"the actor of shard {failed!r} died during {what}"
             else:
