@@ -161,3 +161,41 @@ def test_a_failing_language_in_a_shared_actor_stops_every_actor(ray_local):
     assert all(dies(ray_local, a) for a in actors.values()), "an actor outlived the failure"
     with pytest.raises(EvaluationError, match="already stopped"):
         pool.map("search", calls)
+
+
+def test_worker_threads_cut_calls_into_row_chunks_without_changing_results():
+    from rayhybrid.evaluation.shard_actor import ShardActor
+
+    shards = toy_shards(seed=5)
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((700, DIM)).astype(np.float32)
+    rows = np.sort(rng.choice(700, 650, replace=False))  # not every row, not in one run
+    threaded, plain = ShardActor("cpu", 2), ShardActor("cpu", 1)
+    assert (threaded.workers, plain.workers) == (2, 1)
+    for actor in (threaded, plain):
+        for lang, (emb, keys) in shards.items():
+            actor.load_array(lang, emb, keys, "flat")
+    calls, counts = [], []
+    for lang, (_, keys) in shards.items():
+        # row-aligned arguments differ row by row: a chunk paired with another chunk's
+        # arguments gives other ranks and counts
+        rel = rng.choice(keys, (len(rows), 3))
+        rel[rng.random(rel.shape) < 0.3] = -1
+        calls.append((lang, rows, {"k": 7, "rel_keys": rel}))
+        thr = rng.uniform(-0.5, 0.5, (len(rows), 2)).astype(np.float32)
+        counts.append((lang, rows, {"thresholds": thr, "threshold_keys": rel[:, :2]}))
+    found = threaded.call_many("search", queries, calls)
+    assert threaded.last_chunks > len(calls)  # 11 x 650 rows on 2 threads: cut in chunks
+    for (lang, _, kw), got, want in zip(calls, found, plain.call_many("search", queries, calls)):
+        direct = ShardSearcher(lang, *shards[lang]).search(queries[rows], **kw)
+        for field in ("scores", "keys", "rel_scores", "rel_ranks"):
+            for other in (want, direct):
+                assert np.array_equal(getattr(got, field), getattr(other, field), equal_nan=True)
+    before = threaded.call_many("count_before", queries, counts)
+    assert threaded.last_chunks > len(counts)
+    for got, want in zip(before, plain.call_many("count_before", queries, counts)):
+        assert np.array_equal(got, want)
+    bad = [(lang, rows, {"k": 7}) for lang in LANGS[:3]] + [("zh", rows, {"k": 10_000})]
+    with pytest.raises(EvaluationError, match="top-k 10000") as err:
+        threaded.call_many("search", queries, bad)
+    assert err.value.shard == "zh"  # the driver names the shard from this tag
