@@ -512,7 +512,9 @@ class EvalConfig:
         0,
         "Ray actor processes holding the language shards, each hosting several languages "
         "(a process starts torch and faiss: seconds). 0: one per whole CPU of the cluster "
-        "(per GPU when the shards go on GPUs), at most one per language; N > 0: at most N.",
+        "(per GPU when the shards go on GPUs), at most one per language; N > 0: at most N. "
+        "An actor with several CPUs (N below the CPU count) searches on that many threads, "
+        "each language's rows cut into chunks the threads share.",
     )
     cache_dir: str = _f(
         "",

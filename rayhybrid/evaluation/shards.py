@@ -3,6 +3,9 @@
 The actors are thin: each holds one :class:`~rayhybrid.evaluation.search.ShardSearcher` per
 language it hosts and runs :func:`~rayhybrid.evaluation.retrieval.call_shard` on the query
 matrix, which the driver puts into the object store once (every actor reads the same copy).
+:meth:`ActorShards.map` sends each actor one call for all its languages
+(:meth:`~rayhybrid.evaluation.shard_actor.ShardActor.call_many`); an actor with several CPU
+threads cuts the languages' rows into chunks that its threads share.
 A failure in any actor stops all of them before the error reaches the caller, so no actor
 outlives a failed evaluation.
 
