@@ -195,11 +195,6 @@ class ShardActor:
 
         return os.environ.get("OPENBLAS_CORETYPE", "")
 
-    def call(
-        self, lang: str, method: str, queries: np.ndarray, rows: np.ndarray, **kwargs: Any
-    ) -> Any:
-        return self.call_many(method, queries, [(lang, rows, kwargs)])[0]
-
     def call_many(
         self, method: str, queries: np.ndarray, calls: list[tuple[str, np.ndarray, dict]]
     ) -> list[Any]:
