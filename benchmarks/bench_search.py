@@ -174,7 +174,7 @@ def run_scale(
     methods = {"sharded actors": sharded}
     if one_actor:  # every language on one actor, its threads sharing out the row chunks
         solo = start_pool(1)
-        methods["sharded, 1 actor"] = lambda: sharded(solo, solo.put(q))
+        methods["sharded, 1 actor"] = lambda: sharded(solo, ref)  # one object store, one put
     methods |= {
         "single exact": lambda: single.search(q, TOP_K),
         "faiss flat": lambda: index.search(q, TOP_K),
