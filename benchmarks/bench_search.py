@@ -15,8 +15,9 @@ whole pool (the multilingual setting), top-100.
 Compared, each timed ``--reps`` times interleaved (best of them reported):
 
 - ``sharded actors``: the language shards on Ray actors (``ActorShards``, the evaluation's
-  own search; one actor per CPU, several languages each), the actors searched in parallel,
-  per-shard top-k merged on the driver;
+  own search with the default ``eval.shard_actors``: one actor per node, every language on
+  it, its threads sharing out the languages' row chunks; ``--actors N`` also times N actors,
+  several languages each, searched in parallel), per-shard top-k merged on the driver;
 - ``single exact``: one in-process ``ShardSearcher`` over the whole pool (the same exact
   search: float32 ``sgemm`` scores of ``search.f32_backend``, faiss heap top-k, ties by key);
 - ``faiss flat``: ``faiss.IndexFlatIP`` over the whole pool (float32, its bundled OpenBLAS):
@@ -123,7 +124,7 @@ def paired_ratio(a: list[float], b: list[float], seed: int = 0) -> dict[str, flo
 
 
 def run_scale(
-    scale: int, sizes: dict[str, int], n_queries: int, reps: int, coretype: str, one_actor: bool
+    scale: int, sizes: dict[str, int], n_queries: int, reps: int, coretype: str, also: int
 ) -> dict:
     import faiss
     import ray
@@ -172,9 +173,9 @@ def run_scale(
         return merge_topk([(r.scores, r.keys) for r in found.values()], TOP_K)
 
     methods = {"sharded actors": sharded}
-    if one_actor:  # every language on one actor, its threads sharing out the row chunks
-        solo = start_pool(1)
-        methods["sharded, 1 actor"] = lambda: sharded(solo, ref)  # one object store, one put
+    other = start_pool(also) if also else None  # e.g. 2 on two CPUs: one actor per CPU
+    if other is not None:
+        methods[f"sharded, {len(other.groups())} actors"] = lambda: sharded(other, ref)
     methods |= {
         "single exact": lambda: single.search(q, TOP_K),
         "faiss flat": lambda: index.search(q, TOP_K),
@@ -187,8 +188,8 @@ def run_scale(
         assert np.array_equal(merged[1], exact.keys), f"{name}: top-k differs from one index"
     every = time_methods(methods, reps)
     pool.close()
-    if one_actor:
-        solo.close()
+    if other is not None:
+        other.close()
     return {
         "scale": scale,
         "pool": len(all_emb),
@@ -300,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="Per-shard times in this process, one thread."
     )
     parser.add_argument(
-        "--one-actor",
-        action="store_true",
-        help="Also time the shards on one actor with a thread per CPU (eval.shard_actors=1).",
+        "--actors",
+        type=int,
+        default=0,
+        help="Also time the shards on this many actors (eval.shard_actors=N; the default "
+        "pool is one actor per node, its threads sharing the CPUs; 2 on two CPUs: one "
+        "single-threaded actor per CPU, the default before).",
     )
     parser.add_argument(
         "--actor-coretype",
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             min(args.queries, total_queries),
             args.reps,
             args.actor_coretype,
-            args.one_actor,
+            args.actors,
         )
         for s in args.scales
     ]

@@ -511,10 +511,11 @@ class EvalConfig:
     shard_actors: int = _f(
         0,
         "Ray actor processes holding the language shards, each hosting several languages "
-        "(a process starts torch and faiss: seconds). 0: one per whole CPU of the cluster "
-        "(per GPU when the shards go on GPUs), at most one per language; N > 0: at most N. "
-        "An actor with several CPUs (N below the CPU count) searches on that many threads, "
-        "each language's rows cut into chunks the threads share.",
+        "(a process starts torch and faiss: seconds). 0: one per node with CPUs, pinned "
+        "there, searching on a thread per CPU of its node (each language's rows cut into "
+        "chunks the threads share); per whole GPU when the shards go on GPUs; at most one "
+        "per language. N > 0: at most N actors sharing the cluster's CPUs evenly (an actor "
+        "with several CPUs searches on that many threads).",
     )
     cache_dir: str = _f(
         "",

@@ -144,13 +144,13 @@ def test_empty_shard_fails_before_any_actor_starts(ray_local):
 
 def test_one_dead_actor_stops_all_the_others(ray_local):
     task, q_emb, c_emb = make_task(seed=2)
-    pool = ActorShards(shards_of(task, c_emb))
+    pool = ActorShards(shards_of(task, c_emb), n_actors=2)
     assert pool.groups() == [["ar", "en"], ["de"]]  # equal sizes: largest first, by name
     survivors = {k: v for k, v in pool.actors.items() if k != "de"}
     ray_local.kill(pool.actors["de"])
     with pytest.raises(
         EvaluationError, match="shard 'de' died during search; all 2 shard actors were stopped"
-    ):  # three languages on the two actors of the 2-CPU test cluster: de alone on one
+    ):  # three languages on two actors: de alone on one
         run_settings(pool, task, q_emb, top_k=5)
     for actor in survivors.values():  # ray.kill is asynchronous: the actor dies within seconds
         deadline, died = time.monotonic() + 60, False

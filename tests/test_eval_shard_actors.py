@@ -16,7 +16,7 @@ import pytest
 from rayhybrid.config import ConfigError, load_config
 from rayhybrid.evaluation import EvaluationError
 from rayhybrid.evaluation.search import ShardSearcher
-from rayhybrid.evaluation.shards import ActorShards, actor_count, assign_languages
+from rayhybrid.evaluation.shards import ActorShards, actor_count, assign_languages, cpu_nodes
 
 # XQuAD-R's eleven languages; sizes differ so that misrouting a language shows in its results
 LANGS = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
@@ -52,15 +52,26 @@ def dies(ray, actor, seconds: float = 60) -> bool:
 
 
 def test_actor_count_resolves_the_knob():
-    assert actor_count(11, 0, cpus=2.0, gpus=0.0) == 2  # one per whole CPU
-    assert actor_count(11, 0, cpus=2.9, gpus=0.0) == 2
-    assert actor_count(3, 0, cpus=16.0, gpus=0.0) == 3  # at most one per language
-    assert actor_count(11, 0, cpus=0.5, gpus=0.0) == 1
+    assert actor_count(11, 0, cpus=2.0, gpus=0.0) == 1  # CPU shards: one per node
+    assert actor_count(11, 0, cpus=64.0, gpus=0.0, nodes=4) == 4
+    assert actor_count(3, 0, cpus=64.0, gpus=0.0, nodes=8) == 3  # at most one per language
     assert actor_count(11, 0, cpus=16.0, gpus=1.0) == 1  # GPU shards: one per whole GPU
     assert actor_count(11, 0, cpus=16.0, gpus=0.5) == 1
-    assert actor_count(11, 1, cpus=2.0, gpus=0.0) == 1  # a positive value caps
+    assert actor_count(11, 0, cpus=16.0, gpus=4.0, nodes=1) == 4
+    assert actor_count(11, 1, cpus=2.0, gpus=0.0, nodes=3) == 1  # a positive value caps
     assert actor_count(11, 20, cpus=2.0, gpus=0.0) == 11
-    assert actor_count(0, 0, cpus=4.0, gpus=0.0) == 4  # languages still to come
+    assert actor_count(0, 0, cpus=4.0, gpus=0.0, nodes=2) == 2  # languages still to come
+    # The nodes an auto-placed CPU actor goes to, from ray.nodes(): alive, at least one whole
+    # CPU (a head started with --num-cpus=0 gets none), most CPUs first.
+    nodes = [
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 4.0}},
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 8.5, "GPU": 1.0}},
+        {"NodeID": "c", "Alive": True, "Resources": {"CPU": 0.0}},
+        {"NodeID": "d", "Alive": False, "Resources": {"CPU": 16.0}},
+        {"NodeID": "e", "Alive": True, "Resources": {"memory": 1.0}},
+        {"NodeID": "f", "Alive": True, "Resources": {"CPU": 4.0}},
+    ]
+    assert cpu_nodes(nodes) == [("a", 8), ("b", 4), ("f", 4)]
 
 
 def test_negative_shard_actors_is_refused():
@@ -91,10 +102,15 @@ def test_eleven_languages_share_the_cpus_actors_with_exact_results(ray_local):
     queries[3] = shards["en"][0][4]  # an exact hit in en
     local = {lang: ShardSearcher(lang, emb, keys) for lang, (emb, keys) in shards.items()}
     rows = np.arange(len(queries))
-    for n_actors, expected in ((0, 2), (1, 1)):  # auto: one per CPU of the 2-CPU test cluster
+    for n_actors, expected in ((0, 1), (2, 2)):  # auto: one per node (the test cluster: one)
         with ActorShards(shards, n_actors=n_actors) as pool:
             by_lang = pids(ray_local, pool)
             assert len(set(by_lang.values())) == expected == len(pool.groups())
+            workers = {
+                ray_local.get(a.__ray_call__.remote(lambda self: self.workers))
+                for a in pool.actors.values()
+            }
+            assert workers == {2 // expected}  # the node's 2 CPUs: threads of one, or one each
             assert sorted(itertools.chain(*pool.groups())) == sorted(LANGS)
             for group in pool.groups():  # the languages of one actor share its process
                 assert len({by_lang[lang] for lang in group}) == 1
@@ -124,7 +140,7 @@ def test_eleven_languages_share_the_cpus_actors_with_exact_results(ray_local):
 def test_a_later_language_joins_the_least_loaded_actor(ray_local):
     shards = toy_shards(seed=2)
     first = LANGS[:-1]
-    with ActorShards.start(first) as pool:  # names only: round-robin in sorted order
+    with ActorShards.start(first, n_actors=2) as pool:  # names only: round-robin, sorted
         assert pool.groups() == [list(first[0::2]), list(first[1::2])]
         pool.load_arrays(shards)  # zh is new: it goes where the fewest candidates are
         loads = [sum(len(shards[x][1]) for x in g if x != "zh") for g in pool.groups()]
@@ -143,10 +159,10 @@ def test_a_later_language_joins_the_least_loaded_actor(ray_local):
 
 def test_a_failing_language_in_a_shared_actor_stops_every_actor(ray_local):
     shards = toy_shards(seed=3)
-    pool = ActorShards(shards)
+    pool = ActorShards(shards, n_actors=2)
     victim = next(g for g in pool.groups() if len(g) > 1)[-1]  # shares its actor
     actors = {ray_local.get(a.pid.remote()): a for a in pool.actors.values()}
-    assert len(actors) == 2  # one process per CPU of the test cluster
+    assert len(actors) == 2
     ref = pool.put(np.ones((2, DIM), np.float32))
     too_deep = len(shards[victim][1]) + 1
     calls = {lang: {"queries": ref, "rows": np.arange(2), "k": 3} for lang in LANGS}
@@ -199,3 +215,71 @@ def test_worker_threads_cut_calls_into_row_chunks_without_changing_results():
     with pytest.raises(EvaluationError, match="top-k 10000") as err:
         threaded.call_many("search", queries, bad)
     assert err.value.shard == "zh"  # the driver names the shard from this tag
+
+
+MULTI_NODE = """
+import json, sys
+import numpy as np, ray
+from ray.cluster_utils import Cluster
+
+from rayhybrid.evaluation.search import ShardSearcher
+from rayhybrid.evaluation.shards import ActorShards
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=2)
+cluster.add_node(num_cpus=0)  # no CPU: gets no shard actor
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+rng = np.random.default_rng(7)
+langs = ["ar", "de", "en", "es", "ru", "zh"]  # equal sizes: the 2-thread node takes 4 of them
+shards = {x: (rng.standard_normal((40, 8)).astype(np.float32), np.arange(40) + 100 * i)
+          for i, x in enumerate(langs)}
+queries = rng.standard_normal((300, 8)).astype(np.float32)
+with ActorShards.start(langs, sizes={x: 40 for x in langs}) as pool:
+    pool.load_arrays(shards)
+    where = {x: ray.get(a.__ray_call__.remote(
+        lambda self: [ray.get_runtime_context().get_node_id(), self.workers]))
+        for x, a in pool.actors.items()}
+    ref, rows = pool.put(queries), np.arange(300)
+    got = pool.map("search", {x: {"queries": ref, "rows": rows, "k": 9} for x in langs})
+exact = all(np.array_equal(got[x].keys, ShardSearcher(x, *shards[x]).search(queries, k=9).keys)
+            and np.array_equal(got[x].scores, ShardSearcher(x, *shards[x]).search(queries, k=9).scores)
+            for x in langs)
+cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+print("RESULT " + json.dumps({"where": where, "cpus": cpus, "exact": exact}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_auto_places_one_actor_per_node_with_a_thread_per_cpu(tmp_path):
+    """A real three-node local cluster (ray.cluster_utils: one raylet per node) of 1, 2 and 0
+    CPUs: the auto setting starts one actor on each node with CPUs, pinned there, with as
+    many worker threads as the node has CPUs, and spreads the languages by threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "multi_node.py"
+    script.write_text(MULTI_NODE)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert sorted(got["cpus"].values()) == [0, 1, 2]
+    nodes = {node for node, _ in got["where"].values()}
+    assert nodes == {n for n, c in got["cpus"].items() if c > 0}  # every CPU node, one actor
+    for node, workers in got["where"].values():
+        assert workers == got["cpus"][node]  # a thread per CPU of its node
+    on_two = [x for x, (node, _) in got["where"].items() if got["cpus"][node] == 2]
+    assert len(on_two) == 4  # six equal languages over 2 + 1 threads
+    assert got["exact"]

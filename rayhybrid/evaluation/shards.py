@@ -11,9 +11,12 @@ outlives a failed evaluation.
 
 Actors, not languages, are processes: each starts Python, torch and faiss (seconds), and a
 shard search is CPU-bound, so processes beyond the CPUs only add start-up. The pool starts
-``eval.shard_actors`` of them (auto: one per whole CPU, or per GPU for GPU shards, at most
-one per language) and spreads the languages over them by candidate count
-(:func:`assign_languages`).
+``eval.shard_actors`` of them (auto: one per node, pinned there, with a worker thread per
+CPU of its node; or one per GPU for GPU shards; at most one per language) and spreads the
+languages over them by candidate count per thread (:func:`assign_languages`). One process
+per node rather than per CPU: its threads split every language's rows evenly, where
+processes split whole languages (6 + 5 of XQuAD-R's 11 on two), and the node pays one
+start-up and one copy of torch and faiss.
 
 Memory and start-up (issue 14): an evaluation job starts its actors once, empty, before it
 encodes (:meth:`ActorShards.start`), so their start-up overlaps with encoding, and keeps
@@ -36,7 +39,7 @@ from rayhybrid.evaluation.faiss_index import openblas_env
 from rayhybrid.evaluation.search import check_shard
 from rayhybrid.evaluation.shard_actor import ShardActor
 
-__all__ = ["ActorShards", "actor_count", "assign_languages", "shard_resources"]
+__all__ = ["ActorShards", "actor_count", "assign_languages", "cpu_nodes", "shard_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +58,65 @@ def shard_resources(n_actors: int, cpus: float, gpus: float) -> tuple[float, flo
     return max(num_cpus, 0.01), num_gpus, max(1, int(num_cpus))
 
 
-def actor_count(n_langs: int, requested: int, cpus: float, gpus: float) -> int:
+def cpu_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[tuple[str, int]]:
+    """(node id, whole CPUs) of the alive nodes of ``ray.nodes()`` that have a CPU, most
+    CPUs first (then by id): where auto-placed CPU shard actors go, one per node."""
+    got = [
+        (str(n["NodeID"]), math.floor(float(n.get("Resources", {}).get("CPU", 0))))
+        for n in nodes
+        if n.get("Alive")
+    ]
+    return sorted(((i, c) for i, c in got if c >= 1), key=lambda x: (-x[1], x[0]))
+
+
+def actor_count(n_langs: int, requested: int, cpus: float, gpus: float, nodes: int = 1) -> int:
     """How many shard actors serve ``n_langs`` languages.
 
     Args:
-        requested: ``eval.shard_actors``; 0: one per whole CPU of the cluster, or per whole
-            GPU when the shards go on GPUs (at least one).
+        requested: ``eval.shard_actors``; 0: one per node with CPUs (``nodes``), whose
+            threads share its CPUs; or, when the shards go on GPUs, one per whole GPU.
         cpus, gpus: the cluster's (``gpus`` 0 when the shards stay on CPUs).
+        nodes: the cluster's nodes with at least one CPU.
 
     Returns:
         The count, at most one actor per language (at least 1).
     """
-    n = requested if requested > 0 else max(1, math.floor(gpus if gpus > 0 else cpus))
+    n = requested if requested > 0 else max(1, math.floor(gpus) if gpus > 0 else nodes)
     return max(1, min(n, n_langs) if n_langs else n)
 
 
-def _least_loaded(groups: list[list[str]], sizes: Mapping[str, int]) -> int:
-    """The group with the fewest candidates (then the fewest languages, then the lowest)."""
+def _least_loaded(
+    groups: list[list[str]],
+    sizes: Mapping[str, int],
+    weights: Sequence[float] | None = None,
+    adding: int = 0,
+) -> int:
+    """The group that would finish ``adding`` more candidates first: the fewest candidates per
+    thread after adding them (``weights``: each group's threads; none: equal), then the fewest
+    languages, then the lowest."""
+    w = weights or [1.0] * len(groups)
     return min(
         range(len(groups)),
-        key=lambda i: (sum(sizes.get(x, 0) for x in groups[i]), len(groups[i]), i),
+        key=lambda i: (
+            (sum(sizes.get(x, 0) for x in groups[i]) + adding) / w[i],
+            len(groups[i]),
+            i,
+        ),
     )
 
 
 def assign_languages(
-    langs: Sequence[str], n_actors: int, sizes: Mapping[str, int] | None = None
+    langs: Sequence[str],
+    n_actors: int,
+    sizes: Mapping[str, int] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> list[list[str]]:
     """The languages of each of ``n_actors`` actors.
 
-    With every language's candidate count in ``sizes``: largest first onto the actor with the
-    fewest candidates so far (ties: fewer languages, then the lower actor), which balances the
-    search work; otherwise round-robin in sorted order.
+    With every language's candidate count in ``sizes``: largest first onto the actor that
+    would finish it first (fewest candidates per thread after adding it, ``weights``: each
+    actor's threads, equal when None; ties: fewer languages, then the lower actor), which
+    balances the search work; otherwise round-robin in sorted order.
     """
     groups: list[list[str]] = [[] for _ in range(max(1, n_actors))]
     ordered = sorted(set(langs))
@@ -94,7 +125,7 @@ def assign_languages(
             groups[i % len(groups)].append(lang)
         return groups
     for lang in sorted(ordered, key=lambda x: (-sizes[x], x)):
-        groups[_least_loaded(groups, sizes)].append(lang)
+        groups[_least_loaded(groups, sizes, weights, sizes[lang])].append(lang)
     return groups
 
 
@@ -147,28 +178,49 @@ class ActorShards:
         res = ray.cluster_resources()
         cpus = float(res.get("CPU", 1.0))
         gpus = float(res.get("GPU", 0.0)) if use_gpu or use_gpu is None else 0.0
-        count = actor_count(len(langs), n_actors, cpus, gpus)
+        # Auto on CPUs: one actor per node, its worker threads sharing the node's CPUs. One
+        # process per node splits each language's rows evenly over the threads; one process
+        # per CPU splits whole languages (6 + 5 of XQuAD-R's 11) and each process pays its own
+        # start-up and memory (README: one actor with 2 threads 1.34x of faiss flat at 4x,
+        # two actors 1.74x).
+        nodes = cpu_nodes(ray.nodes()) if n_actors == 0 and gpus == 0 else []
+        count = actor_count(len(langs), n_actors, cpus, gpus, max(1, len(nodes)))
         num_cpus, num_gpus, threads = shard_resources(count, cpus, gpus)
+        env = openblas_env(openblas_coretype)
         # Idle actors started beside the encoder pool reserve no CPU: the encoders take every
         # CPU and a reservation would starve them; the shards compute only once encoding is
         # done. SPREAD still places them across the nodes of a cluster.
-        self._options = {
-            "num_cpus": 0.0 if idle else num_cpus,
+        base = {
             "num_gpus": num_gpus,
             "max_restarts": 0,
-            "runtime_env": {"env_vars": env} if (env := openblas_env(openblas_coretype)) else None,
-            **({"scheduling_strategy": "SPREAD"} if idle else {}),
+            "runtime_env": {"env_vars": env} if env else None,
         }
-        self._device, self._threads, self.index = "cuda" if num_gpus > 0 else "cpu", threads, index
+        self._slots: list[tuple[dict[str, Any], int]] = []  # per actor: (options, threads)
+        for slot in range(count):
+            if nodes:  # pinned to its node, with that node's CPUs
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                node, node_cpus = nodes[slot]
+                where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+                reserve, n_threads = float(node_cpus), node_cpus
+            else:
+                where = {"scheduling_strategy": "SPREAD"} if idle else {}
+                reserve, n_threads = num_cpus, threads
+            self._slots.append(({**base, "num_cpus": 0.0 if idle else reserve, **where}, n_threads))
+        self._device, self.index = "cuda" if num_gpus > 0 else "cpu", index
         self._ray, self._remote = ray, ray.remote(ShardActor)
-        self._groups = assign_languages(langs, count, known if langs else None)
+        self._weights = [
+            float(t) for _, t in self._slots
+        ]  # threads: the search work an actor takes
+        self._groups = assign_languages(langs, count, known if langs else None, self._weights)
         self._sizes = dict(known)  # candidates per language, for placing later languages
         self._handles: list[Any] = [None] * count  # one per actor; None: not started (yet)
         self.actors: dict[str, Any] = {}
         self._info: dict[str, tuple[int, int]] = {}
+        per_node = " (one per node)" if nodes else ""
         log.info(
-            f"[rayhybrid eval] {count} shard actors for {len(langs)} languages "
-            f"({threads} threads each): {self._groups}"
+            f"[rayhybrid eval] {count} shard actor{'s' if count > 1 else ''}{per_node} for {len(langs)} languages "
+            f"(threads {[t for _, t in self._slots]}): {self._groups}"
         )
         if num_gpus == 0 or not idle:  # GPU shards wait for the encoders to free the GPUs
             self._ensure(langs)
@@ -210,11 +262,15 @@ class ActorShards:
         self._sizes.update(sizes or {})
         for lang in langs:
             if not any(lang in g for g in self._groups):
-                self._groups[_least_loaded(self._groups, self._sizes)].append(lang)
+                more = self._sizes.get(lang, 0)
+                self._groups[_least_loaded(self._groups, self._sizes, self._weights, more)].append(
+                    lang
+                )
         for slot, group in enumerate(self._groups):
             if self._handles[slot] is None and any(lang in group for lang in langs):
-                self._handles[slot] = self._remote.options(**self._options).remote(
-                    self._device, self._threads
+                options, n_threads = self._slots[slot]
+                self._handles[slot] = self._remote.options(**options).remote(
+                    self._device, n_threads
                 )
             if self._handles[slot] is not None:
                 self.actors.update({lang: self._handles[slot] for lang in group})
