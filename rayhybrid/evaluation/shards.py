@@ -181,15 +181,15 @@ class ActorShards:
         # Auto on CPUs: one actor per node, its worker threads sharing the node's CPUs. One
         # process per node splits each language's rows evenly over the threads; one process
         # per CPU splits whole languages (6 + 5 of XQuAD-R's 11) and each process pays its own
-        # start-up and memory (README: one actor with 2 threads 1.34x of faiss flat at 4x,
-        # two actors 1.74x).
+        # start-up and memory (README, 4x pool on two cores: one actor with 2 threads
+        # 1.26-1.44x the time of faiss flat in three runs, two actors 1.74-1.87x).
         nodes = cpu_nodes(ray.nodes()) if n_actors == 0 and gpus == 0 else []
         count = actor_count(len(langs), n_actors, cpus, gpus, max(1, len(nodes)))
         num_cpus, num_gpus, threads = shard_resources(count, cpus, gpus)
         env = openblas_env(openblas_coretype)
         # Idle actors started beside the encoder pool reserve no CPU: the encoders take every
         # CPU and a reservation would starve them; the shards compute only once encoding is
-        # done. SPREAD still places them across the nodes of a cluster.
+        # done. Pinning (auto) or SPREAD (N actors) still places them across the nodes.
         base = {
             "num_gpus": num_gpus,
             "max_restarts": 0,
@@ -209,17 +209,17 @@ class ActorShards:
             self._slots.append(({**base, "num_cpus": 0.0 if idle else reserve, **where}, n_threads))
         self._device, self.index = "cuda" if num_gpus > 0 else "cpu", index
         self._ray, self._remote = ray, ray.remote(ShardActor)
-        self._weights = [
-            float(t) for _, t in self._slots
-        ]  # threads: the search work an actor takes
+        self._weights = [float(t) for _, t in self._slots]  # threads: an actor's share of work
         self._groups = assign_languages(langs, count, known if langs else None, self._weights)
         self._sizes = dict(known)  # candidates per language, for placing later languages
         self._handles: list[Any] = [None] * count  # one per actor; None: not started (yet)
         self.actors: dict[str, Any] = {}
         self._info: dict[str, tuple[int, int]] = {}
-        per_node = " (one per node)" if nodes else ""
+        actors = f"{count} shard actor{'s' if count > 1 else ''}" + (
+            " (one per node)" if nodes else ""
+        )
         log.info(
-            f"[rayhybrid eval] {count} shard actor{'s' if count > 1 else ''}{per_node} for {len(langs)} languages "
+            f"[rayhybrid eval] {actors} for {len(langs)} languages "
             f"(threads {[t for _, t in self._slots]}): {self._groups}"
         )
         if num_gpus == 0 or not idle:  # GPU shards wait for the encoders to free the GPUs
