@@ -23,8 +23,9 @@ through ``/proc/self/clear_refs`` before each step; ``tracemalloc`` crashed the 
 gets fresh actors), the bytes one shard holds and the bytes the largest actor holds (its
 languages together). ``--startup N``: N interleaved repetitions of a small evaluation step
 (XQuAD-R 1x) per ``--actors`` setting (``eval.shard_actors``: 11 is one actor per language,
-2 one per CPU on two cores, 0 the default: one per node), timing (1) ``cold``: from ``ActorShards.start`` until every shard
-is loaded from already-encoded blocks (the whole start-up, nothing overlapped); (2) ``reload``:
+2 one per CPU on two cores, 0 the default: one per node), timing (1) ``cold``: from
+``ActorShards.start`` until every shard is loaded from already-encoded blocks (the whole
+start-up, nothing overlapped); (2) ``reload``:
 the same load again into the now-running actors (what reading the blocks costs); (3)
 ``after encoding``: actors started before a fresh encoding, from its end until every shard
 is loaded (what an evaluation waits for beyond encoding).

@@ -91,6 +91,16 @@ def test_languages_are_spread_largest_first_and_round_robin_without_sizes():
         for side in itertools.combinations(sizes, r)
     )
     assert max(sum(sizes[x] for x in g) for g in groups) == best == 17
+    # Actors of 2 and 1 threads (nodes of different sizes): work per thread balanced, again
+    # checked against every split.
+    groups = assign_languages(sizes, 2, sizes, weights=[2.0, 1.0])
+    assert groups == [["a", "c", "d", "f"], ["b", "e"]]  # 22 / 2 and 11 / 1
+    best = min(
+        max(sum(sizes[x] for x in side) / 2, sum(sizes.values()) - sum(sizes[x] for x in side))
+        for r in range(len(sizes) + 1)
+        for side in itertools.combinations(sizes, r)
+    )
+    assert max(sum(sizes[x] for x in g) / w for g, w in zip(groups, (2, 1))) == best == 11
     assert assign_languages(["en", "de", "ar", "es"], 3) == [["ar", "es"], ["de"], ["en"]]
     assert assign_languages(["en", "de"], 2, {"en": 5}) == [["de"], ["en"]]  # a size missing
 
