@@ -252,9 +252,9 @@ with ActorShards.start(langs, sizes={x: 40 for x in langs}) as pool:
         for x, a in pool.actors.items()}
     ref, rows = pool.put(queries), np.arange(300)
     got = pool.map("search", {x: {"queries": ref, "rows": rows, "k": 9} for x in langs})
-exact = all(np.array_equal(got[x].keys, ShardSearcher(x, *shards[x]).search(queries, k=9).keys)
-            and np.array_equal(got[x].scores, ShardSearcher(x, *shards[x]).search(queries, k=9).scores)
-            for x in langs)
+want = {x: ShardSearcher(x, *shards[x]).search(queries, k=9) for x in langs}
+exact = all(np.array_equal(got[x].keys, want[x].keys)
+            and np.array_equal(got[x].scores, want[x].scores) for x in langs)
 cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
 print("RESULT " + json.dumps({"where": where, "cpus": cpus, "exact": exact}))
 ray.shutdown()

@@ -195,7 +195,8 @@ class ActorShards:
             "max_restarts": 0,
             "runtime_env": {"env_vars": env} if env else None,
         }
-        self._slots: list[tuple[dict[str, Any], int]] = []  # per actor: (options, threads)
+        self._options: list[dict[str, Any]] = []  # per actor: its Ray options
+        self._threads: list[int] = []  # per actor: its worker threads (its share of the work)
         for slot in range(count):
             if nodes:  # pinned to its node, with that node's CPUs
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -206,11 +207,11 @@ class ActorShards:
             else:
                 where = {"scheduling_strategy": "SPREAD"} if idle else {}
                 reserve, n_threads = num_cpus, threads
-            self._slots.append(({**base, "num_cpus": 0.0 if idle else reserve, **where}, n_threads))
+            self._options.append({**base, "num_cpus": 0.0 if idle else reserve, **where})
+            self._threads.append(n_threads)
         self._device, self.index = "cuda" if num_gpus > 0 else "cpu", index
         self._ray, self._remote = ray, ray.remote(ShardActor)
-        self._weights = [float(t) for _, t in self._slots]  # threads: an actor's share of work
-        self._groups = assign_languages(langs, count, known if langs else None, self._weights)
+        self._groups = assign_languages(langs, count, known if langs else None, self._threads)
         self._sizes = dict(known)  # candidates per language, for placing later languages
         self._handles: list[Any] = [None] * count  # one per actor; None: not started (yet)
         self.actors: dict[str, Any] = {}
@@ -220,7 +221,7 @@ class ActorShards:
         )
         log.info(
             f"[rayhybrid eval] {actors} for {len(langs)} languages "
-            f"(threads {[t for _, t in self._slots]}): {self._groups}"
+            f"(threads {self._threads}): {self._groups}"
         )
         if num_gpus == 0 or not idle:  # GPU shards wait for the encoders to free the GPUs
             self._ensure(langs)
@@ -263,14 +264,13 @@ class ActorShards:
         for lang in langs:
             if not any(lang in g for g in self._groups):
                 more = self._sizes.get(lang, 0)
-                self._groups[_least_loaded(self._groups, self._sizes, self._weights, more)].append(
+                self._groups[_least_loaded(self._groups, self._sizes, self._threads, more)].append(
                     lang
                 )
         for slot, group in enumerate(self._groups):
             if self._handles[slot] is None and any(lang in group for lang in langs):
-                options, n_threads = self._slots[slot]
-                self._handles[slot] = self._remote.options(**options).remote(
-                    self._device, n_threads
+                self._handles[slot] = self._remote.options(**self._options[slot]).remote(
+                    self._device, self._threads[slot]
                 )
             if self._handles[slot] is not None:
                 self.actors.update({lang: self._handles[slot] for lang in group})
